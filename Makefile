@@ -1,0 +1,33 @@
+# One command sets up and runs the demo, one sets up and runs the tests.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU build (any other version pulls GBs of CUDA)
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/poi simulate --out runs/demo \
+	  --run-config "num-subscribers=10 num-server-rounds=10 attack=label-flip+collude attackers=1,4,7"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.strategy --out benchmarks/results/strategy
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check server client crypto ledger tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,269 @@
+"""The subscriber's ClientApp: DP training (``train``) and candidate scoring (``query.vote``).
+
+Only wiring lives here: the work is done by ``client.task`` (model, data, batched
+losses), ``client.privacy`` (Opacus) and ``client.attacks`` (simulated adversaries).
+Node config (per SuperNode): ``partition-id`` and ``num-partitions`` in simulation, or
+``data-path`` (an ``.npz`` / ``.csv`` of the subscriber's own data) in deployment;
+optionally ``max-epsilon``, the privacy budget this subscriber refuses to exceed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import protocol as P
+from client.attacks import attack_update, collude_losses, poison_data, trains
+from client.config import ConfigError, RunConfig
+from client.privacy import (
+    HistoryEntry,
+    PrivacyBudgetExceeded,
+    calibrate_noise_multiplier,
+    epsilon_of,
+    train_private,
+)
+from client.task import (
+    DataError,
+    Dataset,
+    candidate_losses,
+    get_weights,
+    load_data_file,
+    load_partition,
+    make_model,
+    set_weights,
+)
+
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+torch.set_num_threads(1)
+
+app = ClientApp()
+
+STATE_PRIVACY = "privacy"
+STATE_PREVIOUS_UPDATE = "previous-update"
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    """Who this node is and what it holds, parsed once from the Flower context."""
+
+    config: RunConfig
+    partition_id: int
+    data: Dataset
+    attacks: frozenset[str]
+    max_epsilon: float | None
+    simulated: bool
+
+    @classmethod
+    def from_context(cls, context: Context) -> Subscriber:
+        config = RunConfig.from_mapping(dict(context.run_config))
+        node = dict(context.node_config)
+        max_epsilon = node.get("max-epsilon")
+        if max_epsilon is not None:
+            max_epsilon = float(max_epsilon)  # type: ignore[arg-type]
+            if not (math.isfinite(max_epsilon) and max_epsilon > 0):
+                raise ConfigError(f"max-epsilon: expected a number > 0, got {max_epsilon}")
+        data_path = node.get("data-path")
+        partition_id = int(node.get("partition-id", -1))  # type: ignore[arg-type]
+        if data_path:
+            data = load_data_file(str(data_path))
+            simulated = False
+        else:
+            if partition_id < 0:
+                raise DataError(
+                    "node config: expected 'data-path' (deployment) or 'partition-id' "
+                    f"(simulation), got keys {sorted(node)}"
+                )
+            num_partitions = int(node.get("num-partitions", config.num_subscribers))  # type: ignore[arg-type]
+            data = load_partition(
+                partition_id, num_partitions, partitioner=config.partitioner,
+                dirichlet_alpha=config.dirichlet_alpha, seed=config.seed,
+            )
+            simulated = True
+        attacks = config.attack_kinds if config.is_attacker(partition_id) else frozenset()
+        if attacks:
+            data = poison_data(attacks, data, rng=np.random.default_rng(
+                _seed(config.seed, "poison", partition_id)))
+        return cls(config, partition_id, data, attacks, max_epsilon, simulated)
+
+
+def _seed(*parts: object) -> int:
+    material = "|".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(material).digest()[:4], "big")
+
+
+def _error(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _load_history(context: Context) -> list[HistoryEntry]:
+    if STATE_PRIVACY not in context.state:
+        return []
+    record = context.state[STATE_PRIVACY]
+    assert isinstance(record, ConfigRecord)
+    noise = list(record.get("noise", []))  # type: ignore[arg-type]
+    rates = list(record.get("rates", []))  # type: ignore[arg-type]
+    steps = list(record.get("steps", []))  # type: ignore[arg-type]
+    return [(float(n), float(q), int(s)) for n, q, s in zip(noise, rates, steps, strict=True)]
+
+
+def _save_history(context: Context, history: tuple[HistoryEntry, ...], noise: float) -> None:
+    context.state[STATE_PRIVACY] = ConfigRecord({
+        "noise": [h[0] for h in history],
+        "rates": [h[1] for h in history],
+        "steps": [h[2] for h in history],
+        "calibrated-noise": noise,
+    })
+
+
+def _calibrated_noise(context: Context, subscriber: Subscriber, config: ConfigRecord) -> float:
+    """The round's noise multiplier: the server's, or, with ``target-epsilon`` > 0, one
+    calibrated once for the planned rounds and then kept in ``Context.state``."""
+    target_epsilon = float(config.get(P.TARGET_EPSILON, 0.0))  # type: ignore[arg-type]
+    if target_epsilon <= 0:
+        return float(config[P.NOISE_MULTIPLIER])  # type: ignore[arg-type]
+    if STATE_PRIVACY in context.state:
+        stored = context.state[STATE_PRIVACY]
+        assert isinstance(stored, ConfigRecord)
+        if "calibrated-noise" in stored:
+            return float(stored["calibrated-noise"])  # type: ignore[arg-type]
+    cfg = subscriber.config
+    return calibrate_noise_multiplier(
+        target_epsilon=target_epsilon,
+        target_delta=float(config[P.TARGET_DELTA]),  # type: ignore[arg-type]
+        num_examples=len(subscriber.data), batch_size=cfg.batch_size,
+        epochs_per_round=cfg.local_epochs,
+        planned_rounds=int(config[P.PLANNED_ROUNDS]),  # type: ignore[arg-type]
+        accountant=cfg.accountant,
+    )
+
+
+def _arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+# -------------------------------------------------------------------------- train
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received model under DP and reply with the update, the example count and
+    the cumulative sample-level epsilon."""
+    try:
+        subscriber = Subscriber.from_context(context)
+    except (DataError, ConfigError) as exc:
+        return _error(msg, P.ERROR_DATA, str(exc))
+    config = msg.content[P.CONFIG]
+    global_weights = _arrays_to_numpy(msg.content[P.ARRAYS])
+    server_round = int(config[P.SERVER_ROUND])
+    cfg = subscriber.config
+    model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
+    try:
+        set_weights(model, global_weights)
+    except (RuntimeError, KeyError) as exc:
+        return _error(msg, P.ERROR_REQUEST, f"global model does not fit the task model: {exc}")
+
+    history = _load_history(context)
+    noise = _calibrated_noise(context, subscriber, config)
+    target_delta = float(config[P.TARGET_DELTA])
+    train_loss = float("nan")
+    if trains(subscriber.attacks):
+        try:
+            result = train_private(
+                model, subscriber.data, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate, noise_multiplier=noise,
+                max_grad_norm=float(config[P.MAX_GRAD_NORM]), target_delta=target_delta,
+                accountant=cfg.accountant, history=history,
+                max_epsilon=subscriber.max_epsilon,
+                seed=_seed(cfg.seed, "train", server_round, subscriber.partition_id)
+                if subscriber.simulated else None,
+            )
+        except PrivacyBudgetExceeded as exc:
+            return _error(msg, P.ERROR_BUDGET, str(exc))
+        history = list(result.history)
+        train_loss = result.train_loss
+        epsilon = result.sample_epsilon
+    else:
+        epsilon = epsilon_of(history, target_delta=target_delta, accountant=cfg.accountant)
+    _save_history(context, tuple(history), noise)
+
+    trained = get_weights(model)
+    delta = {k: (trained[k] - global_weights[k]).astype(np.float32) for k in global_weights}
+    if subscriber.attacks:
+        previous = None
+        if STATE_PREVIOUS_UPDATE in context.state:
+            previous_record = context.state[STATE_PREVIOUS_UPDATE]
+            assert isinstance(previous_record, ArrayRecord)
+            previous = _arrays_to_numpy(previous_record)
+        delta = attack_update(
+            subscriber.attacks, delta,
+            rng=np.random.default_rng(_seed(cfg.seed, "attack", server_round,
+                                            subscriber.partition_id)),
+            scale=cfg.attack_scale, noise_std=cfg.attack_noise_std, previous=previous,
+        )
+        context.state[STATE_PREVIOUS_UPDATE] = ArrayRecord(
+            {k: _to_array(v) for k, v in delta.items()}
+        )
+
+    if config.get(P.UPDATE_KIND, "delta") == "weights":
+        payload = {k: (global_weights[k] + delta[k]).astype(np.float32) for k in delta}
+    else:
+        payload = delta
+    metrics = MetricRecord({
+        P.NUM_EXAMPLES: len(subscriber.data),
+        P.TRAIN_LOSS: 0.0 if math.isnan(train_loss) else train_loss,
+        P.SAMPLE_EPSILON: float(epsilon),
+        P.PARTITION_ID: subscriber.partition_id,
+    })
+    content = RecordDict({
+        P.ARRAYS: ArrayRecord({k: _to_array(v) for k, v in payload.items()}),
+        P.METRICS: metrics,
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _to_array(value: np.ndarray):  # type: ignore[no-untyped-def]
+    from flwr.app import Array
+
+    return Array(np.ascontiguousarray(value))
+
+
+# --------------------------------------------------------------------------- vote
+@app.query("vote")
+def vote(msg: Message, context: Context) -> Message:
+    """Score the assigned candidates: the loss of the current model and of current +
+    each candidate update on this subscriber's data, in one batched pass."""
+    try:
+        subscriber = Subscriber.from_context(context)
+    except (DataError, ConfigError) as exc:
+        return _error(msg, P.ERROR_DATA, str(exc))
+    config = msg.content[P.CONFIG]
+    candidate_ids = [str(c) for c in config.get(P.CANDIDATE_IDS, [])]  # type: ignore[union-attr]
+    authors = [str(a) for a in config.get(P.CANDIDATE_AUTHORS, [])]  # type: ignore[union-attr]
+    base = _arrays_to_numpy(msg.content[P.ARRAYS])
+    try:
+        deltas = [_arrays_to_numpy(msg.content[P.CANDIDATE_PREFIX + c]) for c in candidate_ids]
+    except KeyError as exc:
+        return _error(msg, P.ERROR_REQUEST, f"vote request lacks the update of candidate {exc}")
+    cfg = subscriber.config
+    model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
+    try:
+        base_loss, losses = candidate_losses(model, base, deltas, subscriber.data)
+    except (RuntimeError, KeyError) as exc:
+        return _error(msg, P.ERROR_REQUEST, f"candidates do not fit the task model: {exc}")
+    reported = [float(v) for v in losses]
+    if "collude" in subscriber.attacks:
+        attacker_ids = {str(a) for a in cfg.attacker_ids}
+        reported = collude_losses(base_loss, reported, [a in attacker_ids for a in authors])
+        reported = [max(0.0, v) for v in reported]
+    content = RecordDict({
+        P.METRICS: MetricRecord({P.BASE_LOSS: float(base_loss), P.LOSSES: reported}),
+        P.CONFIG: ConfigRecord({P.CANDIDATE_IDS: candidate_ids}),
+    })
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,229 @@
+"""The run configuration, parsed once from Flower's ``run_config`` into a frozen dataclass.
+
+Every knob of ``[tool.flwr.app.config]`` lives here with its default, so the apps work
+even when Flower hands them an empty ``run_config`` (``run_simulation`` does). Nothing
+deeper in the code reads ``run_config``: it receives a :class:`RunConfig`.
+
+A bad value raises :class:`ConfigError` naming the key, the allowed values and what came.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+STRATEGIES = ("poi", "fedavg", "krum", "multikrum", "fedmedian", "fedtrimmedavg", "bulyan")
+ATTACKS = ("none", "label-flip", "sign-flip", "noise", "fake-data", "free-rider", "collude")
+PARTITIONERS = ("iid", "dirichlet")
+VOTE_AGGREGATIONS = ("median", "trimmed-mean", "rank-median")
+ACTIVATIONS = ("square", "poly2")
+ACCOUNTANTS = ("prv", "rdp")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or outside its allowed values."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All task knobs; field names are the kebab-case keys with ``_`` for ``-``."""
+
+    num_server_rounds: int = 10
+    num_subscribers: int = 10
+    strategy: str = "poi"
+    attack: str = "none"
+    attackers: str = ""
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+    top_k: int = 1
+    votes_per_candidate: int = 0
+    vote_aggregation: str = "median"
+    trim_fraction: float = 0.2
+    require_improvement: bool = False
+    max_update_norm: float = 10.0
+    noise_multiplier: float = 0.8
+    target_epsilon: float = 0.0
+    max_grad_norm: float = 2.0
+    target_delta: float = 1e-5
+    accountant: str = "rdp"
+    local_epochs: int = 3
+    batch_size: int = 32
+    learning_rate: float = 0.3
+    hidden_units: int = 32
+    activation: str = "square"
+    attack_scale: float = 5.0
+    attack_noise_std: float = 0.5
+    num_malicious: int = -1
+    out_dir: str = ""
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, object]) -> RunConfig:
+        """Build from a ``run_config`` mapping (kebab-case keys); unknown keys are refused."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {unknown}; expected some of {sorted(known)}"
+            )
+        values: dict[str, object] = {}
+        for key, value in raw.items():
+            field = known[key]
+            values[field.name] = _coerce(key, value, field.type)
+        config = cls(**values)  # type: ignore[arg-type]
+        config.validate()
+        return config
+
+    def to_mapping(self) -> dict[str, object]:
+        """The kebab-case mapping, as Flower's ``run_config`` would carry it."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    # --------------------------------------------------------------- derived
+    @property
+    def attack_kinds(self) -> frozenset[str]:
+        """The attacks joined by ``+`` (``none`` gives the empty set)."""
+        kinds = frozenset(self.attack.split("+")) - {"none"}
+        return kinds
+
+    @property
+    def attacker_ids(self) -> tuple[int, ...]:
+        """Partition ids of the attackers, sorted."""
+        return _parse_attackers(self.attackers)
+
+    def is_attacker(self, partition_id: int) -> bool:
+        return partition_id in self.attacker_ids and bool(self.attack_kinds)
+
+    # ------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for any value a run cannot start with."""
+        _one_of("strategy", self.strategy, STRATEGIES)
+        for kind in self.attack.split("+"):
+            _one_of("attack", kind, ATTACKS)
+        if "none" in self.attack.split("+") and self.attack != "none":
+            raise ConfigError(f"attack: 'none' cannot be combined, got {self.attack!r}")
+        _one_of("partitioner", self.partitioner, PARTITIONERS)
+        _one_of("vote-aggregation", self.vote_aggregation, VOTE_AGGREGATIONS)
+        _one_of("activation", self.activation, ACTIVATIONS)
+        _one_of("accountant", self.accountant, ACCOUNTANTS)
+        _at_least("num-server-rounds", self.num_server_rounds, 1)
+        _at_least("num-subscribers", self.num_subscribers, 2)
+        _at_least("top-k", self.top_k, 1)
+        _at_least("votes-per-candidate", self.votes_per_candidate, 0)
+        _at_least("local-epochs", self.local_epochs, 1)
+        _at_least("batch-size", self.batch_size, 1)
+        _at_least("hidden-units", self.hidden_units, 1)
+        if self.top_k > self.num_subscribers:
+            raise ConfigError(
+                f"top-k: expected at most num-subscribers ({self.num_subscribers}) "
+                f"candidates, got {self.top_k}"
+            )
+        if self.votes_per_candidate > self.num_subscribers - 1:
+            raise ConfigError(
+                "votes-per-candidate: expected at most num-subscribers - 1 "
+                f"({self.num_subscribers - 1}) voters besides the author, "
+                f"got {self.votes_per_candidate}"
+            )
+        _positive_finite("dirichlet-alpha", self.dirichlet_alpha)
+        _positive_finite("max-grad-norm", self.max_grad_norm)
+        _positive_finite("learning-rate", self.learning_rate)
+        _positive_finite("max-update-norm", self.max_update_norm)
+        _non_negative_finite("noise-multiplier", self.noise_multiplier)
+        _non_negative_finite("target-epsilon", self.target_epsilon)
+        _non_negative_finite("attack-scale", self.attack_scale)
+        _non_negative_finite("attack-noise-std", self.attack_noise_std)
+        if not 0.0 < self.target_delta < 1.0:
+            raise ConfigError(f"target-delta: expected 0 < delta < 1, got {self.target_delta}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(
+                f"trim-fraction: expected 0 <= fraction < 0.5, got {self.trim_fraction}"
+            )
+        attackers = self.attacker_ids
+        if len(attackers) > self.num_subscribers:
+            raise ConfigError(
+                f"attackers: {len(attackers)} attackers but only {self.num_subscribers} "
+                "subscribers (num-subscribers)"
+            )
+        out_of_range = [a for a in attackers if a >= self.num_subscribers]
+        if out_of_range:
+            raise ConfigError(
+                f"attackers: partition ids must be in 0..{self.num_subscribers - 1}, "
+                f"got {out_of_range}"
+            )
+        if attackers and not self.attack_kinds:
+            raise ConfigError(
+                f"attackers: {list(attackers)} given but attack is 'none'; "
+                f"expected one of {list(ATTACKS[1:])} (joined by '+')"
+            )
+
+
+# ------------------------------------------------------------------------ helpers
+def _parse_attackers(raw: str) -> tuple[int, ...]:
+    if not raw.strip():
+        return ()
+    ids: set[int] = set()
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise ConfigError(
+                f"attackers: expected comma-separated partition ids, got {raw!r}"
+            ) from None
+        if value < 0:
+            raise ConfigError(f"attackers: partition ids are >= 0, got {value}")
+        ids.add(value)
+    return tuple(sorted(ids))
+
+
+def _coerce(key: str, value: object, annotation: object) -> object:
+    kind = str(annotation)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not isinstance(value, str):
+        # Flower parses `attackers=3` as an int: accept scalars as their text.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{key}: expected an integer >= {low}, got {value}")
+
+
+def _positive_finite(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key}: expected a finite number > 0, got {value}")
+
+
+def _non_negative_finite(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{key}: expected a finite number >= 0, got {value}")

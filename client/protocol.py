@@ -1,0 +1,37 @@
+"""Record keys and message types shared by the ServerApp and the ClientApp (kebab-case,
+as Flower's own strategies keep them)."""
+
+from __future__ import annotations
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+CANDIDATE_PREFIX = "candidate-"
+
+VOTE_MESSAGE_TYPE = "query.vote"
+
+# train config (server -> subscriber)
+SERVER_ROUND = "server-round"
+UPDATE_KIND = "update-kind"  # "delta" (PoI) or "weights" (Flower's built-in strategies)
+NOISE_MULTIPLIER = "noise-multiplier"
+TARGET_EPSILON = "target-epsilon"
+MAX_GRAD_NORM = "max-grad-norm"
+TARGET_DELTA = "target-delta"
+PLANNED_ROUNDS = "planned-rounds"
+
+# train reply metrics (subscriber -> server)
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+SAMPLE_EPSILON = "sample-epsilon"
+PARTITION_ID = "partition-id"
+
+# vote config and reply
+CANDIDATE_IDS = "candidate-ids"
+CANDIDATE_AUTHORS = "candidate-authors"
+BASE_LOSS = "base-loss"
+LOSSES = "losses"
+
+# error codes in error replies (Flower reserves small codes; ours start at 1000)
+ERROR_BUDGET = 1001
+ERROR_DATA = 1002
+ERROR_REQUEST = 1003

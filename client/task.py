@@ -1,0 +1,302 @@
+"""The learning task, plain PyTorch: the polynomial-activation MLP and the digits data.
+
+The model is HE-friendly on purpose: a 64 -> hidden -> 10 MLP whose only non-linearity
+is a low-degree polynomial, so the encrypted-inference service can evaluate this exact
+network under CKKS. Data is scikit-learn's bundled 8x8 digits (no download), split once
+with a fixed seed into a held-out test set, the Scientist's private validation set (no
+subscriber holds any of it) and a pool that ``flwr-datasets`` partitioners split among
+subscribers. A deployed subscriber brings its own file instead (:func:`load_data_file`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+NUM_FEATURES = 64
+NUM_CLASSES = 10
+DATA_SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+VALIDATION_FRACTION = 0.1
+
+
+class DataError(ValueError):
+    """A subscriber's data file is missing, malformed or of the wrong shape."""
+
+
+# ---------------------------------------------------------------------------- model
+class Square(nn.Module):
+    """x -> x^2, the CryptoNets activation: one ciphertext multiplication under CKKS."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+class Poly2(nn.Module):
+    """x -> x/2 + x^2/8, the degree-2 Taylor polynomial of softplus (minus log 2).
+
+    Gentler than the square under DP noise; still one multiplication under CKKS.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x + 0.125 * x * x
+
+
+class PolyMLP(nn.Module):
+    """64 -> hidden -> 10 with a polynomial activation. Parameter names are a contract:
+    ``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias`` (the HE layer reads them)."""
+
+    def __init__(self, *, hidden_units: int = 32, activation: str = "square") -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(NUM_FEATURES, hidden_units)
+        self.act: nn.Module = Square() if activation == "square" else Poly2()
+        self.fc2 = nn.Linear(hidden_units, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def make_model(*, hidden_units: int, activation: str, seed: int) -> PolyMLP:
+    """A freshly initialised model; the same seed gives bit-identical weights."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = PolyMLP(hidden_units=hidden_units, activation=activation)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model
+
+
+def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's parameters as float32 numpy arrays, in ``state_dict`` order."""
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True)
+            for k, v in model.state_dict().items()}
+
+
+def set_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()})
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Dataset:
+    """Features scaled to [0, 1] (float32, shape (n, 64)) and integer labels (n,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    test: Dataset
+    validation: Dataset
+    pool: Dataset
+
+
+@functools.lru_cache(maxsize=1)
+def digits_split() -> DigitsSplit:
+    """The fixed split of scikit-learn's bundled digits (1,797 samples, no download)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (np.asarray(bunch.data, dtype=np.float32) / 16.0).astype(np.float32)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    order = np.random.default_rng(DATA_SPLIT_SEED).permutation(len(y))
+    n_test = int(round(TEST_FRACTION * len(y)))
+    n_val = int(round(VALIDATION_FRACTION * len(y)))
+    test, val, pool = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    return DigitsSplit(
+        test=Dataset(x[test], y[test]),
+        validation=Dataset(x[val], y[val]),
+        pool=Dataset(x[pool], y[pool]),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def partition_indices(
+    num_partitions: int, partitioner: str, dirichlet_alpha: float, seed: int
+) -> tuple[np.ndarray, ...]:
+    """Indexes into the pool for every partition, from ``flwr-datasets`` partitioners."""
+    from datasets import Dataset as HFDataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    pool = digits_split().pool
+    hf = HFDataset.from_dict({"index": np.arange(len(pool)), "label": pool.y})
+    if partitioner == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+        # IidPartitioner takes no seed: shuffle the pool deterministically first.
+        hf = hf.shuffle(seed=seed)
+    elif partitioner == "dirichlet":
+        part = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=dirichlet_alpha,
+            min_partition_size=max(2, min(10, len(pool) // (4 * num_partitions))),
+            self_balancing=True,
+            seed=seed,
+        )
+    else:
+        raise ValueError(f"partitioner: expected 'iid' or 'dirichlet', got {partitioner!r}")
+    part.dataset = hf
+    return tuple(
+        np.asarray(part.load_partition(pid)["index"], dtype=np.int64)
+        for pid in range(num_partitions)
+    )
+
+
+def load_partition(
+    partition_id: int, num_partitions: int, *, partitioner: str, dirichlet_alpha: float, seed: int
+) -> Dataset:
+    """One subscriber's share of the pool."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(
+            f"partition-id: expected 0..{num_partitions - 1}, got {partition_id}"
+        )
+    idx = partition_indices(num_partitions, partitioner, dirichlet_alpha, seed)[partition_id]
+    pool = digits_split().pool
+    return Dataset(pool.x[idx], pool.y[idx])
+
+
+def load_data_file(path: str | Path, *, label_column: str = "label") -> Dataset:
+    """A subscriber's own data: ``.npz`` with ``x`` (n, 64) and ``y`` (n,), or ``.csv``
+    with 64 feature columns and a ``label`` column. Pixel values above 1 are taken as
+    0..16 digits intensities and scaled to [0, 1]."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data-path: no such file {str(p)!r}")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as data:
+                if "x" not in data or "y" not in data:
+                    raise DataError(
+                        f"data-path {p.name}: expected arrays 'x' and 'y', got {sorted(data)}"
+                    )
+                x, y = np.asarray(data["x"]), np.asarray(data["y"])
+        elif p.suffix == ".csv":
+            import csv
+
+            with p.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                header = reader.fieldnames or []
+                if label_column not in header:
+                    raise DataError(
+                        f"data-path {p.name}: expected a {label_column!r} column, got {header}"
+                    )
+                features = [c for c in header if c != label_column]
+                rows = list(reader)
+            x = np.array([[float(r[c]) for c in features] for r in rows], dtype=np.float64)
+            y = np.array([int(r[label_column]) for r in rows], dtype=np.int64)
+        else:
+            raise DataError(f"data-path: expected a .npz or .csv file, got {p.name!r}")
+    except DataError:
+        raise
+    except (ValueError, OSError, KeyError) as exc:
+        raise DataError(f"data-path {p.name}: cannot read it ({exc})") from exc
+    return _checked_dataset(x, y, source=p.name)
+
+
+def _checked_dataset(x: np.ndarray, y: np.ndarray, *, source: str) -> Dataset:
+    if x.ndim != 2 or x.shape[1] != NUM_FEATURES:
+        raise DataError(f"{source}: expected x of shape (n, {NUM_FEATURES}), got {x.shape}")
+    if y.shape != (x.shape[0],):
+        raise DataError(f"{source}: expected y of shape ({x.shape[0]},), got {y.shape}")
+    if x.shape[0] == 0:
+        raise DataError(f"{source}: expected at least one example, got none")
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{source}: x contains NaN or infinite values")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= NUM_CLASSES:
+        raise DataError(f"{source}: expected integer labels in 0..{NUM_CLASSES - 1}")
+    x = x.astype(np.float32)
+    if x.max() > 1.0:
+        x = x / 16.0
+    return Dataset(x.astype(np.float32), y.astype(np.int64))
+
+
+# ------------------------------------------------------------------- train and test
+def train_plain(
+    model: nn.Module, data: Dataset, *, epochs: int, batch_size: int, learning_rate: float,
+    seed: int,
+) -> float:
+    """Non-private SGD (used for baselines of the Shapley benchmark and in tests).
+    Returns the mean training loss of the last epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    x, y = torch.as_tensor(data.x), torch.as_tensor(data.y)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    model.train()
+    last = 0.0
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator)
+        losses = []
+        for start in range(0, len(data), batch_size):
+            idx = order[start:start + batch_size]
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        last = float(np.mean(losses)) if losses else 0.0
+    return last
+
+
+def evaluate(model: nn.Module, data: Dataset) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy), computed in float64 on CPU so a replay of the same
+    weights on the same data reproduces the loss to the last bit."""
+    reference = functional_float64(model)
+    with torch.no_grad():
+        logits = reference(torch.as_tensor(data.x, dtype=torch.float64))
+        target = torch.as_tensor(data.y)
+        loss = F.cross_entropy(logits, target).item()
+        accuracy = (logits.argmax(dim=1) == target).double().mean().item()
+    return float(loss), float(accuracy)
+
+
+def functional_float64(model: nn.Module) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(model)
+    return clone.double().eval()
+
+
+def candidate_losses(
+    model: nn.Module,
+    base: Mapping[str, np.ndarray],
+    deltas: Sequence[Mapping[str, np.ndarray]],
+    data: Dataset,
+) -> tuple[float, np.ndarray]:
+    """Loss of the base model and of base + delta for every candidate, in one batched
+    pass (``torch.func.functional_call`` under ``vmap``), not a loop of model copies.
+
+    Returns ``(base_loss, losses)`` with ``losses[i]`` for ``deltas[i]``.
+    """
+    x = torch.as_tensor(data.x, dtype=torch.float64)
+    y = torch.as_tensor(data.y)
+    reference = functional_float64(model)
+    base_t = {k: torch.as_tensor(np.asarray(v), dtype=torch.float64) for k, v in base.items()}
+
+    def loss_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(functional_call(reference, params, (x,)), y)
+
+    with torch.no_grad():
+        base_loss = float(loss_of(base_t))
+        if not deltas:
+            return base_loss, np.zeros(0)
+        stacked = {
+            k: torch.stack([
+                base_t[k] + torch.as_tensor(np.asarray(d[k]), dtype=torch.float64)
+                for d in deltas
+            ])
+            for k in base_t
+        }
+        losses = torch.vmap(loss_of)(stacked)
+    return base_loss, losses.numpy().astype(np.float64)

@@ -1,0 +1,1 @@
+"""Cryptographic boundaries: digests and commitments, Ed25519 identities, TenSEAL (CKKS)."""

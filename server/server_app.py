@@ -1,0 +1,129 @@
+"""The ServerApp: parse the run config once, build the strategy, run it, write the report.
+
+Works the same under ``flwr run .`` (simulation or a deployed SuperLink) and under
+``poi simulate``. Outputs go to ``out-dir`` (an absolute path; by default
+``~/.poi/runs/run-<run id>``) because Flower runs apps from ``$FLWR_HOME/apps/...``.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from client import protocol as P
+from client.config import RunConfig
+from client.task import digits_split, evaluate, make_model, set_weights
+from server import progress
+from server.baselines import build_baseline, recording_evaluate_fn
+from server.report import build_report, write_json
+from server.strategy import PoIConfig, ProofOfIntelligence, RoundRecord, arrays_to_numpy
+
+NODE_WAIT_SECONDS = 300.0
+
+app = ServerApp()
+
+
+def resolve_out_dir(config: RunConfig, run_id: int) -> Path:
+    if config.out_dir:
+        return Path(config.out_dir).expanduser().resolve()
+    return Path.home() / ".poi" / "runs" / f"run-{run_id}"
+
+
+def wait_for_nodes(grid: Grid, wanted: int, *, timeout: float = NODE_WAIT_SECONDS) -> int:
+    """Flower's ``sample_nodes`` waits forever for ``min_available_nodes``: wait here with a
+    deadline instead, and fail with a message that says how many came."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = len(list(grid.get_node_ids()))
+        if count >= wanted:
+            return count
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"expected {wanted} subscribers (num-subscribers), "
+                f"only {count} connected within {timeout:.0f} s"
+            )
+        time.sleep(0.5)
+
+
+def make_central_evaluate(config: RunConfig):  # type: ignore[no-untyped-def]
+    """Accuracy and loss on the held-out test set, and the loss on the Scientist's
+    validation set (float64, so a replay reproduces it)."""
+    split = digits_split()
+    model = make_model(hidden_units=config.hidden_units, activation=config.activation,
+                       seed=config.seed)
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        set_weights(model, arrays_to_numpy(arrays))
+        loss, accuracy = evaluate(model, split.test)
+        validation_loss, _ = evaluate(model, split.validation)
+        return MetricRecord({"accuracy": accuracy, "loss": loss,
+                             "validation-loss": validation_loss})
+
+    return central_evaluate
+
+
+def train_config_for(config: RunConfig) -> ConfigRecord:
+    return ConfigRecord({
+        P.NOISE_MULTIPLIER: config.noise_multiplier,
+        P.TARGET_EPSILON: config.target_epsilon,
+        P.MAX_GRAD_NORM: config.max_grad_norm,
+        P.TARGET_DELTA: config.target_delta,
+        P.PLANNED_ROUNDS: config.num_server_rounds,
+    })
+
+
+def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
+    """Run every round of ``config`` over ``grid``; write and return the report."""
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(INFO, "poi: strategy %s, writing to %s", config.strategy, out_dir)
+    num_nodes = wait_for_nodes(grid, config.num_subscribers)
+    model = make_model(hidden_units=config.hidden_units, activation=config.activation,
+                       seed=config.seed)
+    initial = ArrayRecord(model.state_dict())
+    central_evaluate = make_central_evaluate(config)
+    initial_metrics = {k: float(v) for k, v in central_evaluate(0, initial).items()}  # type: ignore[arg-type]
+    rounds: list[RoundRecord] = []
+
+    def on_round(record: RoundRecord) -> None:
+        rounds.append(record)
+        report = build_report(config, rounds, initial_metrics=initial_metrics,
+                              wall_seconds=time.perf_counter() - started)
+        write_json(out_dir / "report.json", report)
+        progress.emit({"kind": "round", "round": record.server_round,
+                       "rounds": config.num_server_rounds, "report": report})
+
+    if config.strategy == "poi":
+        strategy = ProofOfIntelligence(
+            config=PoIConfig(
+                top_k=config.top_k, votes_per_candidate=config.votes_per_candidate,
+                vote_aggregation=config.vote_aggregation, trim_fraction=config.trim_fraction,
+                require_improvement=config.require_improvement,
+                max_update_norm=config.max_update_norm, seed=config.seed,
+            ),
+            min_available_nodes=num_nodes,
+            round_listener=on_round,
+        )
+        evaluate_fn = central_evaluate
+    else:
+        strategy = build_baseline(config, num_nodes=num_nodes)
+        evaluate_fn = recording_evaluate_fn(strategy, central_evaluate, on_round)
+    strategy.start(
+        grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds,
+        train_config=train_config_for(config), evaluate_fn=evaluate_fn,
+    )
+    report = build_report(config, rounds, initial_metrics=initial_metrics,
+                          wall_seconds=time.perf_counter() - started)
+    write_json(out_dir / "report.json", report)
+    return report
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = RunConfig.from_mapping(dict(context.run_config))
+    run_task(grid, config, resolve_out_dir(config, context.run_id))

@@ -1,0 +1,338 @@
+"""The Proof-of-Intelligence strategy: a Flower ``FedAvg`` subclass whose round is
+train -> validate -> vote -> tally -> apply -> central evaluation.
+
+Flower's ``Strategy.start()`` has no hook between train and evaluate, so ``start()`` is
+overridden and the vote is sent with ``grid.send_and_receive`` as ``query.vote``
+messages. The algorithms (committees, tallies, selection, validation) are the pure
+functions in ``server.selection`` and ``server.validation``; this class only wires them
+to Flower and records what happened in :class:`RoundRecord` objects for the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+
+from client import protocol as P
+from crypto.digests import tensors_digest
+from server import selection
+from server.validation import Rejected, Vote, validate_update, validate_vote
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@dataclass(frozen=True)
+class PoIConfig:
+    """The strategy's knobs (see the README's config reference)."""
+
+    top_k: int = 1
+    votes_per_candidate: int = 0
+    vote_aggregation: str = "median"
+    trim_fraction: float = 0.2
+    require_improvement: bool = False
+    max_update_norm: float = 10.0
+    seed: int = 0
+
+
+@dataclass
+class CandidateRecord:
+    candidate_id: str
+    author: str  # partition id (simulation) or node id, as a string
+    node_id: str
+    num_examples: int
+    update_norm: float
+    sample_epsilon: float
+    voters: list[str] = field(default_factory=list)
+    improvements: dict[str, float] = field(default_factory=dict)
+    score: float | None = None
+    improvement: float | None = None
+    selected: bool = False
+
+
+@dataclass
+class RoundRecord:
+    """Everything the report says about one round."""
+
+    server_round: int
+    candidates: list[CandidateRecord] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    rejected_votes: list[dict[str, str]] = field(default_factory=list)
+    selected: list[str] = field(default_factory=list)
+    epsilon: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def numpy_to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def author_of(msg: Message) -> str:
+    """The author label of a reply: its partition id when it sent one, else the node id
+    (node ids are uint64: kept as strings)."""
+    if not msg.has_error() and P.METRICS in msg.content:
+        metrics = msg.content[P.METRICS]
+        if isinstance(metrics, MetricRecord) and P.PARTITION_ID in metrics:
+            value = metrics[P.PARTITION_ID]
+            if isinstance(value, int) and value >= 0:
+                return str(value)
+    return f"node-{msg.metadata.src_node_id}"
+
+
+class ProofOfIntelligence(FedAvg):
+    """Apply the candidate update(s) the subscribers' votes rank best, instead of averaging.
+
+    ``round_listener`` is called with each finished :class:`RoundRecord` (the ServerApp
+    writes the report and shows progress from it).
+    """
+
+    def __init__(
+        self,
+        *,
+        config: PoIConfig,
+        min_available_nodes: int = 2,
+        round_listener: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_available_nodes,
+            min_available_nodes=min_available_nodes,
+        )
+        self.config = config
+        self.round_listener = round_listener
+        self.history: list[RoundRecord] = []
+        self._seen_digests: set[str] = set()
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> Proof-of-Intelligence: %s", self.config)
+        super().summary()
+
+    # pylint: disable=too-many-arguments,too-many-locals
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        log(INFO, "Starting ProofOfIntelligence for %s rounds", num_rounds)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        train_config[P.UPDATE_KIND] = "delta"
+        result = Result()
+        if evaluate_fn:
+            res = evaluate_fn(0, initial_arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        arrays = initial_arrays
+        for server_round in range(1, num_rounds + 1):
+            record = RoundRecord(server_round=server_round)
+            weights = arrays_to_numpy(arrays)
+
+            # -----------------------------------------------------------------
+            # --- TRAIN (subscribers) -----------------------------------------
+            # -----------------------------------------------------------------
+            t0 = time.perf_counter()
+            replies = list(grid.send_and_receive(
+                messages=self.configure_train(server_round, arrays, train_config, grid),
+                timeout=timeout,
+            ))
+            record.phase_seconds["train"] = time.perf_counter() - t0
+
+            # -----------------------------------------------------------------
+            # --- VALIDATE (server) -------------------------------------------
+            # -----------------------------------------------------------------
+            t0 = time.perf_counter()
+            candidates, deltas = self._validate_replies(replies, weights, record)
+            record.candidates = candidates
+            record.phase_seconds["validate"] = time.perf_counter() - t0
+
+            # -----------------------------------------------------------------
+            # --- VOTE (subscribers score each other's candidates) ------------
+            # -----------------------------------------------------------------
+            t0 = time.perf_counter()
+            voters = sorted({author_node for author_node in self._responders(replies)})
+            if candidates and voters:
+                self._vote(grid, server_round, arrays, candidates, deltas, voters, record,
+                           timeout)
+            record.phase_seconds["vote"] = time.perf_counter() - t0
+
+            # -----------------------------------------------------------------
+            # --- TALLY, SELECT, APPLY ----------------------------------------
+            # -----------------------------------------------------------------
+            t0 = time.perf_counter()
+            improvements = {c.candidate_id: c.improvements for c in candidates if c.improvements}
+            scores = selection.tally(
+                improvements, method=self.config.vote_aggregation,
+                trim_fraction=self.config.trim_fraction,
+            )
+            chosen = selection.select(
+                scores, top_k=self.config.top_k,
+                require_improvement=self.config.require_improvement,
+            )
+            for candidate in candidates:
+                if candidate.candidate_id in scores:
+                    candidate.score = scores[candidate.candidate_id].score
+                    candidate.improvement = scores[candidate.candidate_id].improvement
+                candidate.selected = candidate.candidate_id in chosen
+            by_id = {c.candidate_id: c for c in candidates}
+            record.selected = [by_id[c].author for c in chosen]
+            if chosen:
+                weights = selection.apply_updates(weights, [deltas[c] for c in chosen])
+                arrays = numpy_to_arrays(weights)
+                result.arrays = arrays
+            else:
+                log(WARNING, "Round %s: no candidate improved the model; kept it", server_round)
+            record.phase_seconds["select"] = time.perf_counter() - t0
+
+            # -----------------------------------------------------------------
+            # --- CENTRAL EVALUATION (server) ---------------------------------
+            # -----------------------------------------------------------------
+            t0 = time.perf_counter()
+            if evaluate_fn:
+                res = evaluate_fn(server_round, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[server_round] = res
+                    record.metrics = {k: float(v) for k, v in res.items()}  # type: ignore[arg-type]
+            record.phase_seconds["evaluate"] = time.perf_counter() - t0
+            self.history.append(record)
+            if self.round_listener:
+                self.round_listener(record)
+        result.arrays = arrays
+        return result
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _responders(replies: Sequence[Message]) -> Iterable[str]:
+        for msg in replies:
+            yield str(msg.metadata.src_node_id)
+
+    def _validate_replies(
+        self, replies: Sequence[Message], weights: dict[str, np.ndarray], record: RoundRecord
+    ) -> tuple[list[CandidateRecord], dict[str, dict[str, np.ndarray]]]:
+        candidates: list[CandidateRecord] = []
+        deltas: dict[str, dict[str, np.ndarray]] = {}
+        for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+            author = author_of(msg)
+            node_id = str(msg.metadata.src_node_id)
+            if msg.has_error():
+                record.rejected.append({"author": author, "node_id": node_id,
+                                        "reason": f"subscriber error: {msg.error.reason}"})
+                continue
+            try:
+                update, metrics = self._parse_train_reply(msg)
+                norm = validate_update(update, weights, max_norm=self.config.max_update_norm)
+                digest = tensors_digest(update)
+                if digest in self._seen_digests:
+                    raise Rejected(f"update {digest[:16]} repeats an update already submitted")
+            except Rejected as exc:
+                record.rejected.append({"author": author, "node_id": node_id, "reason": str(exc)})
+                continue
+            self._seen_digests.add(digest)
+            epsilon = float(metrics.get(P.SAMPLE_EPSILON, 0.0))  # type: ignore[arg-type]
+            record.epsilon[author] = epsilon
+            candidates.append(CandidateRecord(
+                candidate_id=digest, author=author, node_id=node_id,
+                num_examples=int(metrics.get(P.NUM_EXAMPLES, 0)),  # type: ignore[arg-type]
+                update_norm=norm, sample_epsilon=epsilon,
+            ))
+            deltas[digest] = update
+        return candidates, deltas
+
+    @staticmethod
+    def _parse_train_reply(msg: Message) -> tuple[dict[str, np.ndarray], MetricRecord]:
+        content = msg.content
+        if P.ARRAYS not in content or not isinstance(content[P.ARRAYS], ArrayRecord):
+            raise Rejected(f"reply: expected an ArrayRecord '{P.ARRAYS}', got keys {list(content)}")
+        if P.METRICS not in content or not isinstance(content[P.METRICS], MetricRecord):
+            raise Rejected(f"reply: expected a MetricRecord '{P.METRICS}', got keys {list(content)}")
+        metrics = content[P.METRICS]
+        num_examples = metrics.get(P.NUM_EXAMPLES)
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+            raise Rejected(f"{P.NUM_EXAMPLES}: expected an integer >= 1, got {num_examples!r}")
+        try:
+            update = arrays_to_numpy(content[P.ARRAYS])
+        except (ValueError, TypeError) as exc:
+            raise Rejected(f"update arrays cannot be decoded: {exc}") from exc
+        return update, metrics
+
+    def _vote(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord,
+        candidates: list[CandidateRecord], deltas: dict[str, dict[str, np.ndarray]],
+        voters: list[str], record: RoundRecord, timeout: float,
+    ) -> None:
+        by_id = {c.candidate_id: c for c in candidates}
+        authors_by_node = {c.candidate_id: c.node_id for c in candidates}
+        seed = selection.committee_seed(
+            task_seed=self.config.seed, server_round=server_round, candidate_ids=list(by_id)
+        )
+        committees = selection.assign_committees(
+            authors_by_node, voters, votes_per_candidate=self.config.votes_per_candidate,
+            seed=seed,
+        )
+        for candidate_id, members in committees.items():
+            by_id[candidate_id].voters = list(members)
+        assigned = selection.ballots(committees)
+        messages = []
+        for voter, ballot in assigned.items():
+            content = RecordDict({
+                P.ARRAYS: arrays,
+                P.CONFIG: ConfigRecord({
+                    P.SERVER_ROUND: server_round,
+                    P.CANDIDATE_IDS: list(ballot),
+                    P.CANDIDATE_AUTHORS: [by_id[c].author for c in ballot],
+                }),
+            })
+            for candidate_id in ballot:
+                content[P.CANDIDATE_PREFIX + candidate_id] = numpy_to_arrays(deltas[candidate_id])
+            messages.append(Message(content=content, message_type=P.VOTE_MESSAGE_TYPE,
+                                    dst_node_id=int(voter)))
+        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        answered: set[str] = set()
+        for msg in replies:
+            voter = str(msg.metadata.src_node_id)
+            answered.add(voter)
+            if voter not in assigned:
+                record.rejected_votes.append({"voter": voter, "reason": "vote from a non-member"})
+                continue
+            try:
+                vote = self._parse_vote(msg, voter, assigned[voter])
+            except Rejected as exc:
+                record.rejected_votes.append({"voter": voter, "reason": str(exc)})
+                continue
+            for candidate_id, value in vote.improvements().items():
+                by_id[candidate_id].improvements[voter] = value
+        for voter in sorted(set(assigned) - answered):
+            record.rejected_votes.append({"voter": voter, "reason": "no vote before the timeout"})
+
+    @staticmethod
+    def _parse_vote(msg: Message, voter: str, ballot: Sequence[str]) -> Vote:
+        if msg.has_error():
+            raise Rejected(f"voter error: {msg.error.reason}")
+        content = msg.content
+        metrics = content.get(P.METRICS)
+        config = content.get(P.CONFIG)
+        if not isinstance(metrics, MetricRecord) or not isinstance(config, ConfigRecord):
+            raise Rejected(f"vote: expected a MetricRecord and a ConfigRecord, got {list(content)}")
+        losses = metrics.get(P.LOSSES)
+        ids = config.get(P.CANDIDATE_IDS)
+        return validate_vote(
+            voter, assigned=ballot,
+            candidate_ids=ids if isinstance(ids, list) else None,
+            base_loss=metrics.get(P.BASE_LOSS),
+            losses=losses if isinstance(losses, list) else None,
+        )
