@@ -11,6 +11,7 @@ subscribers. A deployed subscriber brings its own file instead (:func:`load_data
 from __future__ import annotations
 
 import functools
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +202,7 @@ def load_data_file(path: str | Path, *, label_column: str = "label") -> Dataset:
             raise DataError(f"data-path: expected a .npz or .csv file, got {p.name!r}")
     except DataError:
         raise
-    except (ValueError, OSError, KeyError) as exc:
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
         raise DataError(f"data-path {p.name}: cannot read it ({exc})") from exc
     return _checked_dataset(x, y, source=p.name)
 

@@ -90,7 +90,10 @@ def setting_label(attack: str, fraction: float) -> str:
     return "no attack" if attack == "none" else f"{attack} @{fraction:.0%}"
 
 
-def run_compare(base: RunConfig, spec: CompareSpec, out: Path, *, console: Console) -> dict[str, Any]:
+def run_compare(base: RunConfig, spec: CompareSpec, out: Path, *, console: Console,
+                run_missing: bool = True) -> dict[str, Any]:
+    """Run every (strategy, setting, seed) not finished yet under ``out/runs`` (with
+    ``run_missing=False`` only aggregate what is there), then write the outputs."""
     from server.simulation import run_simulation
 
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +119,9 @@ def run_compare(base: RunConfig, spec: CompareSpec, out: Path, *, console: Conso
             bar.update(task, description=f"{variant.name} {setting_label(attack, fraction)} s{seed}")
             report_path = run_dir / "report.json"
             report = _finished(report_path, config)
+            if report is None and not run_missing:
+                bar.advance(task)
+                continue
             if report is None:
                 started = time.perf_counter()
                 run_simulation(config, run_dir)

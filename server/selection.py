@@ -41,29 +41,27 @@ def assign_committees(
     """Voters for every candidate, never its author, a pure function of ``seed``.
 
     ``authors`` maps candidate id -> author id. ``votes_per_candidate == 0`` (or more than
-    there are eligible voters) assigns every voter except the author. Otherwise voters are
-    put in a seed-determined order and dealt round-robin to the candidates (also in a
-    seed-determined order), skipping the author, so every voter gets about the same
-    number of candidates to score: vote traffic stays linear in the federation size.
+    there are eligible voters) assigns every voter except the author. Otherwise candidates
+    are taken in a seed-determined order and each gets the least-loaded eligible voters
+    (ties broken by a seed-and-candidate-keyed hash), so every voter scores about the same
+    number of candidates: vote traffic stays linear in the federation size.
     """
     if votes_per_candidate < 0:
         raise SelectionError(f"votes_per_candidate: expected >= 0, got {votes_per_candidate}")
-    unique_voters = sorted(set(voters), key=lambda v: _rank_key(seed, b"voter", v))
+    unique_voters = sorted(set(voters))
     candidates = sorted(authors, key=lambda c: _rank_key(seed, b"candidate", c))
+    load = dict.fromkeys(unique_voters, 0)
     committees: dict[str, tuple[str, ...]] = {}
-    cursor = 0
     for candidate in candidates:
         eligible = [v for v in unique_voters if v != authors[candidate]]
         if votes_per_candidate == 0 or votes_per_candidate >= len(eligible):
-            committees[candidate] = tuple(sorted(eligible))
+            committees[candidate] = tuple(eligible)
             continue
-        chosen: list[str] = []
-        n = len(unique_voters)
-        while len(chosen) < votes_per_candidate:
-            voter = unique_voters[cursor % n]
-            cursor += 1
-            if voter != authors[candidate] and voter not in chosen:
-                chosen.append(voter)
+        # Least-loaded first; among equals a seed-and-candidate-keyed order.
+        eligible.sort(key=lambda v: (load[v], _rank_key(seed, candidate.encode(), v)))
+        chosen = eligible[:votes_per_candidate]
+        for voter in chosen:
+            load[voter] += 1
         committees[candidate] = tuple(sorted(chosen))
     return committees
 
@@ -163,7 +161,7 @@ def tally(
 
 # ---------------------------------------------------------------------- selection
 def select(
-    scores: Mapping[str, CandidateScore], *, top_k: int, require_improvement: bool = True
+    scores: Mapping[str, CandidateScore], *, top_k: int, require_improvement: bool = False
 ) -> list[str]:
     """The ``top_k`` best candidates, best first; ties break by candidate id (the digest),
     so selection is deterministic. With ``require_improvement`` a candidate whose median

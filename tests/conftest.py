@@ -1,0 +1,68 @@
+"""Shared fixtures: Flower's task identity (Messages need a run id outside a runtime) and an
+in-process Grid that delivers messages straight to the real ClientApp handlers, so the
+strategy and the subscriber are tested together without Ray."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = 4242
+    TaskIdentity.node_id = 1
+
+
+Handler = Callable[[Any, Any], Any]
+
+
+class InProcessGrid:
+    """A Flower ``Grid`` whose nodes are ClientApp handler functions in this process.
+
+    ``tamper`` may rewrite any reply (node id, reply) -> reply, to inject bad input."""
+
+    def __init__(self, contexts: dict[int, Any], handlers: dict[str, Handler],
+                 tamper: Callable[[int, Any], Any] | None = None) -> None:
+        self.contexts = contexts
+        self.handlers = handlers
+        self.tamper = tamper
+        self.sent: list[Any] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            reply = self.handlers[msg.metadata.message_type](msg, self.contexts[node])
+            if self.tamper is not None:
+                reply = self.tamper(node, reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+
+def make_contexts(run_config: dict[str, Any], num_nodes: int, **node_extra: Any) -> dict[int, Any]:
+    from flwr.app import Context, RecordDict
+
+    return {
+        1000 + pid: Context(
+            run_id=4242, node_id=1000 + pid,
+            node_config={"partition-id": pid, "num-partitions": num_nodes, **node_extra},
+            state=RecordDict(), run_config=dict(run_config),
+        )
+        for pid in range(num_nodes)
+    }

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+
+from client.config import ConfigError, RunConfig
+
+
+def test_defaults_match_pyproject() -> None:
+    import tomllib
+    from pathlib import Path
+
+    table = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    app_config = table["tool"]["flwr"]["app"]["config"]
+    assert RunConfig.from_mapping(app_config) == RunConfig()
+    assert set(app_config) == set(RunConfig().to_mapping())
+
+
+def test_parses_kebab_case_and_coerces() -> None:
+    config = RunConfig.from_mapping({"num-server-rounds": "3", "attack": "label-flip+collude",
+                                     "attackers": "2, 0", "require-improvement": "true",
+                                     "noise-multiplier": 1})
+    assert config.num_server_rounds == 3
+    assert config.attack_kinds == {"label-flip", "collude"}
+    assert config.attacker_ids == (0, 2)
+    assert config.require_improvement is True
+    assert config.is_attacker(2) and not config.is_attacker(1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ({"strategy": "fedprox"}, r"strategy: expected one of \['poi'.*got 'fedprox'"),
+        ({"attack": "label-flip+poison"}, r"attack: expected one of .*got 'poison'"),
+        ({"attack": "none+collude"}, r"'none' cannot be combined"),
+        ({"top-k": 11, "num-subscribers": 10}, r"top-k: expected at most num-subscribers \(10\)"),
+        ({"noise-multiplier": -0.5}, r"noise-multiplier: expected a finite number >= 0, got -0.5"),
+        ({"attack": "noise", "attackers": "0,1,2", "num-subscribers": 2},
+         r"attackers: 3 attackers but only 2 subscribers"),
+        ({"attack": "noise", "attackers": "5", "num-subscribers": 4},
+         r"attackers: partition ids must be in 0..3, got \[5\]"),
+        ({"attackers": "1"}, r"attackers: \[1\] given but attack is 'none'"),
+        ({"attackers": "a,b", "attack": "noise"}, r"attackers: expected comma-separated"),
+        ({"vote-aggregation": "mean"}, r"vote-aggregation: expected one of"),
+        ({"num-server-rounds": "many"}, r"num-server-rounds: expected an integer, got 'many'"),
+        ({"bogus-key": 1}, r"unknown run-config key\(s\) \['bogus-key'\]"),
+        ({"target-delta": 1.5}, r"target-delta: expected 0 < delta < 1"),
+        ({"votes-per-candidate": 10, "num-subscribers": 10},
+         r"votes-per-candidate: expected at most num-subscribers - 1"),
+    ],
+)
+def test_bad_values_name_the_key_and_allowed_values(raw: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_mapping(raw)
