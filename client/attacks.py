@@ -8,7 +8,8 @@ function of plain data so it can be tested without Flower. Several attacks combi
 - ``sign-flip``: sends ``-attack_scale`` times its honest update.
 - ``noise``: sends Gaussian noise (``attack_noise_std`` per weight) without training.
 - ``fake-data``: the "fake subscriber": trains on uniformly random inputs and labels.
-- ``free-rider``: never trains; sends a zero update first, then replays its last one.
+- ``free-rider``: never trains; sends a zero update first, then passes off the last
+  change of the global model (``global_t - global_{t-1}``) as its own (a stale update).
 - ``collude``: as a voter, reports that attackers' candidates help a lot and honest
   candidates hurt, to push the colluders' updates into the model.
 """
@@ -54,7 +55,8 @@ def attack_update(
     previous: Weights | None,
 ) -> dict[str, np.ndarray]:
     """Turn an honest update (or a zero one, for attackers that do not train) into the
-    attacker's update. ``previous`` is the update this attacker sent last round."""
+    attacker's update. ``previous`` is the stale update a free rider replays (None in its
+    first round)."""
     if "free-rider" in kinds:
         if previous is None:
             return {k: np.zeros_like(v) for k, v in delta.items()}

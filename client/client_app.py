@@ -48,7 +48,7 @@ torch.set_num_threads(1)
 app = ClientApp()
 
 STATE_PRIVACY = "privacy"
-STATE_PREVIOUS_UPDATE = "previous-update"
+STATE_PREVIOUS_GLOBAL = "previous-global"
 
 
 @dataclass(frozen=True)
@@ -196,19 +196,12 @@ def train(msg: Message, context: Context) -> Message:
     trained = get_weights(model)
     delta = {k: (trained[k] - global_weights[k]).astype(np.float32) for k in global_weights}
     if subscriber.attacks:
-        previous = None
-        if STATE_PREVIOUS_UPDATE in context.state:
-            previous_record = context.state[STATE_PREVIOUS_UPDATE]
-            assert isinstance(previous_record, ArrayRecord)
-            previous = _arrays_to_numpy(previous_record)
         delta = attack_update(
             subscriber.attacks, delta,
             rng=np.random.default_rng(_seed(cfg.seed, "attack", server_round,
                                             subscriber.partition_id)),
-            scale=cfg.attack_scale, noise_std=cfg.attack_noise_std, previous=previous,
-        )
-        context.state[STATE_PREVIOUS_UPDATE] = ArrayRecord(
-            {k: _to_array(v) for k, v in delta.items()}
+            scale=cfg.attack_scale, noise_std=cfg.attack_noise_std,
+            previous=_stale_update(context, global_weights),
         )
 
     if config.get(P.UPDATE_KIND, "delta") == "weights":
@@ -226,6 +219,22 @@ def train(msg: Message, context: Context) -> Message:
         P.METRICS: metrics,
     })
     return Message(content=content, reply_to=msg)
+
+
+def _stale_update(context: Context, global_weights: dict[str, np.ndarray]
+                  ) -> dict[str, np.ndarray] | None:
+    """What a free rider passes off as its work: the last change of the global model
+    (``global_t - global_{t-1}``), or nothing in its first round. Remembers this round's
+    global model in ``Context.state``."""
+    stale = None
+    if STATE_PREVIOUS_GLOBAL in context.state:
+        record = context.state[STATE_PREVIOUS_GLOBAL]
+        assert isinstance(record, ArrayRecord)
+        previous = _arrays_to_numpy(record)
+        stale = {k: (global_weights[k] - previous[k]).astype(np.float32) for k in global_weights}
+    context.state[STATE_PREVIOUS_GLOBAL] = ArrayRecord(
+        {k: _to_array(v) for k, v in global_weights.items()})
+    return stale
 
 
 def _to_array(value: np.ndarray):  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ noise comes from torch's default generator (documented in docs/privacy.md).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,12 +46,13 @@ class PrivateTrainResult:
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Opacus' Poisson loader runs ``1 / sample_rate`` steps per epoch."""
-    return int(1 / sample_rate(num_examples, batch_size))
+    """Opacus' Poisson loader keeps the plain loader's length: ``ceil(n / batch)`` steps."""
+    return max(1, math.ceil(num_examples / batch_size))
 
 
 def sample_rate(num_examples: int, batch_size: int) -> float:
-    return min(1.0, batch_size / max(1, num_examples))
+    """Opacus' ``DPDataLoader.from_data_loader`` samples with rate ``1 / len(loader)``."""
+    return 1.0 / steps_per_epoch(num_examples, batch_size)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,0 +1,205 @@
+"""Ledger benchmarks: append, proofs at 1M entries, a subscriber's round check, audit.
+
+Run: ``.venv/bin/python -m benchmarks.ledger.bench --out benchmarks/results [--quick]``.
+Writes ``ledger.json`` and ``ledger.md`` (a markdown table of medians) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ledger import merkle
+from ledger.audit import verify_log
+from ledger.checkpoint import parse_checkpoint
+from ledger.keys import Signer
+from ledger.log import Log
+
+ORIGIN = "bench.poi.example/ledger"
+
+
+def _median_ms(action: Callable[[], object], repeats: int) -> float:
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        timings.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(timings)
+
+
+def _time_ms(action: Callable[[int, int], object], first: int, second: int) -> float:
+    started = time.perf_counter()
+    action(first, second)
+    return (time.perf_counter() - started) * 1e3
+
+
+def bench_append(folder: Path, *, entries: int, batch: int) -> dict[str, float]:
+    """Author-signed entries, verified by the sequencer and durably group-committed."""
+    operator = Signer.generate()
+    authors = [Signer.generate() for _ in range(16)]
+    started = time.perf_counter()
+    leaves = [author.key_entry() for author in authors]
+    for number in range(entries - len(authors)):
+        author = authors[number % len(authors)]
+        leaves.append(
+            author.sign_entry(
+                "vote",
+                seq=1 + number // len(authors),
+                fields={
+                    "task_id": "task-1",
+                    "round": number // 1000,
+                    "candidate": f"{number:064x}",
+                    "base_loss_micro": 693_147,
+                    "candidate_loss_micro": 600_000 + number % 1000,
+                },
+            )
+        )
+    signing_s = time.perf_counter() - started
+    rates = []
+    with Log.open(folder / "ledger.db", operator, ORIGIN) as log:
+        for offset in range(0, len(leaves), batch):
+            chunk = leaves[offset : offset + batch]
+            started = time.perf_counter()
+            log.append_many(chunk)
+            rates.append(len(chunk) / (time.perf_counter() - started))
+    return {
+        "entries": entries,
+        "batch": batch,
+        "append_entries_per_s_median": statistics.median(rates),
+        "author_signing_entries_per_s": entries / signing_s,
+    }
+
+
+def bench_audit(folder: Path) -> dict[str, float]:
+    started = time.perf_counter()
+    report = verify_log(folder / "ledger.db")
+    elapsed = time.perf_counter() - started
+    assert report.ok, report.failure
+    return {"audit_entries": report.size, "audit_entries_per_s": report.size / elapsed}
+
+
+def bench_proofs(folder: Path, *, size: int, samples: int) -> dict[str, float]:
+    """Proof generation at ``size`` leaves, loaded through the unverified fast path."""
+    operator = Signer.generate()
+    started = time.perf_counter()
+    with Log.open(folder / "big.db", operator, ORIGIN) as log:
+        chunk = 100_000
+        for offset in range(0, size, chunk):
+            log._bulk_load_unverified(
+                [
+                    number.to_bytes(8, "big") * 8
+                    for number in range(offset, min(size, offset + chunk))
+                ]
+            )
+        load_s = time.perf_counter() - started
+        rng = random.Random(0)
+        indexes = [rng.randrange(size) for _ in range(samples)]
+        root = log.root()
+        inclusion = [_time_ms(log.inclusion_proof, index, size) for index in indexes]
+        lengths = [len(log.inclusion_proof(index, size)) for index in indexes[:100]]
+        index = indexes[0]
+        merkle.verify_inclusion(
+            index=index,
+            size=size,
+            leaf_hash=merkle.hash_leaf(log.entry(index)),
+            proof=log.inclusion_proof(index, size),
+            root=root,
+        )
+        old_sizes = [rng.randrange(1, size) for _ in range(samples)]
+        consistency = [_time_ms(log.consistency_proof, old, size) for old in old_sizes]
+        # A subscriber's per-round check: the new checkpoint's signature, then the
+        # consistency proof from the checkpoint it saw last round.
+        old_size = size - 1000
+        old_root = log.root(old_size)
+        note = log.checkpoint()
+        proof = log.consistency_proof(old_size, size)
+        verifier = log.verifier
+
+        def subscriber_check() -> None:
+            checkpoint = parse_checkpoint(note, verifier=verifier, origin=ORIGIN)
+            merkle.verify_consistency(
+                size1=old_size,
+                size2=checkpoint.size,
+                proof=proof,
+                root1=old_root,
+                root2=checkpoint.root_hash,
+            )
+
+        subscriber_ms = _median_ms(subscriber_check, samples)
+    return {
+        "tree_size": size,
+        "load_s": load_s,
+        "inclusion_proof_ms_median": statistics.median(inclusion),
+        "inclusion_proof_hashes_median": statistics.median(lengths),
+        "consistency_proof_ms_median": statistics.median(consistency),
+        "consistency_proof_hashes": len(proof),
+        "subscriber_round_check_ms_median": subscriber_ms,
+    }
+
+
+def _table(results: dict[str, dict[str, float]]) -> str:
+    append, audit, proofs = results["append"], results["audit"], results["proofs"]
+    at = f"{proofs['tree_size']:,} entries"
+    rows = [
+        (
+            "Append (author-signed, verified, durable)",
+            f"{append['append_entries_per_s_median']:,.0f} entries/s",
+            ">= 5,000 entries/s",
+        ),
+        (
+            f"Inclusion proof at {at}",
+            f"{proofs['inclusion_proof_ms_median']:.3f} ms, "
+            f"{proofs['inclusion_proof_hashes_median']:.0f} hashes",
+            "<= 0.2 ms, ~20 hashes",
+        ),
+        (f"Consistency proof at {at}", f"{proofs['consistency_proof_ms_median']:.3f} ms", ""),
+        (
+            "Subscriber round check (signature + consistency)",
+            f"{proofs['subscriber_round_check_ms_median']:.3f} ms",
+            "<= 1 ms",
+        ),
+        (
+            "Full audit incl. signatures",
+            f"{audit['audit_entries_per_s']:,.0f} entries/s",
+            ">= 10,000 entries/s",
+        ),
+        (
+            "Author signing (client side, reference)",
+            f"{append['author_signing_entries_per_s']:,.0f} entries/s",
+            "",
+        ),
+    ]
+    lines = ["| Measure | Median | Target |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {target} |" for name, value, target in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    args = parser.parse_args()
+    entries, size, samples = (3_000, 100_000, 200) if args.quick else (20_000, 1_000_000, 1_000)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        results = {"append": bench_append(folder, entries=entries, batch=500)}
+        results["audit"] = bench_audit(folder)
+        results["proofs"] = bench_proofs(folder, size=size, samples=samples)
+    machine = {"python": platform.python_version(), "cpu": platform.machine()}
+    results["machine"] = machine  # type: ignore[assignment]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ledger.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = _table(results)
+    (args.out / "ledger.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

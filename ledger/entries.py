@@ -1,0 +1,353 @@
+"""Ledger entries: author-signed RFC 8785 canonical JSON, stored as the exact signed bytes.
+
+Leaf framing (what a Merkle leaf holds, byte for byte)::
+
+    leaf      = payload || 0x0A || base64(signature)      (88 base64 characters)
+    payload   = RFC 8785 canonical JSON object, UTF-8, with at least
+                {"kind": str, "v": int, "author": key id, "seq": int}
+    signature = Ed25519(author key, b"poi/ledger/entry/v1\\n" || payload)
+
+Canonical JSON never contains a raw newline (RFC 8785 section 3.2.2.2 escapes it
+inside strings and emits no whitespace), so the last 0x0A splits the leaf
+unambiguously. Verification never re-serializes anything it then trusts: it checks
+that the stored payload bytes *are* canonical (parse, canonicalize, compare) and
+verifies the signature over the stored bytes.
+
+Only integers are allowed (no floats anywhere): losses and scores go in micro-units
+(``loss_micro``), amounts in minor units. Integers must fit I-JSON's +-(2**53 - 1)
+(RFC 8785 section 3.2.2.3). Each author numbers its entries 0, 1, 2, ... (``seq``),
+so a resubmission of identical bytes is idempotent and a different body at a used
+``seq`` is a conflict. An author's first entry (seq 0) is its ``key`` entry, which
+registers its public key in the ledger itself, so an audit needs nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import rfc8785
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ledger.errors import EntryError, PublicKeyError
+from ledger.keys import Signer, key_id, parse_public_key, verify_signature
+
+__all__ = [
+    "DOMAIN",
+    "ENVELOPE_FIELDS",
+    "KEY_KIND",
+    "Entry",
+    "KeyRing",
+    "KindSpec",
+    "encode_payload",
+    "kind_spec",
+    "make_key_entry",
+    "parse_entry",
+    "register_kind",
+    "sign_entry",
+]
+
+DOMAIN = b"poi/ledger/entry/v1\n"
+SEPARATOR = b"\n"
+_SIGNATURE_TEXT_SIZE = 88  # base64 of 64 bytes
+ENVELOPE_FIELDS = ("kind", "v", "author", "seq")
+KEY_KIND = "key"
+_MAX_JSON_INTEGER = 2**53 - 1  # RFC 8785 section 3.2.2.3 / I-JSON
+
+JsonType = type | tuple[type, ...]
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """An entry kind, its current version and its required fields with their JSON types."""
+
+    kind: str
+    version: int
+    required: Mapping[str, JsonType]
+
+    def check(self, fields: Mapping[str, Any]) -> None:
+        """Raise :class:`EntryError` unless every required field is present with its type."""
+        for name, expected in self.required.items():
+            if name not in fields:
+                raise EntryError(f"expected field {name!r} in a {self.kind!r} entry, got none")
+            value = fields[name]
+            if isinstance(value, bool) and bool not in _as_tuple(expected):
+                raise EntryError(f"expected {name!r} of type {expected}, got a boolean")
+            if not isinstance(value, expected):
+                raise EntryError(
+                    f"expected {name!r} of type {_type_names(expected)} in a {self.kind!r} "
+                    f"entry, got {type(value).__name__}"
+                )
+
+
+def _as_tuple(expected: JsonType) -> tuple[type, ...]:
+    return expected if isinstance(expected, tuple) else (expected,)
+
+
+def _type_names(expected: JsonType) -> str:
+    return " or ".join(t.__name__ for t in _as_tuple(expected))
+
+
+_KINDS: dict[str, KindSpec] = {}
+
+
+def register_kind(kind: str, *, required: Mapping[str, JsonType], version: int = 1) -> KindSpec:
+    """Register an entry kind (market code adds ``reveal``, ``settlement``, ``fund``...).
+
+    Re-registering an identical spec is a no-op; a different spec for a known kind
+    raises :class:`EntryError`, so two modules cannot silently disagree.
+    """
+    reserved = set(required) & set(ENVELOPE_FIELDS)
+    if reserved:
+        raise EntryError(
+            f"expected no envelope fields among required fields, got {sorted(reserved)}"
+        )
+    spec = KindSpec(kind=kind, version=version, required=MappingProxyType(dict(required)))
+    known = _KINDS.get(kind)
+    if known is not None and (known.version, dict(known.required)) != (version, dict(required)):
+        raise EntryError(f"kind {kind!r} is already registered with a different spec")
+    _KINDS[kind] = spec
+    return spec
+
+
+def kind_spec(kind: str) -> KindSpec:
+    """The registered spec of ``kind``; raises :class:`EntryError` for an unknown kind."""
+    try:
+        return _KINDS[kind]
+    except KeyError:
+        raise EntryError(f"expected a registered entry kind, got {kind!r}") from None
+
+
+_ROUND = {"task_id": str, "round": int}
+register_kind(KEY_KIND, required={"public_key": str})
+register_kind("task", required={"task_id": str})
+register_kind("candidate", required={**_ROUND, "update_digest": str})
+register_kind(
+    "vote",
+    required={**_ROUND, "candidate": str, "base_loss_micro": int, "candidate_loss_micro": int},
+)
+register_kind("rejection", required={**_ROUND, "reason": str})
+register_kind("selection", required={**_ROUND, "selected": list})
+register_kind("score", required={**_ROUND, "loss_micro": int})
+register_kind("model", required={**_ROUND, "model_digest": str})
+register_kind(
+    "cosignature", required={"tree_size": int, "root_hash": str, "witness": str, "note": str}
+)
+
+
+def _check_json_value(value: object, path: str) -> None:
+    """Refuse anything but null, booleans, integers, strings, lists and str-keyed objects."""
+    if value is None or isinstance(value, (bool, str)):
+        return
+    if isinstance(value, int):
+        if abs(value) > _MAX_JSON_INTEGER:
+            raise EntryError(f"expected |integer| <= 2**53 - 1 at {path}, got {value}")
+        return
+    if isinstance(value, float):
+        raise EntryError(
+            f"expected an integer at {path}, got float {value!r}: "
+            "store micro-units (loss_micro = round(loss * 1e6)), not floats"
+        )
+    if isinstance(value, (list, tuple)):
+        for position, item in enumerate(value):
+            _check_json_value(item, f"{path}[{position}]")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise EntryError(f"expected string keys at {path}, got {key!r}")
+            _check_json_value(item, f"{path}.{key}")
+        return
+    raise EntryError(f"expected a JSON value at {path}, got {type(value).__name__}")
+
+
+def encode_payload(payload: Mapping[str, Any]) -> bytes:
+    """RFC 8785 canonical JSON of an integers-only payload; raises :class:`EntryError`."""
+    _check_json_value(payload, "$")
+    try:
+        return rfc8785.dumps(payload)
+    except rfc8785.CanonicalizationError as error:
+        raise EntryError(f"expected a canonicalizable payload, got: {error}") from error
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A parsed leaf: the envelope, the kind's fields, and the exact stored bytes."""
+
+    kind: str
+    version: int
+    author: str
+    seq: int
+    fields: Mapping[str, Any] = field(repr=False)
+    payload: bytes = field(repr=False)
+    signature: bytes = field(repr=False)
+    leaf: bytes = field(repr=False)
+
+    def signed_message(self) -> bytes:
+        return DOMAIN + self.payload
+
+
+def sign_entry(
+    signer: Signer,
+    *,
+    kind: str,
+    seq: int,
+    fields: Mapping[str, Any],
+    version: int | None = None,
+) -> bytes:
+    """Build, check and sign an entry; returns the leaf bytes to append.
+
+    ``fields`` must hold the kind's required fields and no envelope field; ``version``
+    defaults to the kind's registered version. Raises :class:`EntryError`.
+    """
+    spec = kind_spec(kind)
+    clash = set(fields) & set(ENVELOPE_FIELDS)
+    if clash:
+        raise EntryError(f"expected no envelope fields in fields, got {sorted(clash)}")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise EntryError(f"expected seq to be an integer >= 0, got {seq!r}")
+    _check_json_value(fields, "$")
+    spec.check(fields)
+    payload = encode_payload(
+        {
+            **fields,
+            "kind": kind,
+            "v": spec.version if version is None else version,
+            "author": signer.key_id,
+            "seq": seq,
+        }
+    )
+    signature = signer.sign(DOMAIN + payload)
+    return payload + SEPARATOR + base64.b64encode(signature)
+
+
+def make_key_entry(signer: Signer) -> bytes:
+    """The author's ``key`` entry (seq 0), registering its public key in the ledger."""
+    public_key = base64.b64encode(signer.public_key_bytes).decode()
+    return sign_entry(signer, kind=KEY_KIND, seq=0, fields={"public_key": public_key})
+
+
+def _reject_constant(name: str) -> None:
+    raise EntryError(f"expected an integer, got {name}")
+
+
+def parse_entry(leaf: bytes) -> Entry:
+    """Split a leaf, check its payload is canonical JSON of a known kind; no signature check.
+
+    Raises :class:`EntryError` naming what was expected and what came.
+    """
+    cut = len(leaf) - _SIGNATURE_TEXT_SIZE - 1
+    if cut <= 0 or leaf[cut : cut + 1] != SEPARATOR:
+        raise EntryError(
+            f"expected payload || 0x0A || 88 base64 characters, got {len(leaf)} bytes without it"
+        )
+    payload, signature_text = leaf[:cut], leaf[cut + 1 :]
+    try:
+        signature = base64.b64decode(signature_text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise EntryError("expected a base64 signature after the payload") from error
+    if base64.b64encode(signature) != signature_text:
+        raise EntryError("expected canonical base64 for the signature")
+    try:
+        decoded = json.loads(payload, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EntryError(f"expected a JSON payload, got: {error}") from error
+    if not isinstance(decoded, dict):
+        raise EntryError(f"expected a JSON object payload, got {type(decoded).__name__}")
+    if encode_payload(decoded) != payload:
+        raise EntryError("expected RFC 8785 canonical JSON, got bytes that re-encode differently")
+    kind, version, author, seq = (decoded.get(name) for name in ENVELOPE_FIELDS)
+    if not isinstance(kind, str):
+        raise EntryError(f"expected a string 'kind', got {kind!r}")
+    spec = kind_spec(kind)
+    for name, value in (("v", version), ("seq", seq)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EntryError(f"expected {name!r} to be an integer >= 0, got {value!r}")
+    if not isinstance(author, str) or not author:
+        raise EntryError(f"expected a key id in 'author', got {author!r}")
+    assert isinstance(version, int) and isinstance(seq, int)
+    fields = {name: value for name, value in decoded.items() if name not in ENVELOPE_FIELDS}
+    spec.check(fields)
+    return Entry(
+        kind=kind,
+        version=version,
+        author=author,
+        seq=seq,
+        fields=MappingProxyType(fields),
+        payload=payload,
+        signature=signature,
+        leaf=leaf,
+    )
+
+
+class KeyRing:
+    """Authors' public keys by key id, filled from ``key`` entries; verifies entries.
+
+    Keys are checked by :func:`ledger.keys.parse_public_key` on registration, so a
+    small-order or non-canonical key never gets in.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, Ed25519PublicKey] = {}
+
+    def __contains__(self, author: object) -> bool:
+        return author in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def public_key(self, author: str) -> Ed25519PublicKey:
+        """The registered key of ``author``; raises :class:`EntryError` if unknown."""
+        try:
+            return self._keys[author]
+        except KeyError:
+            raise EntryError(f"expected a registered author, got unknown key id {author}") from None
+
+    def register_key(self, raw: bytes) -> str:
+        """Register a raw Ed25519 key; returns its key id. Raises PublicKeyError."""
+        public_key = parse_public_key(raw)
+        author = key_id(raw)
+        self._keys[author] = public_key
+        return author
+
+    def verify(self, leaf: bytes) -> Entry:
+        """Parse ``leaf`` and verify its signature; ``key`` entries verify with their own key.
+
+        Does not register anything. Raises :class:`EntryError` (a weak key in a ``key``
+        entry included).
+        """
+        entry = parse_entry(leaf)
+        if entry.kind == KEY_KIND:
+            public_key = self._key_from_key_entry(entry)
+        else:
+            public_key = self.public_key(entry.author)
+        if not verify_signature(public_key, entry.signature, entry.signed_message()):
+            raise EntryError(f"signature by {entry.author} (seq {entry.seq}) does not verify")
+        return entry
+
+    def admit(self, leaf: bytes) -> Entry:
+        """:meth:`verify`, then register the key of a ``key`` entry."""
+        entry = self.verify(leaf)
+        if entry.kind == KEY_KIND:
+            self._keys[entry.author] = self._key_from_key_entry(entry)
+        return entry
+
+    @staticmethod
+    def _key_from_key_entry(entry: Entry) -> Ed25519PublicKey:
+        try:
+            raw = base64.b64decode(entry.fields["public_key"], validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise EntryError("expected a base64 public key in the key entry") from error
+        if key_id(raw) != entry.author:
+            raise EntryError(f"expected author {key_id(raw)} for this key, got {entry.author}")
+        if entry.seq != 0:
+            raise EntryError(f"expected a key entry at seq 0, got seq {entry.seq}")
+        try:
+            return parse_public_key(raw)
+        except PublicKeyError as error:
+            raise EntryError(f"key entry of {entry.author}: {error}") from error

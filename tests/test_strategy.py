@@ -1,0 +1,169 @@
+"""ProofOfIntelligence end to end over an in-process Grid: real ClientApp handlers, no Ray.
+Malformed replies and votes are injected and must be rejected with a reason while the
+round goes on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from client import protocol as P
+from client.client_app import train, vote
+from client.config import RunConfig
+from client.task import make_model
+from server.server_app import make_central_evaluate, train_config_for
+from server.strategy import PoIConfig, ProofOfIntelligence, arrays_to_numpy, numpy_to_arrays
+from tests.conftest import InProcessGrid, make_contexts
+
+HANDLERS = {"train": train, P.VOTE_MESSAGE_TYPE: vote}
+
+
+def _run(run: dict[str, Any], rounds: int, tamper=None, poi: PoIConfig | None = None):  # type: ignore[no-untyped-def]
+    config = RunConfig.from_mapping(run)
+    grid = InProcessGrid(make_contexts(run, config.num_subscribers), HANDLERS, tamper)
+    strategy = ProofOfIntelligence(config=poi or PoIConfig(seed=config.seed),
+                                   min_available_nodes=config.num_subscribers)
+    model = make_model(hidden_units=config.hidden_units, activation=config.activation,
+                       seed=config.seed)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
+                            num_rounds=rounds, train_config=train_config_for(config),
+                            evaluate_fn=make_central_evaluate(config))
+    return strategy, result, grid
+
+
+def test_label_flipper_is_never_selected_and_accuracy_rises() -> None:
+    run = {"num-subscribers": 5, "partitioner": "iid", "attack": "label-flip",
+           "attackers": "2", "seed": 1}
+    strategy, result, grid = _run(run, rounds=3)
+    for record in strategy.history:
+        assert record.selected and "2" not in record.selected
+        flipped = next(c for c in record.candidates if c.author == "2")
+        assert flipped.score is not None
+        assert flipped.score < max(c.score for c in record.candidates if c.author != "2")
+        for candidate in record.candidates:
+            assert candidate.node_id not in candidate.voters  # never votes for itself
+            assert len(candidate.voters) == 4
+    accuracy = [r.metrics["accuracy"] for r in strategy.history]
+    assert accuracy[-1] > result.evaluate_metrics_serverapp[0]["accuracy"]
+    vote_types = {m.metadata.message_type for m in grid.sent}
+    assert vote_types == {"train", P.VOTE_MESSAGE_TYPE}
+
+
+def test_top_k_applies_the_mean_of_the_best_k() -> None:
+    run = {"num-subscribers": 4, "partitioner": "iid", "seed": 2}
+    captured: list[dict[str, np.ndarray]] = []
+
+    def keep(node: int, reply: Message) -> Message:
+        if not reply.has_error() and P.ARRAYS in reply.content:
+            captured.append(arrays_to_numpy(reply.content[P.ARRAYS]))
+        return reply
+
+    strategy, result, _ = _run(run, rounds=1, tamper=keep, poi=PoIConfig(top_k=2, seed=2))
+    record = strategy.history[0]
+    assert len(record.selected) == 2
+    chosen = [c for c in record.candidates if c.selected]
+    from crypto.digests import tensors_digest
+
+    by_digest = {tensors_digest(d): d for d in captured}
+    initial = arrays_to_numpy(ArrayRecord(make_model(hidden_units=32, activation="square",
+                                                     seed=2).state_dict()))
+    expected = {k: initial[k] + np.mean([by_digest[c.candidate_id][k] for c in chosen], axis=0)
+                for k in initial}
+    final = arrays_to_numpy(result.arrays)
+    for k in expected:
+        np.testing.assert_allclose(final[k], expected[k], atol=1e-6)
+
+
+def _garbage_reply(kind: str, reply: Message) -> Message:
+    if kind == "error":
+        return Message(Error(code=7, reason="disk on fire"), reply_to=_origin(reply))
+    content = reply.content
+    arrays = arrays_to_numpy(content[P.ARRAYS])
+    name = next(iter(arrays))
+    if kind == "nan":
+        arrays[name] = arrays[name].copy()
+        arrays[name].flat[0] = np.nan
+    elif kind == "shape":
+        arrays[name] = np.zeros((3, 3), dtype=np.float32)
+    elif kind == "dtype":
+        arrays[name] = arrays[name].astype(np.float64)
+    elif kind == "missing":
+        arrays.pop(name)
+    elif kind == "huge":
+        arrays[name] = arrays[name] * 1e6
+    elif kind == "no-metrics":
+        return Message(RecordDict({P.ARRAYS: numpy_to_arrays(arrays)}), reply_to=_origin(reply))
+    return Message(RecordDict({P.ARRAYS: numpy_to_arrays(arrays), P.METRICS: content[P.METRICS]}),
+                   reply_to=_origin(reply))
+
+
+_ORIGINS: dict[int, Message] = {}
+
+
+def _origin(reply: Message) -> Message:
+    return _ORIGINS[reply.metadata.src_node_id]
+
+
+def test_malformed_replies_are_rejected_with_reasons_and_the_round_goes_on() -> None:
+    kinds = ["error", "nan", "shape", "dtype", "missing", "huge", "no-metrics"]
+    run = {"num-subscribers": len(kinds) + 2, "partitioner": "iid", "seed": 3}
+    node_kind = {1000 + i: kind for i, kind in enumerate(kinds)}
+
+    class Grid(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+            messages = list(messages)
+            for m in messages:
+                _ORIGINS[m.metadata.dst_node_id] = m
+            return super().send_and_receive(messages, timeout=timeout)
+
+    config = RunConfig.from_mapping(run)
+
+    def tamper(node: int, reply: Message) -> Message:
+        if reply.metadata.message_type == "train" and node in node_kind:
+            return _garbage_reply(node_kind[node], reply)
+        if reply.metadata.message_type == P.VOTE_MESSAGE_TYPE and node == 1000:
+            metrics = reply.content[P.METRICS]
+            return Message(RecordDict({P.METRICS: MetricRecord({P.BASE_LOSS: metrics[P.BASE_LOSS],
+                                                                 P.LOSSES: [float("nan")]}),
+                                       P.CONFIG: ConfigRecord({P.CANDIDATE_IDS: ["x"]})}),
+                           reply_to=_origin(reply))
+        return reply
+
+    grid = Grid(make_contexts(run, config.num_subscribers), HANDLERS, tamper)
+    strategy = ProofOfIntelligence(config=PoIConfig(max_update_norm=50.0, seed=3),
+                                   min_available_nodes=config.num_subscribers)
+    model = make_model(hidden_units=32, activation="square", seed=3)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1,
+                   train_config=train_config_for(config),
+                   evaluate_fn=make_central_evaluate(config))
+    record = strategy.history[0]
+    reasons = {r["node_id"]: r["reason"] for r in record.rejected}
+    assert set(reasons) == {str(n) for n in node_kind}
+    assert "disk on fire" in reasons["1000"]
+    assert "NaN or infinite" in reasons["1001"]
+    assert "expected shape" in reasons["1002"]
+    assert "expected dtype float32, got float64" in reasons["1003"]
+    assert "missing" in reasons["1004"]
+    assert "exceeds the bound max-update-norm" in reasons["1005"]
+    assert "expected a MetricRecord 'metrics'" in reasons["1006"]
+    assert {c.author for c in record.candidates} == {"7", "8"}
+    assert record.selected
+    bad_votes = [v for v in record.rejected_votes if v["voter"] == "1000"]
+    assert bad_votes and "expected candidates" in bad_votes[0]["reason"]
+
+
+def test_a_free_rider_is_rejected_zero_first_then_as_a_repeat() -> None:
+    run = {"num-subscribers": 4, "partitioner": "iid", "attack": "free-rider",
+           "attackers": "1", "seed": 4}
+    strategy, _, _ = _run(run, rounds=3)
+    first, second, third = strategy.history
+    assert [r["reason"] for r in first.rejected if r["author"] == "1"] == [
+        "update is all zeros: nothing was learned"]
+    # later it passes off the last applied update (top-k 1: exactly the winner's update)
+    for record in (second, third):
+        reasons = [r["reason"] for r in record.rejected if r["author"] == "1"]
+        assert len(reasons) == 1 and "repeats an update already submitted" in reasons[0]
+    assert all("1" not in r.selected for r in (first, second, third))
+    assert all(len(r.candidates) == 3 for r in (first, second, third))
