@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +40,16 @@ from client.task import (
     make_model,
     set_weights,
 )
+from client.witness import (
+    LedgerRefusal,
+    SeenTree,
+    check_checkpoint,
+    cosign,
+    load_or_create_key,
+    to_micro,
+    unb64,
+)
+from crypto.digests import tensors_digest
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -49,6 +59,7 @@ app = ClientApp()
 
 STATE_PRIVACY = "privacy"
 STATE_PREVIOUS_GLOBAL = "previous-global"
+STATE_LEDGER = "ledger"
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class Subscriber:
     attacks: frozenset[str]
     max_epsilon: float | None
     simulated: bool
+    key_path: str
 
     @classmethod
     def from_context(cls, context: Context) -> Subscriber:
@@ -88,11 +100,77 @@ class Subscriber:
                 dirichlet_alpha=config.dirichlet_alpha, seed=config.seed,
             )
             simulated = True
+        key_path = str(node.get("ledger-key") or _default_key_path(config, context, partition_id))
         attacks = config.attack_kinds if config.is_attacker(partition_id) else frozenset()
         if attacks:
             data = poison_data(attacks, data, rng=np.random.default_rng(
                 _seed(config.seed, "poison", partition_id)))
-        return cls(config, partition_id, data, attacks, max_epsilon, simulated)
+        return cls(config, partition_id, data, attacks, max_epsilon, simulated, key_path)
+
+
+def _default_key_path(config: RunConfig, context: Context, partition_id: int) -> Path:
+    """Simulation keeps one key per partition under the run directory (the ServerApp
+    resolves ``out-dir`` the same way); a deployed node without ``ledger-key`` keeps its
+    key under ``~/.poi/keys``."""
+    if partition_id >= 0:
+        base = (Path(config.out_dir).expanduser() if config.out_dir
+                else Path.home() / ".poi" / "runs" / f"run-{context.run_id}")
+        return base / "keys" / f"partition-{partition_id}.pem"
+    return Path.home() / ".poi" / "keys" / f"node-{context.node_id}.pem"
+
+
+@dataclass(frozen=True)
+class LedgerDuty:
+    """What the message asked of this subscriber's ledger identity this time."""
+
+    signer: object  # ledger.keys.Signer
+    cosigned: str
+    task_id: str
+    next_seq: int
+
+
+def _ledger_prelude(msg: Message, context: Context, subscriber: Subscriber) -> LedgerDuty | None:
+    """Verify the operator's checkpoint before any work (raises LedgerRefusal), remember
+    the new tree, and cosign it. None when the server runs without a ledger."""
+    config = msg.content[P.CONFIG]
+    if P.LEDGER_CHECKPOINT not in config:
+        return None
+    seen = None
+    if STATE_LEDGER in context.state:
+        stored = context.state[STATE_LEDGER]
+        assert isinstance(stored, ConfigRecord)
+        seen = SeenTree(str(stored["log-key"]), int(stored["size"]),  # type: ignore[arg-type]
+                        bytes(stored["root"]))  # type: ignore[arg-type]
+    try:
+        proof = [unb64(str(h)) for h in config.get(P.LEDGER_PROOF, [])]  # type: ignore[union-attr]
+    except ValueError as exc:
+        raise LedgerRefusal(f"ledger: proof hashes must be base64 ({exc})") from exc
+    note = str(config[P.LEDGER_CHECKPOINT])
+    log_key = str(config[P.LEDGER_LOG_KEY])
+    checkpoint = check_checkpoint(note, log_key=log_key, proof=proof,
+                                  proof_from=int(config.get(P.LEDGER_PROOF_FROM, 0)),  # type: ignore[arg-type]
+                                  seen=seen)
+    context.state[STATE_LEDGER] = ConfigRecord({"log-key": log_key, "size": checkpoint.size,
+                                                "root": checkpoint.root_hash})
+    signer = load_or_create_key(subscriber.key_path)
+    return LedgerDuty(signer=signer, cosigned=cosign(note, signer),
+                      task_id=str(config[P.TASK_ID]),
+                      next_seq=int(config.get(P.LEDGER_NEXT_SEQ, -1)))  # type: ignore[arg-type]
+
+
+def _ledger_record(duty: LedgerDuty, entries: list[bytes]) -> ConfigRecord:
+    signer = duty.signer
+    return ConfigRecord({P.LEDGER_ENTRIES: entries, P.LEDGER_COSIGNED: duty.cosigned,
+                         P.LEDGER_WITNESS_KEY: signer.public_key_bytes})  # type: ignore[attr-defined]
+
+
+def _first_seq(duty: LedgerDuty, entries: list[bytes]) -> int:
+    """The seq of this subscriber's next entry; a key entry (seq 0) goes first when the
+    log has none from it yet."""
+    if duty.next_seq < 0:
+        entries.append(duty.signer.key_entry())  # type: ignore[attr-defined]
+        return 1
+    return duty.next_seq
 
 
 def _seed(*parts: object) -> int:
@@ -159,6 +237,10 @@ def train(msg: Message, context: Context) -> Message:
         subscriber = Subscriber.from_context(context)
     except (DataError, ConfigError) as exc:
         return _error(msg, P.ERROR_DATA, str(exc))
+    try:
+        duty = _ledger_prelude(msg, context, subscriber)
+    except LedgerRefusal as exc:
+        return _error(msg, P.ERROR_LEDGER, str(exc))
     config = msg.content[P.CONFIG]
     global_weights = _arrays_to_numpy(msg.content[P.ARRAYS])
     server_round = int(config[P.SERVER_ROUND])
@@ -218,6 +300,15 @@ def train(msg: Message, context: Context) -> Message:
         P.ARRAYS: ArrayRecord({k: _to_array(v) for k, v in payload.items()}),
         P.METRICS: metrics,
     })
+    if duty is not None:
+        entries: list[bytes] = []
+        seq = _first_seq(duty, entries)
+        entries.append(duty.signer.sign_entry("candidate", seq=seq, fields={  # type: ignore[attr-defined]
+            "task_id": duty.task_id, "round": server_round,
+            "update_digest": tensors_digest(payload),
+            "base_digest": str(config.get(P.BASE_DIGEST, "")),
+        }))
+        content[P.LEDGER] = _ledger_record(duty, entries)
     return Message(content=content, reply_to=msg)
 
 
@@ -252,6 +343,10 @@ def vote(msg: Message, context: Context) -> Message:
         subscriber = Subscriber.from_context(context)
     except (DataError, ConfigError) as exc:
         return _error(msg, P.ERROR_DATA, str(exc))
+    try:
+        duty = _ledger_prelude(msg, context, subscriber)
+    except LedgerRefusal as exc:
+        return _error(msg, P.ERROR_LEDGER, str(exc))
     config = msg.content[P.CONFIG]
     candidate_ids = [str(c) for c in config.get(P.CANDIDATE_IDS, [])]  # type: ignore[union-attr]
     authors = [str(a) for a in config.get(P.CANDIDATE_AUTHORS, [])]  # type: ignore[union-attr]
@@ -275,4 +370,14 @@ def vote(msg: Message, context: Context) -> Message:
         P.METRICS: MetricRecord({P.BASE_LOSS: float(base_loss), P.LOSSES: reported}),
         P.CONFIG: ConfigRecord({P.CANDIDATE_IDS: candidate_ids}),
     })
+    if duty is not None:
+        entries: list[bytes] = []
+        seq = _first_seq(duty, entries)
+        for offset, (candidate, loss) in enumerate(zip(candidate_ids, reported, strict=True)):
+            entries.append(duty.signer.sign_entry("vote", seq=seq + offset, fields={  # type: ignore[attr-defined]
+                "task_id": duty.task_id, "round": int(config[P.SERVER_ROUND]),
+                "candidate": candidate, "base_loss_micro": to_micro(base_loss),
+                "candidate_loss_micro": to_micro(loss),
+            }))
+        content[P.LEDGER] = _ledger_record(duty, entries)
     return Message(content=content, reply_to=msg)

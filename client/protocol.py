@@ -35,3 +35,20 @@ LOSSES = "losses"
 ERROR_BUDGET = 1001
 ERROR_DATA = 1002
 ERROR_REQUEST = 1003
+
+# ledger (server -> subscriber, in the train and vote configs)
+TASK_ID = "task-id"
+BASE_DIGEST = "base-digest"
+LEDGER_CHECKPOINT = "ledger-checkpoint"
+LEDGER_LOG_KEY = "ledger-log-key"
+LEDGER_PROOF = "ledger-proof"
+LEDGER_PROOF_FROM = "ledger-proof-from"
+LEDGER_NEXT_SEQ = "ledger-next-seq"  # -1: the log has no key entry from this subscriber yet
+
+# ledger (subscriber -> server, a ConfigRecord under LEDGER in the reply)
+LEDGER = "ledger"
+LEDGER_ENTRIES = "entries"
+LEDGER_COSIGNED = "cosigned-checkpoint"
+LEDGER_WITNESS_KEY = "witness-key"
+
+ERROR_LEDGER = 1004

@@ -95,6 +95,10 @@ def simulate(
     report = json.loads((out / "report.json").read_text())
     console.print(f"final accuracy {report['final_accuracy']:.4f} "
                   f"(initial {report['initial_accuracy']:.4f}); report: {out / 'report.json'}")
+    if "ledger" in report:
+        ledger = report["ledger"]
+        console.print(f"ledger {ledger['path']}: {ledger['size']} entries, root {ledger['root']}, "
+                      f"{ledger['cosignatures']} subscriber cosignatures")
 
 
 @app.command()

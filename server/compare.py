@@ -46,7 +46,8 @@ class CompareSpec:
         for item in _split(strategies):
             name, _, k = item.partition("@")
             if name not in STRATEGIES:
-                raise ConfigError(f"strategies: expected names from {list(STRATEGIES)}, got {name!r}")
+                raise ConfigError(
+                    f"strategies: expected names from {list(STRATEGIES)}, got {name!r}")
             if k and name != "poi":
                 raise ConfigError(f"strategies: only poi takes @top-k, got {item!r}")
             variants.append(StrategyVariant(item, name, int(k) if k else None))
@@ -109,14 +110,16 @@ def run_compare(base: RunConfig, spec: CompareSpec, out: Path, *, console: Conso
                     attackers=",".join(map(str, attackers)) if attack != "none" else "",
                 )
                 config.validate()
-                run_dir = out / "runs" / f"{variant.name.replace('@', '-top')}__{attack}__{fraction:g}__s{seed}"
+                label = variant.name.replace("@", "-top")
+                run_dir = out / "runs" / f"{label}__{attack}__{fraction:g}__s{seed}"
                 jobs.append((variant, attack, fraction, seed, config, run_dir))
     runs: list[dict[str, Any]] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("simulations", total=len(jobs))
         for variant, attack, fraction, seed, config, run_dir in jobs:
-            bar.update(task, description=f"{variant.name} {setting_label(attack, fraction)} s{seed}")
+            bar.update(task,
+                       description=f"{variant.name} {setting_label(attack, fraction)} s{seed}")
             report_path = run_dir / "report.json"
             report = _finished(report_path, config)
             if report is None and not run_missing:

@@ -64,9 +64,14 @@ def verify(
     if report.failure is not None:
         _stderr.print(f"[red]FAILED[/red] {report.path}: {report.failure}")
         raise typer.Exit(1)
+    reader = LogReader.open(path)
+    try:
+        root = reader.root(report.size).hex()
+    finally:
+        reader.close()
     _stdout.print(
         f"[green]OK[/green] {report.path}: {report.size} entries, "
-        f"{report.checkpoints} checkpoints, {report.authors} authors"
+        f"{report.checkpoints} checkpoints, {report.authors} authors, root {root}"
     )
 
 

@@ -18,9 +18,11 @@ from flwr.serverapp import Grid, ServerApp
 from client import protocol as P
 from client.config import RunConfig
 from client.task import digits_split, evaluate, make_model, set_weights
+from crypto.digests import canonical_tensor_bytes
 from server import progress
 from server.baselines import build_baseline, recording_evaluate_fn
 from server.report import build_report, write_json
+from server.round_ledger import RoundLedger
 from server.strategy import PoIConfig, ProofOfIntelligence, RoundRecord, arrays_to_numpy
 
 NODE_WAIT_SECONDS = 300.0
@@ -98,7 +100,11 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
         progress.emit({"kind": "round", "round": record.server_round,
                        "rounds": config.num_server_rounds, "report": report})
 
+    ledger = None
     if config.strategy == "poi":
+        ledger = RoundLedger.create(
+            out_dir, config=config.to_mapping(),
+            initial_model=canonical_tensor_bytes(arrays_to_numpy(initial)))
         strategy = ProofOfIntelligence(
             config=PoIConfig(
                 top_k=config.top_k, votes_per_candidate=config.votes_per_candidate,
@@ -108,17 +114,27 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
             ),
             min_available_nodes=num_nodes,
             round_listener=on_round,
+            ledger=ledger,
         )
         evaluate_fn = central_evaluate
     else:
         strategy = build_baseline(config, num_nodes=num_nodes)
         evaluate_fn = recording_evaluate_fn(strategy, central_evaluate, on_round)
-    strategy.start(
-        grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds,
-        train_config=train_config_for(config), evaluate_fn=evaluate_fn,
-    )
+    try:
+        strategy.start(
+            grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds,
+            train_config=train_config_for(config), evaluate_fn=evaluate_fn,
+        )
+    finally:
+        if ledger is not None:
+            ledger.close()
     report = build_report(config, rounds, initial_metrics=initial_metrics,
                           wall_seconds=time.perf_counter() - started)
+    if ledger is not None:
+        report["ledger"] = {
+            "path": str(out_dir / "ledger.db"), "task_id": ledger.task_id,
+            "size": ledger.size, "root": ledger.root_hex, "cosignatures": ledger.cosignatures,
+        }
     write_json(out_dir / "report.json", report)
     return report
 

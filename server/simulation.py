@@ -37,11 +37,10 @@ def run_simulation(config: RunConfig, out_dir: Path, *, quiet: bool = True) -> N
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
     from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import NOOP_FEDERATION_ID, _run_simulation
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
-    from flwr.simulation.run_simulation import NOOP_FEDERATION_ID
 
     if not (PROJECT_DIR / "pyproject.toml").is_file():
         raise FileNotFoundError(f"expected the Flower app's pyproject.toml in {PROJECT_DIR}")

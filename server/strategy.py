@@ -22,8 +22,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from client import protocol as P
-from crypto.digests import tensors_digest
+from client.witness import MICRO, to_micro
+from crypto.digests import canonical_tensor_bytes, tensors_digest
 from server import selection
+from server.round_ledger import PendingEntries, RoundLedger
 from server.validation import Rejected, Vote, validate_update, validate_vote
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -104,6 +106,7 @@ class ProofOfIntelligence(FedAvg):
         config: PoIConfig,
         min_available_nodes: int = 2,
         round_listener: Callable[[RoundRecord], None] | None = None,
+        ledger: RoundLedger | None = None,
     ) -> None:
         super().__init__(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_available_nodes,
@@ -111,8 +114,10 @@ class ProofOfIntelligence(FedAvg):
         )
         self.config = config
         self.round_listener = round_listener
+        self.ledger = ledger
         self.history: list[RoundRecord] = []
         self._seen_digests: set[str] = set()
+        self._admitted: set[str] = set()
 
     def summary(self) -> None:
         log(INFO, "\t├──> Proof-of-Intelligence: %s", self.config)
@@ -142,14 +147,16 @@ class ProofOfIntelligence(FedAvg):
         for server_round in range(1, num_rounds + 1):
             record = RoundRecord(server_round=server_round)
             weights = arrays_to_numpy(arrays)
+            base_digest = tensors_digest(weights)
+            train_config[P.SERVER_ROUND] = server_round
+            train_config[P.BASE_DIGEST] = base_digest
 
             # -----------------------------------------------------------------
             # --- TRAIN (subscribers) -----------------------------------------
             # -----------------------------------------------------------------
             t0 = time.perf_counter()
             replies = list(grid.send_and_receive(
-                messages=self.configure_train(server_round, arrays, train_config, grid),
-                timeout=timeout,
+                messages=self._train_messages(arrays, train_config, grid), timeout=timeout,
             ))
             record.phase_seconds["train"] = time.perf_counter() - t0
 
@@ -157,7 +164,7 @@ class ProofOfIntelligence(FedAvg):
             # --- VALIDATE (server) -------------------------------------------
             # -----------------------------------------------------------------
             t0 = time.perf_counter()
-            candidates, deltas = self._validate_replies(replies, weights, record)
+            candidates, deltas = self._validate_replies(replies, weights, record, base_digest)
             record.candidates = candidates
             record.phase_seconds["validate"] = time.perf_counter() - t0
 
@@ -165,10 +172,13 @@ class ProofOfIntelligence(FedAvg):
             # --- VOTE (subscribers score each other's candidates) ------------
             # -----------------------------------------------------------------
             t0 = time.perf_counter()
-            voters = sorted({author_node for author_node in self._responders(replies)})
+            # Voters: every subscriber that answered; with a ledger, those whose entries
+            # the ledger admitted this round, so the committee is recomputable from it.
+            voters = (sorted(self._admitted) if self.ledger is not None
+                      else sorted(set(self._responders(replies))))
             if candidates and voters:
                 self._vote(grid, server_round, arrays, candidates, deltas, voters, record,
-                           timeout)
+                           timeout, train_config)
             record.phase_seconds["vote"] = time.perf_counter() - t0
 
             # -----------------------------------------------------------------
@@ -209,6 +219,10 @@ class ProofOfIntelligence(FedAvg):
                     result.evaluate_metrics_serverapp[server_round] = res
                     record.metrics = {k: float(v) for k, v in res.items()}  # type: ignore[arg-type]
             record.phase_seconds["evaluate"] = time.perf_counter() - t0
+            if self.ledger is not None:
+                t0 = time.perf_counter()
+                self._record_outcome(server_round, weights, candidates, chosen, record)
+                record.phase_seconds["ledger"] = time.perf_counter() - t0
             self.history.append(record)
             if self.round_listener:
                 self.round_listener(record)
@@ -216,31 +230,88 @@ class ProofOfIntelligence(FedAvg):
         return result
 
     # ------------------------------------------------------------------ helpers
+    def _train_messages(self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> list[Message]:
+        """One train message per subscriber: with a ledger, each carries the latest
+        checkpoint and a consistency proof from the tree that subscriber last cosigned."""
+        messages = []
+        for node_id in sorted(grid.get_node_ids()):
+            node_config = (self.ledger.apply_to(config, str(node_id)) if self.ledger
+                           else ConfigRecord(dict(config)))
+            messages.append(Message(
+                content=RecordDict({P.ARRAYS: arrays, P.CONFIG: node_config}),
+                message_type="train", dst_node_id=node_id,
+            ))
+        return messages
+
+    def _record_outcome(self, server_round: int, weights: dict[str, np.ndarray],
+                        candidates: list[CandidateRecord], chosen: list[str],
+                        record: RoundRecord) -> None:
+        """Operator entries closing the round: selection with every score, the new
+        model's digest (its bytes as a blob) and the Scientist's validation loss."""
+        assert self.ledger is not None
+        ledger = self.ledger
+        model_digest = ledger.blobs.put(canonical_tensor_bytes(weights))
+        entries: list[tuple[str, dict[str, object]]] = [
+            ("selection", {
+                "task_id": ledger.task_id, "round": server_round, "selected": list(chosen),
+                "scores_micro": {c.candidate_id: to_micro(c.score)
+                                 for c in candidates if c.score is not None},
+            }),
+            ("model", {"task_id": ledger.task_id, "round": server_round,
+                       "model_digest": model_digest}),
+        ]
+        if "validation-loss" in record.metrics:
+            entries.append(("score", {"task_id": ledger.task_id, "round": server_round,
+                                      "loss_micro": to_micro(record.metrics["validation-loss"])}))
+        ledger.append_operator(entries)
+
+    def _record_rejections(self, server_round: int, rejected: list[dict[str, str]]) -> None:
+        if self.ledger is None or not rejected:
+            return
+        self.ledger.append_operator([
+            ("rejection", {"task_id": self.ledger.task_id, "round": server_round,
+                           "reason": r["reason"], "node_id": r.get("node_id", r.get("voter", "")),
+                           "subject": r.get("subject", "update")})
+            for r in rejected
+        ])
+
     @staticmethod
     def _responders(replies: Sequence[Message]) -> Iterable[str]:
         for msg in replies:
             yield str(msg.metadata.src_node_id)
 
     def _validate_replies(
-        self, replies: Sequence[Message], weights: dict[str, np.ndarray], record: RoundRecord
+        self, replies: Sequence[Message], weights: dict[str, np.ndarray], record: RoundRecord,
+        base_digest: str,
     ) -> tuple[list[CandidateRecord], dict[str, dict[str, np.ndarray]]]:
         candidates: list[CandidateRecord] = []
         deltas: dict[str, dict[str, np.ndarray]] = {}
+        pending: list[PendingEntries] = []
+        server_round = record.server_round
+
+        def reject(author: str, node_id: str, reason: str) -> None:
+            record.rejected.append({"author": author, "node_id": node_id, "reason": reason})
+
         for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
             author = author_of(msg)
             node_id = str(msg.metadata.src_node_id)
             if msg.has_error():
-                record.rejected.append({"author": author, "node_id": node_id,
-                                        "reason": f"subscriber error: {msg.error.reason}"})
+                reject(author, node_id, f"subscriber error: {msg.error.reason}")
                 continue
             try:
                 update, metrics = self._parse_train_reply(msg)
-                norm = validate_update(update, weights, max_norm=self.config.max_update_norm)
                 digest = tensors_digest(update)
+                if self.ledger is not None:
+                    pending.append(self.ledger.check_reply(
+                        node_id, msg.content.get(P.LEDGER), kind="candidate",
+                        expected=[{"task_id": self.ledger.task_id, "round": server_round,
+                                   "update_digest": digest, "base_digest": base_digest}]))
+                norm = validate_update(update, weights, max_norm=self.config.max_update_norm)
                 if digest in self._seen_digests:
                     raise Rejected(f"update {digest[:16]} repeats an update already submitted")
             except Rejected as exc:
-                record.rejected.append({"author": author, "node_id": node_id, "reason": str(exc)})
+                reject(author, node_id, str(exc))
                 continue
             self._seen_digests.add(digest)
             epsilon = float(metrics.get(P.SAMPLE_EPSILON, 0.0))  # type: ignore[arg-type]
@@ -251,15 +322,29 @@ class ProofOfIntelligence(FedAvg):
                 update_norm=norm, sample_epsilon=epsilon,
             ))
             deltas[digest] = update
+        if self.ledger is not None:
+            refused = self.ledger.commit(pending)
+            self._admitted = {p.node_id for p in pending if p.node_id not in refused}
+            for node_id, reason in refused.items():
+                dropped = [c for c in candidates if c.node_id == node_id]
+                for c in dropped:
+                    candidates.remove(c)
+                    deltas.pop(c.candidate_id, None)
+                    reject(c.author, node_id, reason)
+            for update in deltas.values():
+                self.ledger.blobs.put(canonical_tensor_bytes(update))
+            self._record_rejections(server_round, record.rejected)
         return candidates, deltas
 
     @staticmethod
     def _parse_train_reply(msg: Message) -> tuple[dict[str, np.ndarray], MetricRecord]:
         content = msg.content
         if P.ARRAYS not in content or not isinstance(content[P.ARRAYS], ArrayRecord):
-            raise Rejected(f"reply: expected an ArrayRecord '{P.ARRAYS}', got keys {list(content)}")
+            raise Rejected(
+                f"reply: expected an ArrayRecord '{P.ARRAYS}', got keys {list(content)}")
         if P.METRICS not in content or not isinstance(content[P.METRICS], MetricRecord):
-            raise Rejected(f"reply: expected a MetricRecord '{P.METRICS}', got keys {list(content)}")
+            raise Rejected(
+                f"reply: expected a MetricRecord '{P.METRICS}', got keys {list(content)}")
         metrics = content[P.METRICS]
         num_examples = metrics.get(P.NUM_EXAMPLES)
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
@@ -274,35 +359,50 @@ class ProofOfIntelligence(FedAvg):
         self, grid: Grid, server_round: int, arrays: ArrayRecord,
         candidates: list[CandidateRecord], deltas: dict[str, dict[str, np.ndarray]],
         voters: list[str], record: RoundRecord, timeout: float,
+        train_config: ConfigRecord,
     ) -> None:
         by_id = {c.candidate_id: c for c in candidates}
         authors_by_node = {c.candidate_id: c.node_id for c in candidates}
-        seed = selection.committee_seed(
-            task_seed=self.config.seed, server_round=server_round, candidate_ids=list(by_id)
-        )
-        committees = selection.assign_committees(
-            authors_by_node, voters, votes_per_candidate=self.config.votes_per_candidate,
-            seed=seed,
-        )
+        # With a ledger the seed is its root at the start of the vote: anyone holding
+        # the ledger recomputes the committees.
+        seed = (self.ledger.root() if self.ledger is not None else selection.committee_seed(
+            task_seed=self.config.seed, server_round=server_round, candidate_ids=list(by_id)))
+        if self.ledger is not None:
+            # Committees over ledger identities (key ids), mapped back to nodes.
+            identity = {node: self.ledger.node_author[node] for node in voters}
+            node_of = {key: node for node, key in identity.items()}
+            by_key = selection.assign_committees(
+                {c: identity.get(n, f"node-{n}") for c, n in authors_by_node.items()},
+                sorted(identity.values()), votes_per_candidate=self.config.votes_per_candidate,
+                seed=seed)
+            committees = {c: tuple(sorted(node_of[k] for k in members))
+                          for c, members in by_key.items()}
+        else:
+            committees = selection.assign_committees(
+                authors_by_node, voters, votes_per_candidate=self.config.votes_per_candidate,
+                seed=seed,
+            )
         for candidate_id, members in committees.items():
             by_id[candidate_id].voters = list(members)
         assigned = selection.ballots(committees)
         messages = []
         for voter, ballot in assigned.items():
-            content = RecordDict({
-                P.ARRAYS: arrays,
-                P.CONFIG: ConfigRecord({
-                    P.SERVER_ROUND: server_round,
-                    P.CANDIDATE_IDS: list(ballot),
-                    P.CANDIDATE_AUTHORS: [by_id[c].author for c in ballot],
-                }),
+            vote_config = ConfigRecord({
+                P.SERVER_ROUND: server_round,
+                P.CANDIDATE_IDS: list(ballot),
+                P.CANDIDATE_AUTHORS: [by_id[c].author for c in ballot],
             })
+            if self.ledger is not None:
+                vote_config = self.ledger.apply_to(vote_config, voter)
+            content = RecordDict({P.ARRAYS: arrays, P.CONFIG: vote_config})
             for candidate_id in ballot:
                 content[P.CANDIDATE_PREFIX + candidate_id] = numpy_to_arrays(deltas[candidate_id])
             messages.append(Message(content=content, message_type=P.VOTE_MESSAGE_TYPE,
                                     dst_node_id=int(voter)))
         replies = grid.send_and_receive(messages=messages, timeout=timeout)
         answered: set[str] = set()
+        pending: list[PendingEntries] = []
+        accepted: dict[str, Vote] = {}
         for msg in replies:
             voter = str(msg.metadata.src_node_id)
             answered.add(voter)
@@ -311,13 +411,29 @@ class ProofOfIntelligence(FedAvg):
                 continue
             try:
                 vote = self._parse_vote(msg, voter, assigned[voter])
+                if self.ledger is not None:
+                    pending.append(self.ledger.check_reply(
+                        voter, msg.content.get(P.LEDGER), kind="vote",
+                        expected=[{"task_id": self.ledger.task_id, "round": server_round,
+                                   "candidate": c,
+                                   "base_loss_micro": to_micro(vote.base_loss),
+                                   "candidate_loss_micro": to_micro(vote.losses[c])}
+                                  for c in assigned[voter]]))
             except Rejected as exc:
                 record.rejected_votes.append({"voter": voter, "reason": str(exc)})
                 continue
+            accepted[voter] = vote
+        if self.ledger is not None:
+            for voter, reason in self.ledger.commit(pending).items():
+                accepted.pop(voter, None)
+                record.rejected_votes.append({"voter": voter, "reason": reason})
+        for voter, vote in accepted.items():
             for candidate_id, value in vote.improvements().items():
                 by_id[candidate_id].improvements[voter] = value
         for voter in sorted(set(assigned) - answered):
             record.rejected_votes.append({"voter": voter, "reason": "no vote before the timeout"})
+        self._record_rejections(server_round, [
+            {**r, "node_id": r["voter"], "subject": "vote"} for r in record.rejected_votes])
 
     @staticmethod
     def _parse_vote(msg: Message, voter: str, ballot: Sequence[str]) -> Vote:
@@ -330,9 +446,12 @@ class ProofOfIntelligence(FedAvg):
             raise Rejected(f"vote: expected a MetricRecord and a ConfigRecord, got {list(content)}")
         losses = metrics.get(P.LOSSES)
         ids = config.get(P.CANDIDATE_IDS)
-        return validate_vote(
+        vote = validate_vote(
             voter, assigned=ballot,
             candidate_ids=ids if isinstance(ids, list) else None,
             base_loss=metrics.get(P.BASE_LOSS),
             losses=losses if isinstance(losses, list) else None,
         )
+        # Tally on the micro-unit values the ledger records, so a replay is exact.
+        return Vote(voter=voter, base_loss=to_micro(vote.base_loss) / MICRO,
+                    losses={c: to_micro(v) / MICRO for c, v in vote.losses.items()})

@@ -89,4 +89,5 @@ def validate_vote(
         if not math.isfinite(value) or value < 0.0:
             raise Rejected(f"vote: expected finite losses >= 0, got {value}")
         values.append(value)
-    return Vote(voter=voter, base_loss=values[0], losses=dict(zip(assigned, values[1:], strict=True)))
+    return Vote(voter=voter, base_loss=values[0],
+                losses=dict(zip(assigned, values[1:], strict=True)))

@@ -41,6 +41,11 @@ def test_simulation_never_selects_the_label_flipper(tmp_path: Path) -> None:
     assert all(s["epsilon"] > 0 for s in subscribers.values())
     assert report["final_accuracy"] > report["initial_accuracy"]
     assert "round   2" in done.stdout and "selected [" in done.stdout
+    ledger = report["ledger"]
+    assert ledger["size"] > 2 * 5 and ledger["cosignatures"] >= 2 * 5
+    verified = _poi("ledger", "verify", str(out), timeout=120)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert str(ledger["size"]) in verified.stdout
 
 
 def test_bad_configuration_stops_before_training(tmp_path: Path) -> None:

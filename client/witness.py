@@ -1,0 +1,121 @@
+"""The subscriber's side of the ledger: its Ed25519 identity, the checkpoint check it
+runs before any work, its cosignature, and the entries it signs (candidates, ballots).
+
+Before training or voting, a subscriber verifies the operator's signed checkpoint (C2SP
+tlog-checkpoint) and an RFC 9162 consistency proof from the last tree it saw (kept in
+``Context.state``), so the log operator cannot rewrite history behind its back; on
+failure it refuses the work. The operator's key is pinned on first use. The check uses
+``ledger.merkle`` and ``ledger.checkpoint`` only (well under a millisecond).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ledger.checkpoint import Checkpoint, NoteVerifier, cosign_checkpoint, parse_checkpoint
+from ledger.errors import CheckpointError, ProofError, PublicKeyError
+from ledger.keys import Signer
+from ledger.merkle import verify_consistency
+
+MICRO = 1_000_000
+
+
+class LedgerRefusal(ValueError):
+    """The operator's checkpoint or proof does not hold: the subscriber refuses to work."""
+
+
+@dataclass(frozen=True)
+class SeenTree:
+    """The largest tree this subscriber has verified, and the operator key it pinned."""
+
+    log_key: str
+    size: int
+    root: bytes
+
+
+def witness_name(signer: Signer) -> str:
+    """The subscriber's key name on cosignature lines (C2SP key names: no spaces or +)."""
+    return f"subscriber-{signer.key_id}"
+
+
+def check_checkpoint(
+    note: str,
+    *,
+    log_key: str,
+    proof: Sequence[bytes],
+    proof_from: int,
+    seen: SeenTree | None,
+) -> Checkpoint:
+    """Verify the checkpoint's signature and that it extends ``seen``.
+
+    Raises :class:`LedgerRefusal` naming what was expected and what came: another
+    operator key than the pinned one, a bad signature, a smaller tree (rollback), the
+    same size with another root (a fork), a proof from the wrong size, or a consistency
+    proof that does not verify.
+    """
+    if seen is not None and log_key != seen.log_key:
+        raise LedgerRefusal(f"ledger: expected the pinned log key {seen.log_key}, got {log_key}")
+    try:
+        checkpoint = parse_checkpoint(note, verifier=NoteVerifier.from_vkey(log_key))
+    except (CheckpointError, PublicKeyError, ValueError) as exc:
+        raise LedgerRefusal(f"ledger: checkpoint does not verify: {exc}") from exc
+    if seen is None or seen.size == 0:
+        return checkpoint
+    if checkpoint.size < seen.size:
+        raise LedgerRefusal(
+            f"ledger: expected a tree of at least {seen.size} entries, got {checkpoint.size}"
+        )
+    if checkpoint.size == seen.size:
+        if checkpoint.root_hash != seen.root:
+            raise LedgerRefusal(f"ledger: two roots for tree size {seen.size} (a fork)")
+        return checkpoint
+    if proof_from != seen.size:
+        raise LedgerRefusal(
+            f"ledger: expected a consistency proof from size {seen.size}, got one from {proof_from}"
+        )
+    try:
+        verify_consistency(size1=seen.size, size2=checkpoint.size, proof=list(proof),
+                           root1=seen.root, root2=checkpoint.root_hash)
+    except ProofError as exc:
+        raise LedgerRefusal(f"ledger: {exc}") from exc
+    return checkpoint
+
+
+def cosign(note: str, signer: Signer, *, timestamp: int | None = None) -> str:
+    """The checkpoint note with this subscriber's cosignature/v1 line added."""
+    return cosign_checkpoint(note, signer, name=witness_name(signer),
+                             timestamp=int(time.time()) if timestamp is None else timestamp)
+
+
+@functools.lru_cache(maxsize=64)
+def load_or_create_key(path: str) -> Signer:
+    """The subscriber's Ed25519 key at ``path``, created (mode 0600) on first use. The
+    secret never leaves this file; its public half travels in the ``key`` entry."""
+    target = Path(path)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # another process was first: use theirs
+            Signer.generate().save(target, private=True)
+    if target.stat().st_mode & 0o077:
+        os.chmod(target, 0o600)
+    return Signer.load(target)
+
+
+def to_micro(value: float) -> int:
+    """Losses on the ledger are integers: micro-units, rounded half to even."""
+    return int(round(value * MICRO))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)

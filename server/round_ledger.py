@@ -1,0 +1,226 @@
+"""The log operator's side of the rounds: what the ServerApp writes to the ledger.
+
+One :class:`RoundLedger` per run wraps a :class:`ledger.Log` (SQLite, one writer) and
+its blob store. It signs the operator's entries (task, rejection, selection, score,
+model), admits the subscribers' own signed entries (candidates, votes) after checking
+they say what the reply carried, hands every subscriber the latest checkpoint with a
+consistency proof from the tree that subscriber last cosigned, and stores the
+subscribers' cosignatures. The committee seed of a round is the ledger root at the
+start of its vote, so anyone holding the ledger can recompute the committees.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord
+from flwr.common import log
+
+from client import protocol as P
+from ledger.blobs import BlobStore
+from ledger.checkpoint import ALG_COSIGNATURE_V1, NoteVerifier
+from ledger.entries import Entry, parse_entry
+from ledger.errors import LedgerError
+from ledger.keys import Signer, key_id, parse_public_key
+from ledger.log import Log
+from server.validation import Rejected
+
+LEDGER_FILE = "ledger.db"
+OPERATOR_KEY_FILE = "operator.pem"
+
+
+@dataclass
+class PendingEntries:
+    """A subscriber's entries for one phase, checked, waiting for the group commit."""
+
+    node_id: str
+    author: str
+    leaves: list[bytes]
+    cosigned: str | None = None
+    witness_key: bytes | None = None
+
+
+@dataclass
+class RoundLedger:
+    log_: Log
+    blobs: BlobStore
+    operator: Signer
+    task_id: str
+    node_author: dict[str, str] = field(default_factory=dict)
+    node_seen: dict[str, int] = field(default_factory=dict)
+    cosignatures: int = 0
+    size: int = 0
+    root_hex: str = ""
+
+    # ----------------------------------------------------------------- set-up
+    @classmethod
+    def create(cls, out_dir: Path, *, config: Mapping[str, Any],
+               initial_model: bytes) -> RoundLedger:
+        """Open (or create) ``out_dir/ledger.db`` with the operator key kept beside it,
+        and record the task: the config's digest and the initial model's digest (both
+        stored as blobs)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        key_path = out_dir / OPERATOR_KEY_FILE
+        if key_path.exists():
+            operator = Signer.load(key_path)
+        else:
+            operator = Signer.generate()
+            operator.save(key_path, private=True)
+            operator.save(out_dir / "operator.pub")
+        config_bytes = json.dumps(dict(config), sort_keys=True).encode()
+        task_id = hashlib.sha256(config_bytes + initial_model).hexdigest()[:32]
+        ledger = Log.open(out_dir / LEDGER_FILE, operator, origin=f"poi/task/{task_id}")
+        blobs = BlobStore.beside(out_dir / LEDGER_FILE)
+        recorder = cls(ledger, blobs, operator, task_id)
+        if ledger.next_seq(operator.key_id) == 0:
+            ledger.append(operator.key_entry())
+        if ledger.size <= 1:
+            recorder.append_operator([("task", {
+                "task_id": task_id,
+                "config_digest": blobs.put(config_bytes),
+                "model_digest": blobs.put(initial_model),
+            })])
+        return recorder
+
+    def close(self) -> None:
+        """Close the log, keeping its final size and root for the report."""
+        self.size = self.log_.size
+        self.root_hex = self.log_.root().hex()
+        self.log_.close()
+
+    # ------------------------------------------------------------- to nodes
+    def message_config(self, node_id: str) -> dict[str, Any]:
+        """Checkpoint, proof from what this node last cosigned, and its next seq."""
+        seen = self.node_seen.get(node_id, 0)
+        size = self.log_.size
+        proof: list[bytes] = []
+        if 0 < seen < size:
+            proof = self.log_.consistency_proof(seen, size)
+        author = self.node_author.get(node_id)
+        return {
+            P.TASK_ID: self.task_id,
+            P.LEDGER_CHECKPOINT: self.log_.checkpoint(),
+            P.LEDGER_LOG_KEY: self.log_.log_key,
+            P.LEDGER_PROOF: [base64.b64encode(h).decode() for h in proof],
+            P.LEDGER_PROOF_FROM: seen,
+            P.LEDGER_NEXT_SEQ: self.log_.next_seq(author) if author else -1,
+        }
+
+    def apply_to(self, config: ConfigRecord, node_id: str) -> ConfigRecord:
+        merged = ConfigRecord(dict(config))
+        for key, value in self.message_config(node_id).items():
+            merged[key] = value
+        return merged
+
+    # ----------------------------------------------------------- from nodes
+    def check_reply(self, node_id: str, record: object, *, kind: str,
+                    expected: Sequence[Mapping[str, Any]]) -> PendingEntries:
+        """Check a reply's ledger record: entries that parse, one ``key`` entry at most
+        (first, and only when the log has none from this node), then exactly the
+        ``expected`` entries of ``kind`` (field by field), all by one author. Signatures
+        are checked by the log at append time. Raises :class:`Rejected`."""
+        if not isinstance(record, ConfigRecord):
+            raise Rejected("ledger: expected a 'ledger' ConfigRecord in the reply, got none")
+        raw = record.get(P.LEDGER_ENTRIES)
+        if not isinstance(raw, list) or not all(isinstance(x, bytes) for x in raw):
+            raise Rejected("ledger: expected a list of signed entries (bytes)")
+        try:
+            entries = [parse_entry(leaf) for leaf in raw]
+        except LedgerError as exc:
+            raise Rejected(f"ledger: {exc}") from exc
+        author = self.node_author.get(node_id)
+        if entries and entries[0].kind == "key":
+            raw_key = base64.b64decode(str(entries[0].fields.get("public_key", "")))
+            try:
+                parse_public_key(raw_key)
+            except LedgerError as exc:
+                raise Rejected(f"ledger: {exc}") from exc
+            if author is not None and author != key_id(raw_key):
+                raise Rejected(f"ledger: node already signs as {author}, got a new key")
+            author = key_id(raw_key)
+            body = entries[1:]
+        else:
+            body = entries
+        if author is None:
+            raise Rejected("ledger: expected a key entry from a subscriber the log does not know")
+        if len(body) != len(expected):
+            raise Rejected(f"ledger: expected {len(expected)} {kind} entries, got {len(body)}")
+        for entry, want in zip(body, expected, strict=True):
+            self._match(entry, author=author, kind=kind, want=want)
+        witness_key = record.get(P.LEDGER_WITNESS_KEY)
+        cosigned = record.get(P.LEDGER_COSIGNED)
+        return PendingEntries(
+            node_id=node_id, author=author, leaves=list(raw),
+            cosigned=str(cosigned) if isinstance(cosigned, str) else None,
+            witness_key=witness_key if isinstance(witness_key, bytes) else None,
+        )
+
+    @staticmethod
+    def _match(entry: Entry, *, author: str, kind: str, want: Mapping[str, Any]) -> None:
+        if entry.author != author:
+            raise Rejected(f"ledger: expected entries by {author}, got one by {entry.author}")
+        if entry.kind != kind:
+            raise Rejected(f"ledger: expected a {kind} entry, got {entry.kind}")
+        for name, value in want.items():
+            if entry.fields.get(name) != value:
+                raise Rejected(
+                    f"ledger: signed {kind} says {name}={entry.fields.get(name)!r}, "
+                    f"the reply carried {value!r}"
+                )
+
+    def commit(self, pending: Sequence[PendingEntries]) -> dict[str, str]:
+        """Append the subscribers' entries in one transaction (group commit); if the
+        batch is refused, append author by author so one bad entry costs only its
+        author. Stores cosignatures. Returns node id -> reason for what was refused."""
+        refused: dict[str, str] = {}
+        try:
+            self.log_.append_many([leaf for p in pending for leaf in p.leaves])
+            admitted = list(pending)
+        except LedgerError:
+            admitted = []
+            for item in pending:
+                try:
+                    self.log_.append_many(item.leaves)
+                    admitted.append(item)
+                except LedgerError as exc:
+                    refused[item.node_id] = f"ledger refused the entries: {exc}"
+        for item in admitted:
+            self.node_author[item.node_id] = item.author
+            self._store_cosignature(item)
+        return refused
+
+    def _store_cosignature(self, item: PendingEntries) -> None:
+        if not item.cosigned or item.witness_key is None:
+            return
+        if key_id(item.witness_key) != item.author:
+            return
+        try:
+            witness = NoteVerifier.for_key(
+                f"subscriber-{item.author}", item.witness_key, algorithm=ALG_COSIGNATURE_V1)
+            self.log_.add_cosignature(item.cosigned, witness=witness)
+        except LedgerError as exc:
+            log(WARNING, "cosignature from node %s refused: %s", item.node_id, exc)
+            return
+        from ledger.checkpoint import Checkpoint, parse_note
+
+        size = Checkpoint.from_body(parse_note(item.cosigned).body).size
+        self.node_seen[item.node_id] = max(self.node_seen.get(item.node_id, 0), size)
+        self.cosignatures += 1
+
+    # ---------------------------------------------------------- operator
+    def append_operator(self, entries: Sequence[tuple[str, Mapping[str, Any]]]) -> list[int]:
+        """Sign and append the operator's own entries in one transaction."""
+        seq = self.log_.next_seq(self.operator.key_id)
+        leaves = [self.operator.sign_entry(kind, seq=seq + i, fields=dict(fields))
+                  for i, (kind, fields) in enumerate(entries)]
+        return self.log_.append_many(leaves)
+
+    def root(self) -> bytes:
+        return self.log_.root()
