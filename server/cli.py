@@ -68,12 +68,22 @@ def simulate(
     out: Annotated[Path, typer.Option(help="Run directory (report.json goes here).")],
     run_config: Annotated[str, typer.Option(help='Task knobs, "k=v k=v" (see README).')] = "",
     verbose: Annotated[bool, typer.Option(help="Show Flower's own logs.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace a previous run in --out.")] = False,
 ) -> None:
     """Run one configuration through Flower's simulation engine and write report.json."""
     from server import progress
     from server.simulation import run_simulation
 
     config = load_config(run_config)
+    previous = [name for name in ("report.json", "ledger.db") if (out / name).exists()]
+    if previous and not force:
+        console.print(f"[red]{out} already holds a run ({', '.join(previous)}):[/red] "
+                      "choose another --out, or pass --force to replace it")
+        raise typer.Exit(2)
+    if previous:
+        import shutil
+
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]poi simulate[/bold]: strategy={config.strategy} "
                   f"subscribers={config.num_subscribers} rounds={config.num_server_rounds} "

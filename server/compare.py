@@ -11,6 +11,7 @@ the PoI / FedAvg round wall-time ratio) and ``compare.png``.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from collections.abc import Sequence
@@ -126,6 +127,8 @@ def run_compare(base: RunConfig, spec: CompareSpec, out: Path, *, console: Conso
                 bar.advance(task)
                 continue
             if report is None:
+                if run_dir.exists():  # an interrupted run: start it afresh
+                    shutil.rmtree(run_dir)
                 started = time.perf_counter()
                 run_simulation(config, run_dir)
                 report = json.loads(report_path.read_text())

@@ -46,6 +46,9 @@ def test_simulation_never_selects_the_label_flipper(tmp_path: Path) -> None:
     verified = _poi("ledger", "verify", str(out), timeout=120)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert str(ledger["size"]) in verified.stdout
+    again = _poi("simulate", "--out", str(out), "--run-config", "num-subscribers=2",
+                 timeout=120)
+    assert again.returncode == 2 and "already holds a run" in again.stdout
 
 
 def test_bad_configuration_stops_before_training(tmp_path: Path) -> None:
