@@ -132,7 +132,7 @@ class LedgerDuty:
 def _ledger_prelude(msg: Message, context: Context, subscriber: Subscriber) -> LedgerDuty | None:
     """Verify the operator's checkpoint before any work (raises LedgerRefusal), remember
     the new tree, and cosign it. None when the server runs without a ledger."""
-    config = msg.content[P.CONFIG]
+    config = _config(msg)
     if P.LEDGER_CHECKPOINT not in config:
         return None
     seen = None
@@ -190,7 +190,7 @@ def _load_history(context: Context) -> list[HistoryEntry]:
     noise = list(record.get("noise", []))  # type: ignore[arg-type]
     rates = list(record.get("rates", []))  # type: ignore[arg-type]
     steps = list(record.get("steps", []))  # type: ignore[arg-type]
-    return [(float(n), float(q), int(s)) for n, q, s in zip(noise, rates, steps, strict=True)]
+    return [(_num(n), _num(q), int(_num(s))) for n, q, s in zip(noise, rates, steps, strict=True)]
 
 
 def _save_history(context: Context, history: tuple[HistoryEntry, ...], noise: float) -> None:
@@ -224,8 +224,24 @@ def _calibrated_noise(context: Context, subscriber: Subscriber, config: ConfigRe
     )
 
 
-def _arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+def _arrays_to_numpy(record: object) -> dict[str, np.ndarray]:
+    if not isinstance(record, ArrayRecord):
+        raise TypeError(f"expected an ArrayRecord, got {type(record).__name__}")
     return {name: array.numpy() for name, array in record.items()}
+
+
+def _num(value: object) -> float:
+    """A config value that must be a number (Flower's record values are loosely typed)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _config(msg: Message) -> ConfigRecord:
+    record = msg.content[P.CONFIG]
+    if not isinstance(record, ConfigRecord):
+        raise TypeError(f"expected a ConfigRecord, got {type(record).__name__}")
+    return record
 
 
 # -------------------------------------------------------------------------- train
@@ -241,9 +257,9 @@ def train(msg: Message, context: Context) -> Message:
         duty = _ledger_prelude(msg, context, subscriber)
     except LedgerRefusal as exc:
         return _error(msg, P.ERROR_LEDGER, str(exc))
-    config = msg.content[P.CONFIG]
+    config = _config(msg)
     global_weights = _arrays_to_numpy(msg.content[P.ARRAYS])
-    server_round = int(config[P.SERVER_ROUND])
+    server_round = int(_num(config[P.SERVER_ROUND]))
     cfg = subscriber.config
     model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
     try:
@@ -253,14 +269,14 @@ def train(msg: Message, context: Context) -> Message:
 
     history = _load_history(context)
     noise = _calibrated_noise(context, subscriber, config)
-    target_delta = float(config[P.TARGET_DELTA])
+    target_delta = _num(config[P.TARGET_DELTA])
     train_loss = float("nan")
     if trains(subscriber.attacks):
         try:
             result = train_private(
                 model, subscriber.data, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                 learning_rate=cfg.learning_rate, noise_multiplier=noise,
-                max_grad_norm=float(config[P.MAX_GRAD_NORM]), target_delta=target_delta,
+                max_grad_norm=_num(config[P.MAX_GRAD_NORM]), target_delta=target_delta,
                 accountant=cfg.accountant, history=history,
                 max_epsilon=subscriber.max_epsilon,
                 seed=_seed(cfg.seed, "train", server_round, subscriber.partition_id)
@@ -347,7 +363,7 @@ def vote(msg: Message, context: Context) -> Message:
         duty = _ledger_prelude(msg, context, subscriber)
     except LedgerRefusal as exc:
         return _error(msg, P.ERROR_LEDGER, str(exc))
-    config = msg.content[P.CONFIG]
+    config = _config(msg)
     candidate_ids = [str(c) for c in config.get(P.CANDIDATE_IDS, [])]  # type: ignore[union-attr]
     authors = [str(a) for a in config.get(P.CANDIDATE_AUTHORS, [])]  # type: ignore[union-attr]
     base = _arrays_to_numpy(msg.content[P.ARRAYS])
@@ -375,7 +391,7 @@ def vote(msg: Message, context: Context) -> Message:
         seq = _first_seq(duty, entries)
         for offset, (candidate, loss) in enumerate(zip(candidate_ids, reported, strict=True)):
             entries.append(duty.signer.sign_entry("vote", seq=seq + offset, fields={  # type: ignore[attr-defined]
-                "task_id": duty.task_id, "round": int(config[P.SERVER_ROUND]),
+                "task_id": duty.task_id, "round": int(_num(config[P.SERVER_ROUND])),
                 "candidate": candidate, "base_loss_micro": to_micro(base_loss),
                 "candidate_loss_micro": to_micro(loss),
             }))

@@ -86,6 +86,7 @@ def build_baseline(config: RunConfig, *, num_nodes: int) -> FedAvg:
     }
     name = config.strategy
     cls: type[FedAvg]
+    extra: dict[str, float | int]
     if name == "fedavg":
         cls, extra = FedAvg, {}
     elif name == "krum":

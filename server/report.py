@@ -60,7 +60,7 @@ def build_report(
             "round_seconds": sum(record.phase_seconds.values()),
         })
     selected_known = config.strategy == "poi"
-    round_seconds = [r["round_seconds"] for r in round_objs]
+    round_seconds = [sum(r.phase_seconds.values()) for r in rounds]
     last = round_objs[-1] if round_objs else {}
     return {
         "strategy": config.strategy,

@@ -131,6 +131,7 @@ class RoundLedger:
         raw = record.get(P.LEDGER_ENTRIES)
         if not isinstance(raw, list) or not all(isinstance(x, bytes) for x in raw):
             raise Rejected("ledger: expected a list of signed entries (bytes)")
+        raw = [bytes(x) for x in raw if isinstance(x, bytes)]
         try:
             entries = [parse_entry(leaf) for leaf in raw]
         except LedgerError as exc:

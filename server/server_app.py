@@ -14,6 +14,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 
 from client import protocol as P
 from client.config import RunConfig
@@ -101,6 +102,7 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
                        "rounds": config.num_server_rounds, "report": report})
 
     ledger = None
+    strategy: FedAvg
     if config.strategy == "poi":
         ledger = RoundLedger.create(
             out_dir, config=config.to_mapping(),

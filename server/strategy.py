@@ -346,11 +346,12 @@ class ProofOfIntelligence(FedAvg):
             raise Rejected(
                 f"reply: expected a MetricRecord '{P.METRICS}', got keys {list(content)}")
         metrics = content[P.METRICS]
+        assert isinstance(metrics, MetricRecord)
         num_examples = metrics.get(P.NUM_EXAMPLES)
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
             raise Rejected(f"{P.NUM_EXAMPLES}: expected an integer >= 1, got {num_examples!r}")
         try:
-            update = arrays_to_numpy(content[P.ARRAYS])
+            update = arrays_to_numpy(content.array_records[P.ARRAYS])
         except (ValueError, TypeError) as exc:
             raise Rejected(f"update arrays cannot be decoded: {exc}") from exc
         return update, metrics

@@ -140,7 +140,7 @@ def test_subscriber_checkpoint_check_accepts_growth_and_refuses_forks(tmp_path: 
     first = check_checkpoint(note4, log_key=key, proof=[], proof_from=0, seen=None)  # TOFU
     assert first.size == 4
     seen = SeenTree(key, 4, root4)
-    for i in range(3):
+    for _ in range(3):
         log.append(Signer.generate().key_entry())
     note7 = log.checkpoint()
     proof = log.consistency_proof(4, 7)
