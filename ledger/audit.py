@@ -14,17 +14,40 @@ the caller may pin) and checks:
 
 It returns an :class:`AuditReport` whose ``failure`` is the FIRST failure in log
 order (the lowest entry index it concerns), naming the entry index and why.
-Signatures are verified in worker processes for large logs.
+
+How the work is split: the leaves are cut into aligned chunks of ``2**_CHUNK_LEVEL``
+entries. A chunk checker (in a pool of worker processes for large logs, each with
+its own read-only connection; inline for small ones) reads its chunk's rows and
+does everything that needs no state from earlier chunks: the entry index, parsing
+and the canonical-encoding check, the indexed columns, a ``key`` entry's own
+checks, every signature, the leaf hashes and the chunk's subtree hashes (compared
+with the stored ones, levels 0 to ``_CHUNK_LEVEL``), and the partial roots of the
+checkpoint sizes that end inside it. It returns one small tuple per entry. The
+main process keeps only the state that runs through the log (each author's next
+``seq`` and registered key, the Merkle frontier at chunk boundaries) and walks the
+tuples in log order, so failures are found and ranked exactly as one sequential
+pass would.
+
+A worker verifies a signature with the key whose key id is the entry's author,
+taken from a ``key`` entry of its own chunk or from a hint the main process read
+beforehand (rows whose ``kind`` column says ``key``). Key ids are hashes of keys,
+so that is the key the sequential pass would use; whether it was registered
+*before* the entry is decided in the main process, which verifies inline the rare
+entries a worker had no key for.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import multiprocessing
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -32,13 +55,44 @@ from ledger import merkle
 from ledger.checkpoint import parse_checkpoint
 from ledger.entries import KEY_KIND, KeyRing, parse_entry
 from ledger.errors import AuditError, LedgerError
-from ledger.keys import parse_public_key, raw_public_key, verify_signature
-from ledger.log import LogReader, StoredCheckpoint
+from ledger.keys import key_id, parse_public_key, raw_public_key, verify_signature
+from ledger.log import LogReader, StoredCheckpoint, node_id
 
 __all__ = ["AuditFailure", "AuditReport", "verify_log"]
 
-_PARALLEL_THRESHOLD = 4096  # below this, verify signatures inline
-_SIGNATURE_CHUNK = 2048
+_PARALLEL_THRESHOLD = 4096  # below this many entries, check every chunk inline
+_CHUNK_LEVEL = 9
+_CHUNK = 1 << _CHUNK_LEVEL  # entries per chunk (aligned, so a chunk is a subtree)
+_FIRST_ROW = -(2**63)  # the first chunk reads from the very first row, whatever its idx
+
+# What a chunk checker says about one entry: (author, seq, outcome, detail).
+_SIGNED = 0  # signature verified
+_BAD_SIGNATURE = 1  # signature does not verify
+_UNCHECKED = 2  # no key at hand; detail = (message, signature) for the main process
+_KEY = 3  # a ``key`` entry that passed its own checks; detail = raw public key
+_KEY_FAILED = 4  # a ``key`` entry that did not; detail = why
+_FAILED = 5  # framing, encoding, kind or columns are wrong; detail = why
+
+_ROWS = (
+    "SELECT idx, CAST(leaf AS BLOB), author, seq, kind FROM entries "
+    "WHERE idx >= ? ORDER BY idx LIMIT ?"
+)
+_NODES = "SELECT id, CAST(hash AS BLOB) FROM nodes WHERE id >= ? AND id < ? ORDER BY id"
+
+Outcome = tuple[Any, Any, int, Any]
+Task = tuple[int, int, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class _ChunkResult:
+    """A chunk checker's answer for the entries [start, end)."""
+
+    start: int
+    outcomes: list[Outcome] | None  # None once the main process needs no more
+    mismatch: tuple[int, int] | None  # (position, idx found) where the rows skip
+    first_bad_nodes: list[tuple[int, str] | None]  # per level 0 .. _CHUNK_LEVEL
+    partial_roots: dict[int, list[tuple[int, bytes]]]  # size -> (level, hash) pieces
+    chunk_root: bytes | None  # the whole chunk's subtree hash, when it is complete
 
 
 @dataclass(frozen=True, order=True)
@@ -73,19 +127,186 @@ class AuditReport:
             raise AuditError(f"{self.path}: {self.failure}")
 
 
-def _verify_chunk(
-    items: Sequence[tuple[int, bytes, bytes, bytes]],
-) -> list[int]:
-    """Worker: indexes whose Ed25519 signature over the message does not verify."""
-    keys: dict[bytes, Ed25519PublicKey] = {}
-    bad = []
-    for index, raw_key, message, signature in items:
-        key = keys.get(raw_key)
+class _Flag(Protocol):
+    def is_set(self) -> bool: ...
+
+    def set(self) -> None: ...
+
+
+class _InlineFlag:
+    """Stands in for a multiprocessing.Event when chunks are checked inline."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+
+
+class _ChunkChecker:
+    """Checks one chunk of entries at a time (in a worker process or inline)."""
+
+    def __init__(self, db: sqlite3.Connection, hints: dict[str, bytes], stop: _Flag) -> None:
+        self.db = db
+        self.hints = hints
+        self.stop = stop  # set by the main process once it has found an entry failure
+        self.keys: dict[bytes, Ed25519PublicKey | None] = {}
+
+    def check(self, task: Task) -> _ChunkResult:
+        start, end, claims = task
+        rows = self.db.execute(_ROWS, (start or _FIRST_ROW, max(end - start, 1))).fetchall()
+        mismatch = None
+        for offset, row in enumerate(rows):
+            if row[0] != start + offset:
+                mismatch = (start + offset, row[0])
+                rows = rows[:offset]
+                break
+        outcomes = None
+        if not self.stop.is_set():
+            local_keys: dict[str, bytes] = {}
+            outcomes = [self.check_entry(row, local_keys) for row in rows]
+        hash_leaf, hash_children = merkle.hash_leaf, merkle.hash_children
+        levels = [[hash_leaf(bytes(row[1])) for row in rows]]
+        first_bad: list[tuple[int, str] | None] = []
+        for level in range(_CHUNK_LEVEL + 1):
+            if level:
+                below = levels[-1]
+                pairs = zip(below[::2], below[1::2], strict=False)  # an odd last one waits
+                levels.append([hash_children(left, right) for left, right in pairs])
+            bad = self.first_bad_node(level, start >> level, end >> level, levels[level])
+            if level == 0:
+                if mismatch is not None and (bad is None or mismatch[0] <= bad):
+                    first_bad.append((mismatch[0], _index_mismatch(*mismatch)))
+                    continue
+                reason = "stored leaf hash differs from the hash of the leaf"
+            else:
+                reason = f"stored subtree hash ({level}, {bad}) is wrong"
+            first_bad.append(None if bad is None else (bad << level, reason))
+        partial_roots = {}
+        for size in claims:
+            count = size - start
+            if count > len(rows):
+                continue  # beyond a skip in the rows: the main process stops before
+            pieces, offset = [], 0
+            for level in range(_CHUNK_LEVEL, -1, -1):
+                if count >> level & 1:
+                    pieces.append((level, levels[level][offset >> level]))
+                    offset += 1 << level
+            partial_roots[size] = pieces
+        complete = end - start == _CHUNK and len(rows) == _CHUNK
+        return _ChunkResult(
+            start=start,
+            outcomes=outcomes,
+            mismatch=mismatch,
+            first_bad_nodes=first_bad,
+            partial_roots=partial_roots,
+            chunk_root=levels[_CHUNK_LEVEL][0] if complete else None,
+        )
+
+    def first_bad_node(
+        self, level: int, low: int, high: int, recomputed: list[bytes]
+    ) -> int | None:
+        """The first node index in [low, high) at ``level`` whose stored hash is wrong.
+
+        Compared with the hash recomputed from the leaves; at the first level with a
+        wrong node anywhere, that is the same as comparing with the hash of its stored
+        children, as :meth:`LogReader.first_bad_subtree` does.
+        """
+        if high <= low:
+            return None
+        rows = self.db.execute(_NODES, (node_id(level, low), node_id(level, high))).fetchall()
+        if len(rows) == high - low and [digest for _, digest in rows] == recomputed:
+            return None
+        for offset in range(high - low):
+            if (
+                offset >= len(rows)
+                or offset >= len(recomputed)
+                or rows[offset][0] != node_id(level, low + offset)
+                or rows[offset][1] != recomputed[offset]
+            ):
+                return low + offset
+        return None
+
+    def check_entry(self, row: tuple[Any, ...], local_keys: dict[str, bytes]) -> Outcome:
+        """What the sequential pass would find on this entry, short of cross-chunk state."""
+        _, leaf, *columns = row
+        try:
+            entry = parse_entry(leaf)
+            if tuple(columns) != (entry.author, entry.seq, entry.kind):
+                raise AuditError(
+                    f"indexed columns {tuple(columns)} disagree with the signed payload"
+                )
+        except LedgerError as error:
+            return None, None, _FAILED, str(error)
+        if entry.kind == KEY_KIND:
+            ring = KeyRing()
+            try:
+                ring.admit(leaf)  # verifies the self-signature
+            except LedgerError as error:
+                return entry.author, entry.seq, _KEY_FAILED, str(error)
+            own = raw_public_key(ring.public_key(entry.author))
+            local_keys[entry.author] = own
+            return entry.author, entry.seq, _KEY, own
+        raw = local_keys.get(entry.author) or self.hints.get(entry.author)
+        key = None if raw is None else self.key(raw)
+        message = entry.signed_message()
         if key is None:
-            key = keys[raw_key] = parse_public_key(raw_key)
-        if not verify_signature(key, signature, message):
-            bad.append(index)
-    return bad
+            return entry.author, entry.seq, _UNCHECKED, (message, entry.signature)
+        good = verify_signature(key, entry.signature, message)
+        return entry.author, entry.seq, _SIGNED if good else _BAD_SIGNATURE, None
+
+    def key(self, raw: bytes) -> Ed25519PublicKey | None:
+        if raw not in self.keys:
+            try:
+                self.keys[raw] = parse_public_key(raw)
+            except (LedgerError, ValueError):
+                self.keys[raw] = None
+        return self.keys[raw]
+
+
+def _index_mismatch(position: int, found: object) -> str:
+    return f"expected entry index {position}, found {found}"
+
+
+_WORKER: _ChunkChecker | None = None
+
+
+def _start_worker(path: str, hints: dict[str, bytes], stop: _Flag) -> None:
+    global _WORKER
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    _WORKER = _ChunkChecker(db, hints, stop)
+
+
+def _check_chunk(task: Task) -> _ChunkResult:
+    assert _WORKER is not None
+    return _WORKER.check(task)
+
+
+def _key_hints(db: sqlite3.Connection) -> dict[str, bytes]:
+    """Raw keys of the rows whose ``kind`` column says ``key``, by key id (unverified)."""
+    hints = {}
+    for (leaf,) in db.execute("SELECT CAST(leaf AS BLOB) FROM entries WHERE kind = ?", (KEY_KIND,)):
+        try:
+            fields = json.loads(bytes(leaf).rpartition(b"\n")[0])
+            raw = base64.b64decode(fields["public_key"], validate=True)
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            continue
+        hints[key_id(raw)] = raw
+    return hints
+
+
+def _push(frontier: list[bytes], size: int, node: bytes, level: int) -> list[bytes]:
+    """The frontier after appending a complete subtree of ``2**level`` leaves at ``size``."""
+    frontier = list(frontier)
+    index = size >> level
+    while index & 1:
+        node = merkle.hash_children(frontier.pop(), node)
+        index >>= 1
+    frontier.append(node)
+    return frontier
 
 
 class _Auditor:
@@ -98,9 +319,10 @@ class _Auditor:
         self.workers = workers
         self.size = size
         self.failures: list[AuditFailure] = []
-        self.keys = KeyRing()
         self.raw_keys: dict[str, bytes] = {}
+        self.public_keys: dict[bytes, Ed25519PublicKey] = {}
         self.authors_next_seq: dict[str, int] = {}
+        self.first_bad_nodes: list[tuple[int, str] | None] = [None] * (_CHUNK_LEVEL + 1)
 
     def fail(self, index: int, reason: str) -> None:
         self.failures.append(AuditFailure(index, reason))
@@ -170,103 +392,128 @@ class _Auditor:
     # -- entries ----------------------------------------------------------------
 
     def check_entries(self, claimed: dict[int, set[bytes]]) -> None:
-        frontier: list[bytes] = []
-        pending: list[tuple[int, bytes, bytes, bytes]] = []
-        rows = self.db.execute(
-            "SELECT idx, CAST(leaf AS BLOB), author, seq, kind FROM entries ORDER BY idx"
-        )
-        with _pool(self.workers if self.size >= _PARALLEL_THRESHOLD else 0) as pool:
-            futures = []
-            for position, (index, leaf_raw, author, seq, kind) in enumerate(rows):
-                leaf = bytes(leaf_raw)
-                if index != position:
-                    self.fail(position, f"expected entry index {position}, found {index}")
-                    break
-                if not self.check_entry(index, leaf, (author, seq, kind), pending):
-                    break
-                leaf_hash = merkle.hash_leaf(leaf)
-                frontier, _ = merkle.frontier_append(frontier, size=index, leaf_hash=leaf_hash)
-                roots = claimed.get(index + 1)
-                if roots is not None:
-                    root = merkle.root_from_frontier(frontier)
-                    if roots != {root}:
-                        self.fail(
-                            index,
-                            f"signed checkpoint of size {index + 1} has root "
-                            f"{sorted(r.hex() for r in roots)}, the leaves give {root.hex()}",
-                        )
-                        break
-                if len(pending) >= _SIGNATURE_CHUNK:
-                    futures.append(_submit(pool, pending))
-                    pending = []
-            futures.append(_submit(pool, pending))
-            for future in futures:
-                for index in future():
-                    self.fail(index, "author signature does not verify")
+        """Every entry in log order, with the leaves' roots at every claimed size.
 
-    def check_entry(
+        Also gathers, per level up to ``_CHUNK_LEVEL``, the first wrong stored subtree
+        hash, for :meth:`check_nodes`.
+        """
+        sizes = sorted(size for size in claimed if size > 0)
+        tasks: list[Task] = []
+        for start in range(0, max(self.size, 1), _CHUNK):
+            end = min(start + _CHUNK, self.size)
+            tasks.append((start, end, tuple(s for s in sizes if start < s <= end)))
+        hints = _key_hints(self.db)
+        if self.workers > 1 and self.size >= _PARALLEL_THRESHOLD:
+            context = multiprocessing.get_context()
+            stop = context.Event()
+            pool = ProcessPoolExecutor(
+                max_workers=min(self.workers, len(tasks)),
+                mp_context=context,
+                initializer=_start_worker,
+                initargs=(str(self.reader.path), hints, stop),
+            )
+            try:
+                self.walk(pool.map(_check_chunk, tasks), claimed, stop)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            inline_stop = _InlineFlag()
+            checker = _ChunkChecker(self.db, hints, inline_stop)
+            self.walk(map(checker.check, tasks), claimed, inline_stop)
+
+    def walk(
+        self, results: Iterable[_ChunkResult], claimed: dict[int, set[bytes]], stop: _Flag
+    ) -> None:
+        """Consume chunk results in log order; stops checking entries at the first failure."""
+        bad_signatures: list[int] = []
+        frontier: list[bytes] = []
+        walking = True
+        for result in results:
+            for level, bad in enumerate(result.first_bad_nodes):
+                if bad is not None and self.first_bad_nodes[level] is None:
+                    self.first_bad_nodes[level] = bad
+            if not walking:
+                continue  # node checks still come from every chunk
+            walking = self.walk_chunk(result, frontier, claimed, bad_signatures)
+            if not walking:
+                stop.set()
+            elif result.chunk_root is not None:
+                frontier = _push(frontier, result.start, result.chunk_root, _CHUNK_LEVEL)
+        for index in bad_signatures:
+            self.fail(index, "author signature does not verify")
+
+    def walk_chunk(
         self,
-        index: int,
-        leaf: bytes,
-        columns: tuple[str, int, str],
-        pending: list[tuple[int, bytes, bytes, bytes]],
+        result: _ChunkResult,
+        frontier: list[bytes],
+        claimed: dict[int, set[bytes]],
+        bad_signatures: list[int],
     ) -> bool:
-        try:
-            entry = parse_entry(leaf)
-            if columns != (entry.author, entry.seq, entry.kind):
-                raise AuditError(f"indexed columns {columns} disagree with the signed payload")
-            expected = self.authors_next_seq.get(entry.author, 0)
-            if entry.seq != expected:
-                raise AuditError(
-                    f"expected seq {expected} for author {entry.author}, got {entry.seq}"
-                )
-            if entry.kind == KEY_KIND:
-                self.keys.admit(leaf)  # verifies the self-signature inline
-                self.raw_keys[entry.author] = raw_public_key(self.keys.public_key(entry.author))
-            elif entry.author not in self.raw_keys:
-                raise AuditError(f"author {entry.author} has no key entry before this one")
-            else:
-                pending.append(
-                    (index, self.raw_keys[entry.author], entry.signed_message(), entry.signature)
-                )
-            self.authors_next_seq[entry.author] = expected + 1
-        except LedgerError as error:
-            self.fail(index, str(error))
+        """The sequential checks of one chunk's entries; False at the first failure."""
+        assert result.outcomes is not None
+        next_seq, raw_keys = self.authors_next_seq, self.raw_keys
+        for index, (author, seq, outcome, detail) in enumerate(result.outcomes, result.start):
+            if outcome == _FAILED:
+                self.fail(index, detail)
+                return False
+            expected = next_seq.get(author, 0)
+            if seq != expected:
+                self.fail(index, f"expected seq {expected} for author {author}, got {seq}")
+                return False
+            if outcome == _KEY:
+                raw_keys[author] = detail
+            elif outcome == _KEY_FAILED:
+                self.fail(index, detail)
+                return False
+            elif author not in raw_keys:
+                self.fail(index, f"author {author} has no key entry before this one")
+                return False
+            elif outcome == _BAD_SIGNATURE or (
+                outcome == _UNCHECKED and not self.verify_inline(raw_keys[author], *detail)
+            ):
+                bad_signatures.append(index)
+            next_seq[author] = expected + 1
+            roots = claimed.get(index + 1)
+            if roots is not None:
+                pieces = result.partial_roots[index + 1]
+                whole, at = frontier, result.start
+                for level, node in pieces:
+                    whole = _push(whole, at, node, level)
+                    at += 1 << level
+                root = merkle.root_from_frontier(whole)
+                if roots != {root}:
+                    self.fail(
+                        index,
+                        f"signed checkpoint of size {index + 1} has root "
+                        f"{sorted(r.hex() for r in roots)}, the leaves give {root.hex()}",
+                    )
+                    return False
+        if result.mismatch is not None:
+            self.fail(result.mismatch[0], _index_mismatch(*result.mismatch))
             return False
         return True
+
+    def verify_inline(self, raw: bytes, message: bytes, signature: bytes) -> bool:
+        """A signature no worker had the key for (its key entry came in a later chunk)."""
+        key = self.public_keys.get(raw)
+        if key is None:
+            key = self.public_keys[raw] = parse_public_key(raw)
+        return verify_signature(key, signature, message)
 
     # -- interior nodes -----------------------------------------------------------
 
     def check_nodes(self) -> None:
-        """Every stored subtree hash (leaf hashes included) recomputes from the leaves."""
-        bad = self.reader.first_bad_subtree(self.size)
+        """Every stored subtree hash (leaf hashes included) recomputes from the leaves.
+
+        The same answer as ``LogReader.first_bad_subtree``: the first wrong hash of the
+        lowest level that has one. Levels up to ``_CHUNK_LEVEL`` were checked chunk by
+        chunk in :meth:`check_entries`; the reader checks the levels above.
+        """
+        bad = next((found for found in self.first_bad_nodes if found is not None), None)
+        if bad is None:
+            bad = self.reader.first_bad_subtree(self.size, from_level=_CHUNK_LEVEL + 1)
         if bad is not None:
             self.fail(*bad)
-
-
-class _Inline:
-    """Stands in for a process pool on small logs: signatures are checked inline."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
-
-
-def _pool(workers: int) -> ProcessPoolExecutor | _Inline:
-    return ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Inline()
-
-
-def _submit(
-    pool: ProcessPoolExecutor | None, items: list[tuple[int, bytes, bytes, bytes]]
-) -> Callable[[], list[int]]:
-    """Verify ``items`` now (no pool) or in a worker; returns how to get the bad indexes."""
-    if pool is None:
-        result = _verify_chunk(items)
-        return lambda: result
-    future = pool.submit(_verify_chunk, items)
-    return future.result
 
 
 def verify_log(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -175,6 +176,34 @@ def encode_payload(payload: Mapping[str, Any]) -> bytes:
         raise EntryError(f"expected a canonicalizable payload, got: {error}") from error
 
 
+# The stdlib's C JSON encoder, configured like RFC 8785 for what _check_json_value lets
+# through (no floats): same separators, same string escaping (\b \f \n \r \t \" \\,
+# other controls as lowercase \u00xx, everything else raw UTF-8), same integers. It
+# differs only in key order, by code point instead of UTF-16 code unit, and the two
+# orders agree unless a key holds a character >= U+E000 (UTF-8 lead bytes 0xEE-0xF4).
+_FAST_ENCODER = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
+)
+_AT_OR_ABOVE_U_E000 = re.compile(rb"[\xee-\xff]")
+
+
+def _is_canonical(decoded: dict[str, Any], payload: bytes) -> bool:
+    """True when ``payload`` is exactly the RFC 8785 encoding of ``decoded``.
+
+    Raises :class:`EntryError` as :func:`encode_payload` does. A payload the fast C
+    encoder reproduces byte for byte, with no character >= U+E000, is canonical;
+    anything else is decided by ``rfc8785`` itself, so the answer never differs.
+    """
+    _check_json_value(decoded, "$")
+    if _AT_OR_ABOVE_U_E000.search(payload) is None:
+        try:
+            if _FAST_ENCODER.encode(decoded).encode("utf-8") == payload:
+                return True
+        except (UnicodeEncodeError, ValueError):
+            pass
+    return encode_payload(decoded) == payload
+
+
 @dataclass(frozen=True)
 class Entry:
     """A parsed leaf: the envelope, the kind's fields, and the exact stored bytes."""
@@ -236,6 +265,9 @@ def _reject_constant(name: str) -> None:
     raise EntryError(f"expected an integer, got {name}")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_entry(leaf: bytes) -> Entry:
     """Split a leaf, check its payload is canonical JSON of a known kind; no signature check.
 
@@ -254,12 +286,13 @@ def parse_entry(leaf: bytes) -> Entry:
     if base64.b64encode(signature) != signature_text:
         raise EntryError("expected canonical base64 for the signature")
     try:
-        decoded = json.loads(payload, parse_constant=_reject_constant)
+        # json.loads(payload, parse_constant=...) without building a decoder per call.
+        decoded = _DECODER.decode(payload.decode(json.detect_encoding(payload), "surrogatepass"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise EntryError(f"expected a JSON payload, got: {error}") from error
     if not isinstance(decoded, dict):
         raise EntryError(f"expected a JSON object payload, got {type(decoded).__name__}")
-    if encode_payload(decoded) != payload:
+    if not _is_canonical(decoded, payload):
         raise EntryError("expected RFC 8785 canonical JSON, got bytes that re-encode differently")
     kind, version, author, seq = (decoded.get(name) for name in ENVELOPE_FIELDS)
     if not isinstance(kind, str):

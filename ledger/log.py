@@ -257,21 +257,23 @@ class LogReader:
         tree_size = self._check_size(new_size)
         return self._range_hashes(merkle.consistency_ranges(old_size, tree_size))
 
-    def first_bad_subtree(self, size: int) -> tuple[int, str] | None:
+    def first_bad_subtree(self, size: int, *, from_level: int = 0) -> tuple[int, str] | None:
         """Recompute every stored subtree hash from the leaves, streaming level by level.
 
         Returns (first leaf index concerned, why) for the first stored hash that
         differs, is missing or lies beyond ``size``; None when all match. O(n) time,
-        O(1) memory.
+        O(1) memory. ``from_level`` > 0 skips the levels below it, for a caller (the
+        auditor) that has already checked them.
         """
-        leaves = self._db.execute("SELECT idx, CAST(leaf AS BLOB) FROM entries ORDER BY idx")
-        stored = self._level(0, size)
-        for position, (index, leaf) in enumerate(leaves):
-            if index != position:
-                return position, f"expected entry index {position}, found {index}"
-            if next(stored) != merkle.hash_leaf(leaf):
-                return position, "stored leaf hash differs from the hash of the leaf"
-        for level in range(1, size.bit_length()):
+        if from_level <= 0:
+            leaves = self._db.execute("SELECT idx, CAST(leaf AS BLOB) FROM entries ORDER BY idx")
+            stored = self._level(0, size)
+            for position, (index, leaf) in enumerate(leaves):
+                if index != position:
+                    return position, f"expected entry index {position}, found {index}"
+                if next(stored) != merkle.hash_leaf(leaf):
+                    return position, "stored leaf hash differs from the hash of the leaf"
+        for level in range(max(1, from_level), size.bit_length()):
             count = size >> level
             below, above = self._level(level - 1, 2 * count), self._level(level, count)
             for index in range(count):

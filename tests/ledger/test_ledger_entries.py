@@ -7,8 +7,10 @@ import json
 
 import pytest
 import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ledger.entries import DOMAIN, KeyRing, parse_entry, register_kind, sign_entry
+from ledger.entries import DOMAIN, KeyRing, _is_canonical, parse_entry, register_kind, sign_entry
 from ledger.errors import EntryError
 from ledger.keys import Signer, key_id
 
@@ -98,6 +100,42 @@ def test_later_code_can_register_kinds() -> None:
 def test_non_canonical_payloads_are_rejected(payload: bytes, match: str) -> None:
     with pytest.raises(EntryError, match=match):
         parse_entry(frame(payload))
+
+
+_JSON_TEXT = st.text(
+    st.characters(exclude_categories=("Cs",))
+    | st.sampled_from('\x00\x1f\x7f"\\\ue000\uffff\U0001f600'),
+    max_size=6,
+)
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | _JSON_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_JSON_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_JSON_TEXT, _JSON_VALUES, max_size=6))
+def test_fast_canonical_check_agrees_with_rfc8785(value: dict[str, object]) -> None:
+    """The C-encoder fast path accepts exactly what rfc8785 produces, and nothing else."""
+    canonical = rfc8785.dumps(value)
+    assert _is_canonical(json.loads(canonical), canonical)
+    for other in (
+        json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode(),
+        json.dumps(value, sort_keys=True, separators=(",", ":")).encode(),
+        json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(),
+    ):
+        assert _is_canonical(json.loads(other), other) == (other == canonical)
+
+
+def test_fast_canonical_check_orders_keys_by_utf16() -> None:
+    """Code point order and UTF-16 order differ for U+E000..U+FFFF against astral keys."""
+    value = {"\ue000": 1, "\U0001f600": 2}
+    canonical = rfc8785.dumps(value)
+    by_code_point = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    assert canonical.decode().index("\U0001f600") < canonical.decode().index("\ue000")
+    assert _is_canonical(value, canonical)
+    assert not _is_canonical(value, by_code_point.encode())
 
 
 def test_signature_is_over_the_stored_bytes() -> None:
