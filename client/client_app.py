@@ -134,6 +134,8 @@ def _ledger_prelude(msg: Message, context: Context, subscriber: Subscriber) -> L
     the new tree, and cosign it. None when the server runs without a ledger."""
     config = _config(msg)
     if P.LEDGER_CHECKPOINT not in config:
+        if STATE_LEDGER in context.state:
+            raise LedgerRefusal("ledger: expected a checkpoint from the pinned log, got none")
         return None
     seen = None
     if STATE_LEDGER in context.state:
@@ -143,18 +145,21 @@ def _ledger_prelude(msg: Message, context: Context, subscriber: Subscriber) -> L
                         bytes(stored["root"]))  # type: ignore[arg-type]
     try:
         proof = [unb64(str(h)) for h in config.get(P.LEDGER_PROOF, [])]  # type: ignore[union-attr]
-    except ValueError as exc:
-        raise LedgerRefusal(f"ledger: proof hashes must be base64 ({exc})") from exc
+        alt = [unb64(str(h)) for h in config.get(P.LEDGER_ALT_PROOF, [])]  # type: ignore[union-attr]
+        proof_from = int(_num(config.get(P.LEDGER_PROOF_FROM, 0)))
+        alt_from = int(_num(config.get(P.LEDGER_ALT_PROOF_FROM, -1)))
+        task_id = str(config[P.TASK_ID])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise LedgerRefusal(f"ledger: malformed ledger fields ({exc})") from exc
     note = str(config[P.LEDGER_CHECKPOINT])
     log_key = str(config[P.LEDGER_LOG_KEY])
-    checkpoint = check_checkpoint(note, log_key=log_key, proof=proof,
-                                  proof_from=int(config.get(P.LEDGER_PROOF_FROM, 0)),  # type: ignore[arg-type]
-                                  seen=seen)
+    checkpoint = check_checkpoint(note, log_key=log_key, proof=proof, proof_from=proof_from,
+                                  seen=seen, origin=f"poi/task/{task_id}",
+                                  alternatives=[(alt_from, alt)])
     context.state[STATE_LEDGER] = ConfigRecord({"log-key": log_key, "size": checkpoint.size,
                                                 "root": checkpoint.root_hash})
     signer = load_or_create_key(subscriber.key_path)
-    return LedgerDuty(signer=signer, cosigned=cosign(note, signer),
-                      task_id=str(config[P.TASK_ID]),
+    return LedgerDuty(signer=signer, cosigned=cosign(note, signer), task_id=task_id,
                       next_seq=int(config.get(P.LEDGER_NEXT_SEQ, -1)))  # type: ignore[arg-type]
 
 
@@ -261,6 +266,10 @@ def train(msg: Message, context: Context) -> Message:
     global_weights = _arrays_to_numpy(msg.content[P.ARRAYS])
     server_round = int(_num(config[P.SERVER_ROUND]))
     cfg = subscriber.config
+    if duty is not None and tensors_digest(global_weights) != str(config.get(P.BASE_DIGEST)):
+        return _error(msg, P.ERROR_REQUEST,
+                      f"base-digest {config.get(P.BASE_DIGEST)!r} is not the digest of the "
+                      "model received: refusing to sign it")
     model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
     try:
         set_weights(model, global_weights)
@@ -369,8 +378,14 @@ def vote(msg: Message, context: Context) -> Message:
     base = _arrays_to_numpy(msg.content[P.ARRAYS])
     try:
         deltas = [_arrays_to_numpy(msg.content[P.CANDIDATE_PREFIX + c]) for c in candidate_ids]
-    except KeyError as exc:
+    except (KeyError, TypeError) as exc:
         return _error(msg, P.ERROR_REQUEST, f"vote request lacks the update of candidate {exc}")
+    if duty is not None:
+        for candidate, delta in zip(candidate_ids, deltas, strict=True):
+            if tensors_digest(delta) != candidate:
+                return _error(msg, P.ERROR_REQUEST,
+                              f"candidate {candidate[:16]}: the update sent is not the one "
+                              "with that digest: refusing to vote on it")
     cfg = subscriber.config
     model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
     try:

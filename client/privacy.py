@@ -169,16 +169,14 @@ def train_private(
             epoch_losses = []
             for xb, yb in private_loader:
                 private_optimizer.zero_grad()
-                if len(yb) == 0:
-                    # An empty Poisson batch still counts as a (noise-only) step.
-                    private_optimizer.step()
-                    steps += 1
-                    continue
-                loss = F.cross_entropy(private_model(xb), yb)
+                # An empty Poisson batch is still a step: Opacus adds the noise and the
+                # accountant counts it (a sum over no examples has a zero gradient).
+                loss = F.cross_entropy(private_model(xb), yb, reduction="sum") / max(1, len(yb))
                 loss.backward()
                 private_optimizer.step()
                 steps += 1
-                epoch_losses.append(float(loss.detach()))
+                if len(yb):
+                    epoch_losses.append(float(loss.detach()))
             losses = epoch_losses or losses
     finally:
         private_model.remove_hooks()  # type: ignore[operator]

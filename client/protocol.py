@@ -43,6 +43,10 @@ LEDGER_CHECKPOINT = "ledger-checkpoint"
 LEDGER_LOG_KEY = "ledger-log-key"
 LEDGER_PROOF = "ledger-proof"
 LEDGER_PROOF_FROM = "ledger-proof-from"
+# a second proof, from the last tree this subscriber *cosigned* (used when its last
+# reply was lost after it had verified a newer tree, or the other way round)
+LEDGER_ALT_PROOF = "ledger-alt-proof"
+LEDGER_ALT_PROOF_FROM = "ledger-alt-proof-from"
 LEDGER_NEXT_SEQ = "ledger-next-seq"  # -1: the log has no key entry from this subscriber yet
 
 # ledger (subscriber -> server, a ConfigRecord under LEDGER in the reply)

@@ -52,18 +52,22 @@ def check_checkpoint(
     proof: Sequence[bytes],
     proof_from: int,
     seen: SeenTree | None,
+    origin: str | None = None,
+    alternatives: Sequence[tuple[int, Sequence[bytes]]] = (),
 ) -> Checkpoint:
     """Verify the checkpoint's signature and that it extends ``seen``.
 
     Raises :class:`LedgerRefusal` naming what was expected and what came: another
-    operator key than the pinned one, a bad signature, a smaller tree (rollback), the
-    same size with another root (a fork), a proof from the wrong size, or a consistency
-    proof that does not verify.
+    operator key than the pinned one, a bad signature, another log's origin, a smaller
+    tree (rollback), the same size with another root (a fork), no proof from the size it
+    saw, or a consistency proof that does not verify. ``alternatives`` are further
+    ``(from_size, proof)`` pairs; the one starting at the size it saw is used.
     """
     if seen is not None and log_key != seen.log_key:
         raise LedgerRefusal(f"ledger: expected the pinned log key {seen.log_key}, got {log_key}")
     try:
-        checkpoint = parse_checkpoint(note, verifier=NoteVerifier.from_vkey(log_key))
+        checkpoint = parse_checkpoint(note, verifier=NoteVerifier.from_vkey(log_key),
+                                      origin=origin)
     except (CheckpointError, PublicKeyError, ValueError) as exc:
         raise LedgerRefusal(f"ledger: checkpoint does not verify: {exc}") from exc
     if seen is None or seen.size == 0:
@@ -76,10 +80,15 @@ def check_checkpoint(
         if checkpoint.root_hash != seen.root:
             raise LedgerRefusal(f"ledger: two roots for tree size {seen.size} (a fork)")
         return checkpoint
-    if proof_from != seen.size:
+    offered = [(proof_from, proof), *alternatives]
+    matching = [p for start, p in offered if start == seen.size]
+    if not matching:
+        starts = sorted({start for start, _ in offered})
         raise LedgerRefusal(
-            f"ledger: expected a consistency proof from size {seen.size}, got one from {proof_from}"
+            f"ledger: expected a consistency proof from size {seen.size}, got one from "
+            f"{', '.join(map(str, starts))}"
         )
+    proof = matching[0]
     try:
         verify_consistency(size1=seen.size, size2=checkpoint.size, proof=list(proof),
                            root1=seen.root, root2=checkpoint.root_hash)

@@ -54,7 +54,8 @@ class RoundLedger:
     operator: Signer
     task_id: str
     node_author: dict[str, str] = field(default_factory=dict)
-    node_seen: dict[str, int] = field(default_factory=dict)
+    node_seen: dict[str, int] = field(default_factory=dict)  # last size it cosigned
+    node_sent: dict[str, int] = field(default_factory=dict)  # last size we sent it
     cosignatures: int = 0
     size: int = 0
     root_hex: str = ""
@@ -97,21 +98,29 @@ class RoundLedger:
 
     # ------------------------------------------------------------- to nodes
     def message_config(self, node_id: str) -> dict[str, Any]:
-        """Checkpoint, proof from what this node last cosigned, and its next seq."""
-        seen = self.node_seen.get(node_id, 0)
+        """Checkpoint, consistency proofs from the last tree we sent this node and from
+        the last one it cosigned (they differ when a reply was lost or refused), and
+        its next seq."""
         size = self.log_.size
-        proof: list[bytes] = []
-        if 0 < seen < size:
-            proof = self.log_.consistency_proof(seen, size)
+        sent = self.node_sent.get(node_id, 0)
+        seen = self.node_seen.get(node_id, 0)
+        self.node_sent[node_id] = size
         author = self.node_author.get(node_id)
         return {
             P.TASK_ID: self.task_id,
             P.LEDGER_CHECKPOINT: self.log_.checkpoint(),
             P.LEDGER_LOG_KEY: self.log_.log_key,
-            P.LEDGER_PROOF: [base64.b64encode(h).decode() for h in proof],
-            P.LEDGER_PROOF_FROM: seen,
+            P.LEDGER_PROOF: self._proof(sent, size),
+            P.LEDGER_PROOF_FROM: sent,
+            P.LEDGER_ALT_PROOF: self._proof(seen, size),
+            P.LEDGER_ALT_PROOF_FROM: seen,
             P.LEDGER_NEXT_SEQ: self.log_.next_seq(author) if author else -1,
         }
+
+    def _proof(self, old_size: int, size: int) -> list[str]:
+        if not 0 < old_size < size:
+            return []
+        return [base64.b64encode(h).decode() for h in self.log_.consistency_proof(old_size, size)]
 
     def apply_to(self, config: ConfigRecord, node_id: str) -> ConfigRecord:
         merged = ConfigRecord(dict(config))
@@ -138,17 +147,21 @@ class RoundLedger:
             raise Rejected(f"ledger: {exc}") from exc
         author = self.node_author.get(node_id)
         if entries and entries[0].kind == "key":
-            raw_key = base64.b64decode(str(entries[0].fields.get("public_key", "")))
             try:
+                raw_key = base64.b64decode(str(entries[0].fields.get("public_key", "")),
+                                           validate=True)
                 parse_public_key(raw_key)
-            except LedgerError as exc:
-                raise Rejected(f"ledger: {exc}") from exc
+            except (LedgerError, ValueError) as exc:
+                raise Rejected(f"ledger: key entry: {exc}") from exc
             if author is not None and author != key_id(raw_key):
                 raise Rejected(f"ledger: node already signs as {author}, got a new key")
             author = key_id(raw_key)
             body = entries[1:]
         else:
             body = entries
+        if author is not None and any(
+                other != node_id and key == author for other, key in self.node_author.items()):
+            raise Rejected(f"ledger: key {author} already belongs to another node")
         if author is None:
             raise Rejected("ledger: expected a key entry from a subscriber the log does not know")
         if len(body) != len(expected):
@@ -206,7 +219,7 @@ class RoundLedger:
             witness = NoteVerifier.for_key(
                 f"subscriber-{item.author}", item.witness_key, algorithm=ALG_COSIGNATURE_V1)
             self.log_.add_cosignature(item.cosigned, witness=witness)
-        except LedgerError as exc:
+        except (LedgerError, ValueError) as exc:
             log(WARNING, "cosignature from node %s refused: %s", item.node_id, exc)
             return
         from ledger.checkpoint import Checkpoint, parse_note

@@ -10,6 +10,7 @@ to Flower and records what happened in :class:`RoundRecord` objects for the repo
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,23 @@ def numpy_to_arrays(weights: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
 
 
+def _declared_nbytes(name: str, data: bytes) -> int:
+    """The size an ``.npy`` payload's header declares, read without decoding the data (a
+    few bytes of header can declare terabytes)."""
+    import io
+
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(buffer)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(buffer)
+    except Exception as exc:  # noqa: BLE001 - any header failure is the sender's fault
+        raise Rejected(f"{name}: not an .npy array ({type(exc).__name__}: {exc})") from exc
+    return int(np.prod(shape, dtype=np.float64)) * int(np.dtype(dtype).itemsize)
+
+
 def author_of(msg: Message) -> str:
     """The author label of a reply: its partition id when it sent one, else the node id
     (node ids are uint64: kept as strings)."""
@@ -118,6 +136,8 @@ class ProofOfIntelligence(FedAvg):
         self.history: list[RoundRecord] = []
         self._seen_digests: set[str] = set()
         self._admitted: set[str] = set()
+        self._labels: dict[str, str] = {}  # node id -> author label, bound on first claim
+        self._reference_bytes = 0
 
     def summary(self) -> None:
         log(INFO, "\t├──> Proof-of-Intelligence: %s", self.config)
@@ -147,6 +167,7 @@ class ProofOfIntelligence(FedAvg):
         for server_round in range(1, num_rounds + 1):
             record = RoundRecord(server_round=server_round)
             weights = arrays_to_numpy(arrays)
+            self._reference_bytes = sum(int(w.nbytes) for w in weights.values())
             base_digest = tensors_digest(weights)
             train_config[P.SERVER_ROUND] = server_round
             train_config[P.BASE_DIGEST] = base_digest
@@ -294,12 +315,13 @@ class ProofOfIntelligence(FedAvg):
             record.rejected.append({"author": author, "node_id": node_id, "reason": reason})
 
         for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
-            author = author_of(msg)
             node_id = str(msg.metadata.src_node_id)
+            author = self._labels.get(node_id, author_of(msg))
             if msg.has_error():
                 reject(author, node_id, f"subscriber error: {msg.error.reason}")
                 continue
             try:
+                author = self._bind_label(node_id, author_of(msg))
                 update, metrics = self._parse_train_reply(msg)
                 digest = tensors_digest(update)
                 if self.ledger is not None:
@@ -314,11 +336,11 @@ class ProofOfIntelligence(FedAvg):
                 reject(author, node_id, str(exc))
                 continue
             self._seen_digests.add(digest)
-            epsilon = float(metrics.get(P.SAMPLE_EPSILON, 0.0))  # type: ignore[arg-type]
+            epsilon = float(metrics[P.SAMPLE_EPSILON])  # type: ignore[arg-type]
             record.epsilon[author] = epsilon
             candidates.append(CandidateRecord(
                 candidate_id=digest, author=author, node_id=node_id,
-                num_examples=int(metrics.get(P.NUM_EXAMPLES, 0)),  # type: ignore[arg-type]
+                num_examples=int(metrics[P.NUM_EXAMPLES]),  # type: ignore[arg-type]
                 update_norm=norm, sample_epsilon=epsilon,
             ))
             deltas[digest] = update
@@ -336,8 +358,19 @@ class ProofOfIntelligence(FedAvg):
             self._record_rejections(server_round, record.rejected)
         return candidates, deltas
 
-    @staticmethod
-    def _parse_train_reply(msg: Message) -> tuple[dict[str, np.ndarray], MetricRecord]:
+    def _bind_label(self, node_id: str, claimed: str) -> str:
+        """A node keeps the author label it first claimed; a label held by another node
+        or a changed claim is refused (no subscriber can pass as another)."""
+        bound = self._labels.get(node_id)
+        if bound is not None and bound != claimed:
+            raise Rejected(f"author: node {node_id} is {bound}, now claims {claimed}")
+        if bound is None:
+            if claimed in self._labels.values():
+                raise Rejected(f"author: {claimed} is already another node's label")
+            self._labels[node_id] = claimed
+        return claimed
+
+    def _parse_train_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], MetricRecord]:
         content = msg.content
         if P.ARRAYS not in content or not isinstance(content[P.ARRAYS], ArrayRecord):
             raise Rejected(
@@ -350,11 +383,31 @@ class ProofOfIntelligence(FedAvg):
         num_examples = metrics.get(P.NUM_EXAMPLES)
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
             raise Rejected(f"{P.NUM_EXAMPLES}: expected an integer >= 1, got {num_examples!r}")
+        epsilon = metrics.get(P.SAMPLE_EPSILON)
+        if (isinstance(epsilon, bool) or not isinstance(epsilon, int | float)
+                or not math.isfinite(epsilon) or epsilon < 0):
+            raise Rejected(f"{P.SAMPLE_EPSILON}: expected a finite number >= 0, got {epsilon!r}")
+        return self._decode_update(content.array_records[P.ARRAYS]), metrics
+
+    def _decode_update(self, record: ArrayRecord) -> dict[str, np.ndarray]:
+        """Decode untrusted arrays: refuse payloads larger than the model could need before
+        decoding (a tiny header can declare a huge shape), then any decoding failure."""
+        budget = 8 * self._reference_bytes + 1024 * max(1, len(record))
+        size = sum(len(array.data) for array in record.values())
+        if size > budget:
+            raise Rejected(f"update arrays: expected at most {budget} bytes, got {size}")
+        for name, array in record.items():
+            declared = _declared_nbytes(name, bytes(array.data))
+            if declared > budget:
+                raise Rejected(f"{name}: declares {declared} bytes, expected at most {budget}")
         try:
-            update = arrays_to_numpy(content.array_records[P.ARRAYS])
-        except (ValueError, TypeError) as exc:
-            raise Rejected(f"update arrays cannot be decoded: {exc}") from exc
-        return update, metrics
+            update = arrays_to_numpy(record)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is the sender's fault
+            raise Rejected(f"update arrays cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        for name, value in update.items():
+            if not isinstance(value, np.ndarray):
+                raise Rejected(f"{name}: expected an array, got {type(value).__name__}")
+        return update
 
     def _vote(
         self, grid: Grid, server_round: int, arrays: ArrayRecord,

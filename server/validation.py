@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The largest loss the ledger can record exactly as integer micro-units (2**53 - 1).
+MAX_LOSS = (2**53 - 1) / 1_000_000
+
 
 class Rejected(ValueError):
     """A reply that must not be used; ``str(exc)`` is the recorded reason."""
@@ -88,6 +91,8 @@ def validate_vote(
         value = float(item)
         if not math.isfinite(value) or value < 0.0:
             raise Rejected(f"vote: expected finite losses >= 0, got {value}")
+        if value > MAX_LOSS:
+            raise Rejected(f"vote: expected losses <= {MAX_LOSS:.6g}, got {value:.6g}")
         values.append(value)
     return Vote(voter=voter, base_loss=values[0],
                 losses=dict(zip(assigned, values[1:], strict=True)))

@@ -107,3 +107,16 @@ def test_noise_has_the_dp_sgd_scale_and_clipping_bounds_the_step() -> None:
     diff = update(noise, 1) - update(noise, 2)
     expected_std = np.sqrt(2) * lr * noise * clip / len(data)
     assert 0.7 < diff.std() / expected_std < 1.4
+
+
+def test_tiny_batches_with_empty_poisson_draws_still_train_and_count() -> None:
+    from client.task import Dataset
+
+    data = load_partition(3, 4, **DATA)
+    small = Dataset(data.x[:20], data.y[:20])
+    model = make_model(hidden_units=8, activation="square", seed=0)
+    result = train_private(model, small, epochs=2, batch_size=1, learning_rate=0.1,
+                           noise_multiplier=1.0, max_grad_norm=1.0, target_delta=1e-5,
+                           accountant="rdp", seed=3)
+    assert result.steps == 2 * 20
+    assert sum(h[2] for h in result.history) == 40

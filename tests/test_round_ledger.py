@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
@@ -15,7 +16,7 @@ from client.client_app import train, vote
 from client.config import RunConfig
 from client.task import get_weights, make_model
 from client.witness import LedgerRefusal, SeenTree, check_checkpoint
-from crypto.digests import canonical_tensor_bytes
+from crypto.digests import canonical_tensor_bytes, tensors_digest
 from ledger import Log, LogReader, Signer, parse_entry, verify_log
 from server.round_ledger import RoundLedger
 from server.selection import assign_committees
@@ -127,7 +128,7 @@ def test_a_tampered_signed_digest_is_rejected_and_the_round_goes_on(tmp_path: Pa
 
 def _log_with_entries(tmp_path: Path, n: int) -> tuple[Log, Signer]:
     operator = Signer.generate()
-    log = Log.open(tmp_path / "l.db", operator, origin="poi/test")
+    log = Log.open(tmp_path / "l.db", operator, origin="poi/task/test")
     log.append(operator.key_entry())
     for i in range(n):
         log.append(operator.sign_entry("task", seq=1 + i, fields={"task_id": f"t{i}"}))
@@ -178,7 +179,8 @@ def test_subscriber_refuses_work_on_a_rolled_back_log(tmp_path: Path) -> None:
     def message(note: str, proof_from: int) -> Message:
         config = ConfigRecord({P.SERVER_ROUND: 1, P.NOISE_MULTIPLIER: 1.0, P.TARGET_EPSILON: 0.0,
                                P.MAX_GRAD_NORM: 1.0, P.TARGET_DELTA: 1e-5, P.PLANNED_ROUNDS: 2,
-                               P.TASK_ID: "t", P.BASE_DIGEST: "b", P.LEDGER_CHECKPOINT: note,
+                               P.TASK_ID: "test", P.BASE_DIGEST: tensors_digest(weights),
+                               P.LEDGER_CHECKPOINT: note,
                                P.LEDGER_LOG_KEY: log.log_key, P.LEDGER_PROOF: [],
                                P.LEDGER_PROOF_FROM: proof_from, P.LEDGER_NEXT_SEQ: -1})
         return Message(RecordDict({P.ARRAYS: numpy_to_arrays(weights), P.CONFIG: config}),
@@ -192,4 +194,74 @@ def test_subscriber_refuses_work_on_a_rolled_back_log(tmp_path: Path) -> None:
     refused = train(message(old, 6), ctx)
     assert refused.has_error() and refused.error.code == P.ERROR_LEDGER
     assert "expected a tree of at least 6 entries, got 1" in refused.error.reason
+    log.close()
+
+
+def test_a_lost_vote_does_not_lock_the_subscriber_out(tmp_path: Path) -> None:
+    """The subscriber verified a newer tree for a vote whose reply was lost; the next
+    round's message carries a proof from that tree too, so it keeps working."""
+    run = {"num-subscribers": 4, "partitioner": "iid", "seed": 8, "out-dir": str(tmp_path)}
+    config = RunConfig.from_mapping(run)
+    lost = {"done": False}
+
+    def tamper(node: int, reply: Message):  # type: ignore[no-untyped-def]
+        if node == 1001 and reply.metadata.message_type == P.VOTE_MESSAGE_TYPE and not lost["done"]:
+            lost["done"] = True
+            return None  # the reply never arrives
+        return reply
+
+    grid = InProcessGrid(make_contexts(run, 4), HANDLERS, tamper)
+    model = make_model(hidden_units=32, activation="square", seed=8)
+    initial = ArrayRecord(model.state_dict())
+    ledger = RoundLedger.create(tmp_path, config=config.to_mapping(),
+                                initial_model=canonical_tensor_bytes(arrays_to_numpy(initial)))
+    strategy = ProofOfIntelligence(config=PoIConfig(seed=8), min_available_nodes=4, ledger=ledger)
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=3,
+                   train_config=train_config_for(config), evaluate_fn=make_central_evaluate(config))
+    ledger.close()
+    first, second, third = strategy.history
+    assert any(v["voter"] == "1001" and "timeout" in v["reason"] for v in first.rejected_votes)
+    for record in (second, third):
+        assert not [r for r in record.rejected if r["node_id"] == "1001"]
+        assert not [v for v in record.rejected_votes if v["voter"] == "1001"]
+    assert verify_log(tmp_path / "ledger.db").ok
+
+
+def test_subscriber_refuses_unpinned_work_wrong_base_and_swapped_candidates(tmp_path: Path) -> None:
+    log, _ = _log_with_entries(tmp_path, 2)
+    run = {"num-subscribers": 2, "partitioner": "iid", "hidden-units": 8, "out-dir": str(tmp_path)}
+    ctx = make_contexts(run, 2)[1000]
+    weights = get_weights(make_model(hidden_units=8, activation="square", seed=0))
+
+    def config(**extra: object) -> ConfigRecord:
+        return ConfigRecord({P.SERVER_ROUND: 1, P.NOISE_MULTIPLIER: 1.0, P.TARGET_EPSILON: 0.0,
+                             P.MAX_GRAD_NORM: 1.0, P.TARGET_DELTA: 1e-5, P.PLANNED_ROUNDS: 2,
+                             P.TASK_ID: "test", P.BASE_DIGEST: tensors_digest(weights),
+                             P.LEDGER_CHECKPOINT: log.checkpoint(), P.LEDGER_LOG_KEY: log.log_key,
+                             P.LEDGER_PROOF: [], P.LEDGER_PROOF_FROM: 0, P.LEDGER_NEXT_SEQ: -1,
+                             **extra})
+
+    def train_msg(cfg: ConfigRecord) -> Message:
+        return Message(RecordDict({P.ARRAYS: numpy_to_arrays(weights), P.CONFIG: cfg}),
+                       dst_node_id=1000, message_type="train")
+
+    wrong_origin = train(train_msg(config(**{P.TASK_ID: "another-task"})), ctx)
+    assert wrong_origin.has_error() and "expected origin" in wrong_origin.error.reason
+    wrong_base = train(train_msg(config(**{P.BASE_DIGEST: "00" * 32})), ctx)
+    assert wrong_base.has_error() and "is not the digest of the model received" in wrong_base.error.reason
+    assert not train(train_msg(config()), ctx).has_error()
+    unpinned = config()
+    del unpinned[P.LEDGER_CHECKPOINT]
+    refused = train(train_msg(unpinned), ctx)
+    assert refused.has_error() and "expected a checkpoint from the pinned log" in refused.error.reason
+    rng = np.random.default_rng(0)
+    honest = {k: rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in weights.items()}
+    other = {k: v * 2 for k, v in honest.items()}
+    digest = tensors_digest(honest)
+    vote_cfg = config(**{P.CANDIDATE_IDS: [digest], P.CANDIDATE_AUTHORS: ["1"],
+                         P.LEDGER_PROOF_FROM: log.size, P.LEDGER_NEXT_SEQ: 2})
+    content = RecordDict({P.ARRAYS: numpy_to_arrays(weights), P.CONFIG: vote_cfg,
+                          P.CANDIDATE_PREFIX + digest: numpy_to_arrays(other)})
+    swapped = vote(Message(content, dst_node_id=1000, message_type=P.VOTE_MESSAGE_TYPE), ctx)
+    assert swapped.has_error() and "not the one with that digest" in swapped.error.reason
     log.close()

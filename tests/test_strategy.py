@@ -167,3 +167,74 @@ def test_a_free_rider_is_rejected_zero_first_then_as_a_repeat() -> None:
         assert len(reasons) == 1 and "repeats an update already submitted" in reasons[0]
     assert all("1" not in r.selected for r in (first, second, third))
     assert all(len(r.candidates) == 3 for r in (first, second, third))
+
+
+def _rewrite_metrics(reply: Message, **changes: Any) -> Message:
+    content = reply.content
+    metrics = dict(content[P.METRICS])
+    metrics.update(changes)
+    return Message(RecordDict({P.ARRAYS: content[P.ARRAYS], P.METRICS: MetricRecord(metrics)}),
+                   reply_to=_origin(reply))
+
+
+def test_hostile_replies_never_crash_the_round() -> None:
+    """Payloads a malicious subscriber can send: list-valued epsilon, a spoofed author
+    label, a zip bomb-ish garbage array, a header declaring a huge shape, a huge loss."""
+    import io
+
+    from flwr.app import Array
+
+    run = {"num-subscribers": 7, "partitioner": "iid", "seed": 7}
+    config = RunConfig.from_mapping(run)
+
+    def npy_header_only(shape: tuple[int, ...]) -> bytes:
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+        return buffer.getvalue()
+
+    def tamper(node: int, reply: Message) -> Message:
+        kind = reply.metadata.message_type
+        if kind == "train" and node == 1000:
+            return _rewrite_metrics(reply, **{P.SAMPLE_EPSILON: [1.0, 2.0]})
+        if kind == "train" and node == 1001:
+            return _rewrite_metrics(reply, **{P.PARTITION_ID: 2})  # claims node 1002's label
+        if kind == "train" and node in (1003, 1004):
+            arrays = ArrayRecord()
+            for name, array in reply.content[P.ARRAYS].items():
+                data = (b"PK\x03\x04garbage" if node == 1003 else npy_header_only((2**41,)))
+                arrays[name] = Array(dtype=array.dtype, shape=array.shape, stype=array.stype,
+                                     data=data)
+            return Message(RecordDict({P.ARRAYS: arrays, P.METRICS: reply.content[P.METRICS]}),
+                           reply_to=_origin(reply))
+        if kind == P.VOTE_MESSAGE_TYPE and node == 1005:
+            metrics = dict(reply.content[P.METRICS])
+            metrics[P.BASE_LOSS] = 1e303
+            return Message(RecordDict({P.METRICS: MetricRecord(metrics),
+                                       P.CONFIG: reply.content[P.CONFIG]}),
+                           reply_to=_origin(reply))
+        return reply
+
+    class Grid(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+            messages = list(messages)
+            for m in messages:
+                _ORIGINS[m.metadata.dst_node_id] = m
+            return super().send_and_receive(messages, timeout=timeout)
+
+    grid = Grid(make_contexts(run, 7), HANDLERS, tamper)
+    strategy = ProofOfIntelligence(config=PoIConfig(seed=7), min_available_nodes=7)
+    model = make_model(hidden_units=32, activation="square", seed=7)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1,
+                   train_config=train_config_for(config), evaluate_fn=make_central_evaluate(config))
+    record = strategy.history[0]
+    reasons = {r["node_id"]: r["reason"] for r in record.rejected}
+    assert "sample-epsilon: expected a finite number >= 0, got [1.0, 2.0]" in reasons["1000"]
+    assert "not an .npy array" in reasons["1003"]
+    assert "declares 8796093022208 bytes, expected at most" in reasons["1004"]
+    # 1001 claimed "2" first (replies are processed in node order), so the real 2 is refused
+    assert "author: 2 is already another node's label" in reasons["1002"]
+    assert len({c.author for c in record.candidates}) == len(record.candidates)
+    bad_vote = [v["reason"] for v in record.rejected_votes if v["voter"] == "1005"]
+    assert bad_vote and "expected losses <=" in bad_vote[0]
+    assert record.selected
