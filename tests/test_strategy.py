@@ -102,6 +102,16 @@ def _garbage_reply(kind: str, reply: Message) -> Message:
 _ORIGINS: dict[int, Message] = {}
 
 
+class OriginGrid(InProcessGrid):
+    """Remembers each node's last request so a tampered reply can answer it."""
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        for m in messages:
+            _ORIGINS[m.metadata.dst_node_id] = m
+        return super().send_and_receive(messages, timeout=timeout)
+
+
 def _origin(reply: Message) -> Message:
     return _ORIGINS[reply.metadata.src_node_id]
 
@@ -110,13 +120,6 @@ def test_malformed_replies_are_rejected_with_reasons_and_the_round_goes_on() -> 
     kinds = ["error", "nan", "shape", "dtype", "missing", "huge", "no-metrics"]
     run = {"num-subscribers": len(kinds) + 2, "partitioner": "iid", "seed": 3}
     node_kind = {1000 + i: kind for i, kind in enumerate(kinds)}
-
-    class Grid(InProcessGrid):
-        def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-            messages = list(messages)
-            for m in messages:
-                _ORIGINS[m.metadata.dst_node_id] = m
-            return super().send_and_receive(messages, timeout=timeout)
 
     config = RunConfig.from_mapping(run)
 
@@ -131,7 +134,7 @@ def test_malformed_replies_are_rejected_with_reasons_and_the_round_goes_on() -> 
                            reply_to=_origin(reply))
         return reply
 
-    grid = Grid(make_contexts(run, config.num_subscribers), HANDLERS, tamper)
+    grid = OriginGrid(make_contexts(run, config.num_subscribers), HANDLERS, tamper)
     strategy = ProofOfIntelligence(config=PoIConfig(max_update_norm=50.0, seed=3),
                                    min_available_nodes=config.num_subscribers)
     model = make_model(hidden_units=32, activation="square", seed=3)
@@ -215,14 +218,7 @@ def test_hostile_replies_never_crash_the_round() -> None:
                            reply_to=_origin(reply))
         return reply
 
-    class Grid(InProcessGrid):
-        def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-            messages = list(messages)
-            for m in messages:
-                _ORIGINS[m.metadata.dst_node_id] = m
-            return super().send_and_receive(messages, timeout=timeout)
-
-    grid = Grid(make_contexts(run, 7), HANDLERS, tamper)
+    grid = OriginGrid(make_contexts(run, 7), HANDLERS, tamper)
     strategy = ProofOfIntelligence(config=PoIConfig(seed=7), min_available_nodes=7)
     model = make_model(hidden_units=32, activation="square", seed=7)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1,
