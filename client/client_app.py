@@ -389,7 +389,10 @@ def vote(msg: Message, context: Context) -> Message:
     cfg = subscriber.config
     model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
     try:
-        base_loss, losses = candidate_losses(model, base, deltas, subscriber.data)
+        step = _num(config.get(P.VOTE_STEP, 1.0))
+        scaled = deltas if step == 1.0 else [{k: v * np.float32(step) for k, v in d.items()}
+                                             for d in deltas]
+        base_loss, losses = candidate_losses(model, base, scaled, subscriber.data)
     except (RuntimeError, KeyError) as exc:
         return _error(msg, P.ERROR_REQUEST, f"candidates do not fit the task model: {exc}")
     reported = [float(v) for v in losses]

@@ -42,6 +42,7 @@ class RunConfig:
     vote_aggregation: str = "median"
     trim_fraction: float = 0.2
     require_improvement: bool = False
+    vote_step: float = 1.0
     max_update_norm: float = 10.0
     noise_multiplier: float = 0.8
     target_epsilon: float = 0.0
@@ -129,6 +130,7 @@ class RunConfig:
         _positive_finite("max-grad-norm", self.max_grad_norm)
         _positive_finite("learning-rate", self.learning_rate)
         _positive_finite("max-update-norm", self.max_update_norm)
+        _positive_finite("vote-step", self.vote_step)
         _non_negative_finite("noise-multiplier", self.noise_multiplier)
         _non_negative_finite("target-epsilon", self.target_epsilon)
         _non_negative_finite("attack-scale", self.attack_scale)

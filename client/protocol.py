@@ -28,6 +28,7 @@ PARTITION_ID = "partition-id"
 # vote config and reply
 CANDIDATE_IDS = "candidate-ids"
 CANDIDATE_AUTHORS = "candidate-authors"
+VOTE_STEP = "vote-step"  # voters score base + vote_step * update
 BASE_LOSS = "base-loss"
 LOSSES = "losses"
 

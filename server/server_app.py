@@ -111,7 +111,7 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
             config=PoIConfig(
                 top_k=config.top_k, votes_per_candidate=config.votes_per_candidate,
                 vote_aggregation=config.vote_aggregation, trim_fraction=config.trim_fraction,
-                require_improvement=config.require_improvement,
+                require_improvement=config.require_improvement, vote_step=config.vote_step,
                 max_update_norm=config.max_update_norm, seed=config.seed,
             ),
             min_available_nodes=num_nodes,

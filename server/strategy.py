@@ -41,6 +41,7 @@ class PoIConfig:
     vote_aggregation: str = "median"
     trim_fraction: float = 0.2
     require_improvement: bool = False
+    vote_step: float = 1.0
     max_update_norm: float = 10.0
     seed: int = 0
 
@@ -445,6 +446,7 @@ class ProofOfIntelligence(FedAvg):
                 P.SERVER_ROUND: server_round,
                 P.CANDIDATE_IDS: list(ballot),
                 P.CANDIDATE_AUTHORS: [by_id[c].author for c in ballot],
+                P.VOTE_STEP: self.config.vote_step,
             })
             if self.ledger is not None:
                 vote_config = self.ledger.apply_to(vote_config, voter)

@@ -133,3 +133,20 @@ def test_attackers_send_something_else(attack: str) -> None:
     bad_ctx = make_contexts({**RUN, "attack": attack, "attackers": "0"}, 4)[1000]
     bad = arrays_to_numpy(train(_train_msg(weights, 1), bad_ctx).content[P.ARRAYS])
     assert any(not np.allclose(bad[k], honest[k]) for k in honest)
+
+
+def test_vote_step_scores_a_damped_update() -> None:
+    """With vote-step s a voter reports the loss of base + s * update."""
+    weights = _initial()
+    rng = np.random.default_rng(1)
+    delta = {k: rng.normal(0, 0.2, v.shape).astype(np.float32) for k, v in weights.items()}
+    half = {k: v * np.float32(0.5) for k, v in delta.items()}
+    damped_msg = _vote_msg(weights, {"c": delta}, ["0"])
+    damped_msg.content[P.CONFIG][P.VOTE_STEP] = 0.5
+    damped = vote(damped_msg, make_contexts(RUN, 4)[1002]).content[P.METRICS][P.LOSSES][0]
+    direct = vote(_vote_msg(weights, {"c": half}, ["0"]),
+                  make_contexts(RUN, 4)[1002]).content[P.METRICS][P.LOSSES][0]
+    full = vote(_vote_msg(weights, {"c": delta}, ["0"]),
+                make_contexts(RUN, 4)[1002]).content[P.METRICS][P.LOSSES][0]
+    assert damped == pytest.approx(direct, rel=1e-9)
+    assert damped != pytest.approx(full, rel=1e-6)
