@@ -25,6 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
+	$(BIN)/python -m benchmarks.ledger.bench --out benchmarks/results
 	$(BIN)/python -m benchmarks.strategy --out benchmarks/results/strategy
 
 lint: $(STAMP)
