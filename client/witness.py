@@ -122,9 +122,5 @@ def to_micro(value: float) -> int:
     return int(round(value * MICRO))
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def unb64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)

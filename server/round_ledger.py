@@ -25,7 +25,7 @@ from flwr.common import log
 
 from client import protocol as P
 from ledger.blobs import BlobStore
-from ledger.checkpoint import ALG_COSIGNATURE_V1, NoteVerifier
+from ledger.checkpoint import ALG_COSIGNATURE_V1, Checkpoint, NoteVerifier, parse_note
 from ledger.entries import Entry, parse_entry
 from ledger.errors import LedgerError
 from ledger.keys import Signer, key_id, parse_public_key
@@ -222,8 +222,6 @@ class RoundLedger:
         except (LedgerError, ValueError) as exc:
             log(WARNING, "cosignature from node %s refused: %s", item.node_id, exc)
             return
-        from ledger.checkpoint import Checkpoint, parse_note
-
         size = Checkpoint.from_body(parse_note(item.cosigned).body).size
         self.node_seen[item.node_id] = max(self.node_seen.get(item.node_id, 0), size)
         self.cosignatures += 1

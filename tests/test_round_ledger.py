@@ -27,11 +27,11 @@ from tests.conftest import InProcessGrid, make_contexts
 HANDLERS = {"train": train, P.VOTE_MESSAGE_TYPE: vote}
 
 
-def _ledger_run(tmp_path: Path, run: dict, rounds: int, poi: PoIConfig):  # type: ignore[no-untyped-def]
+def _ledger_run(tmp_path: Path, run: dict, rounds: int, poi: PoIConfig, tamper=None):  # type: ignore[no-untyped-def]
     run = {**run, "out-dir": str(tmp_path)}
     config = RunConfig.from_mapping(run)
     contexts = make_contexts(run, config.num_subscribers)
-    grid = InProcessGrid(contexts, HANDLERS)
+    grid = InProcessGrid(contexts, HANDLERS, tamper)
     model = make_model(hidden_units=config.hidden_units, activation=config.activation,
                        seed=config.seed)
     initial = ArrayRecord(model.state_dict())
@@ -98,8 +98,7 @@ def test_rounds_are_recorded_verifiable_and_committees_recomputable(tmp_path: Pa
 
 
 def test_a_tampered_signed_digest_is_rejected_and_the_round_goes_on(tmp_path: Path) -> None:
-    run = {"num-subscribers": 4, "partitioner": "iid", "seed": 6, "out-dir": str(tmp_path)}
-    config = RunConfig.from_mapping(run)
+    run = {"num-subscribers": 4, "partitioner": "iid", "seed": 6}
 
     def tamper(node: int, reply: Message) -> Message:
         if node == 1001 and reply.metadata.message_type == "train":
@@ -109,16 +108,7 @@ def test_a_tampered_signed_digest_is_rejected_and_the_round_goes_on(tmp_path: Pa
             reply.content[P.ARRAYS] = numpy_to_arrays(arrays)
         return reply
 
-    grid = InProcessGrid(make_contexts(run, 4), HANDLERS, tamper)
-    model = make_model(hidden_units=32, activation="square", seed=6)
-    initial = ArrayRecord(model.state_dict())
-    ledger = RoundLedger.create(tmp_path, config=config.to_mapping(),
-                                initial_model=canonical_tensor_bytes(arrays_to_numpy(initial)))
-    strategy = ProofOfIntelligence(config=PoIConfig(seed=6), min_available_nodes=4,
-                                   ledger=ledger)
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=1,
-                   train_config=train_config_for(config), evaluate_fn=make_central_evaluate(config))
-    ledger.close()
+    strategy, _, _ = _ledger_run(tmp_path, run, 1, PoIConfig(seed=6), tamper)
     record = strategy.history[0]
     reasons = [r["reason"] for r in record.rejected if r["node_id"] == "1001"]
     assert len(reasons) == 1 and "signed candidate says update_digest=" in reasons[0]
@@ -200,8 +190,7 @@ def test_subscriber_refuses_work_on_a_rolled_back_log(tmp_path: Path) -> None:
 def test_a_lost_vote_does_not_lock_the_subscriber_out(tmp_path: Path) -> None:
     """The subscriber verified a newer tree for a vote whose reply was lost; the next
     round's message carries a proof from that tree too, so it keeps working."""
-    run = {"num-subscribers": 4, "partitioner": "iid", "seed": 8, "out-dir": str(tmp_path)}
-    config = RunConfig.from_mapping(run)
+    run = {"num-subscribers": 4, "partitioner": "iid", "seed": 8}
     lost = {"done": False}
 
     def tamper(node: int, reply: Message):  # type: ignore[no-untyped-def]
@@ -210,15 +199,7 @@ def test_a_lost_vote_does_not_lock_the_subscriber_out(tmp_path: Path) -> None:
             return None  # the reply never arrives
         return reply
 
-    grid = InProcessGrid(make_contexts(run, 4), HANDLERS, tamper)
-    model = make_model(hidden_units=32, activation="square", seed=8)
-    initial = ArrayRecord(model.state_dict())
-    ledger = RoundLedger.create(tmp_path, config=config.to_mapping(),
-                                initial_model=canonical_tensor_bytes(arrays_to_numpy(initial)))
-    strategy = ProofOfIntelligence(config=PoIConfig(seed=8), min_available_nodes=4, ledger=ledger)
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=3,
-                   train_config=train_config_for(config), evaluate_fn=make_central_evaluate(config))
-    ledger.close()
+    strategy, _, _ = _ledger_run(tmp_path, run, 3, PoIConfig(seed=8), tamper)
     first, second, third = strategy.history
     assert any(v["voter"] == "1001" and "timeout" in v["reason"] for v in first.rejected_votes)
     for record in (second, third):
