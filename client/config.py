@@ -19,6 +19,8 @@ PARTITIONERS = ("iid", "dirichlet")
 VOTE_AGGREGATIONS = ("median", "trimmed-mean", "rank-median")
 ACTIVATIONS = ("square", "poly2")
 ACCOUNTANTS = ("prv", "rdp")
+SCIENTISTS = ("honest", "inflate-score", "tamper-reveal", "withhold-reveal")
+MAX_AMOUNT = 2**53 - 1  # amounts go into canonical JSON (I-JSON integers)
 
 
 class ConfigError(ValueError):
@@ -58,6 +60,16 @@ class RunConfig:
     attack_noise_std: float = 0.5
     num_malicious: int = -1
     out_dir: str = ""
+    # --- the market (docs/market.md); amounts are integers in minor units
+    reward: int = 1_000_000
+    update_fee: int = 100
+    buyer_fee: int = 10
+    scientist_fee_share_ppm: int = 200_000
+    reveal_deadline_rounds: int = 2
+    score_tolerance_micro: int = 10
+    patience: int = 0
+    scientist: str = "honest"
+    validation_path: str = ""
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -115,6 +127,23 @@ class RunConfig:
         _at_least("local-epochs", self.local_epochs, 1)
         _at_least("batch-size", self.batch_size, 1)
         _at_least("hidden-units", self.hidden_units, 1)
+        _one_of("scientist", self.scientist, SCIENTISTS)
+        for key in ("reward", "update-fee", "buyer-fee"):
+            amount = getattr(self, key.replace("-", "_"))
+            if not 0 <= amount <= MAX_AMOUNT:
+                raise ConfigError(
+                    f"{key}: expected an integer amount in minor units, 0..{MAX_AMOUNT}, "
+                    f"got {amount}")
+        if (self.reward * 2 + self.update_fee * self.num_subscribers * self.num_server_rounds
+                > MAX_AMOUNT):
+            raise ConfigError(f"reward: the escrow (2 x reward + update fees) must stay "
+                              f"<= {MAX_AMOUNT}, got reward {self.reward}")
+        if not 0 <= self.scientist_fee_share_ppm <= 1_000_000:
+            raise ConfigError("scientist-fee-share-ppm: expected 0..1000000 (parts per "
+                              f"million), got {self.scientist_fee_share_ppm}")
+        _at_least("reveal-deadline-rounds", self.reveal_deadline_rounds, 1)
+        _at_least("score-tolerance-micro", self.score_tolerance_micro, 0)
+        _at_least("patience", self.patience, 0)
         if self.top_k > self.num_subscribers:
             raise ConfigError(
                 f"top-k: expected at most num-subscribers ({self.num_subscribers}) "

@@ -38,3 +38,67 @@ def canonical_tensor_bytes(tensors: Mapping[str, np.ndarray]) -> bytes:
 def tensors_digest(tensors: Mapping[str, np.ndarray]) -> str:
     """Hex SHA-256 of :func:`canonical_tensor_bytes`."""
     return hashlib.sha256(canonical_tensor_bytes(tensors)).hexdigest()
+
+
+class TensorEncodingError(ValueError):
+    """Bytes that are not a canonical tensor encoding (see the module docstring)."""
+
+
+_DTYPES = frozenset({"<f4", "<f8", "<i8", "<i4", "|u1", "|i1"})
+
+
+def parse_canonical_tensor_bytes(
+    data: bytes, *, max_tensors: int = 64, max_ndim: int = 8
+) -> dict[str, np.ndarray]:
+    """Decode :func:`canonical_tensor_bytes` strictly: names in ascending order without
+    repeats, a known little-endian dtype, sizes that fit the data exactly. Raises
+    :class:`TensorEncodingError` naming what was expected and what came."""
+    view = memoryview(data)
+    offset = 0
+    out: dict[str, np.ndarray] = {}
+    previous: bytes | None = None
+
+    def take(count: int, what: str) -> bytes:
+        nonlocal offset
+        if count < 0 or offset + count > len(view):
+            raise TensorEncodingError(
+                f"expected {count} bytes of {what} at offset {offset}, "
+                f"only {len(view) - offset} left")
+        chunk = bytes(view[offset:offset + count])
+        offset += count
+        return chunk
+
+    while offset < len(view):
+        if len(out) >= max_tensors:
+            raise TensorEncodingError(f"expected at most {max_tensors} tensors")
+        (name_len,) = struct.unpack(">I", take(4, "name length"))
+        raw_name = take(name_len, "name")
+        if previous is not None and raw_name <= previous:
+            raise TensorEncodingError(
+                f"expected tensor names in ascending order without repeats, got "
+                f"{raw_name!r} after {previous!r}")
+        previous = raw_name
+        try:
+            name = raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TensorEncodingError(f"expected a UTF-8 tensor name, got {raw_name!r}") from None
+        (dtype_len,) = struct.unpack(">I", take(4, "dtype length"))
+        dtype = take(dtype_len, "dtype").decode("ascii", errors="replace")
+        if dtype not in _DTYPES:
+            raise TensorEncodingError(
+                f"tensor {name!r}: expected a dtype in {sorted(_DTYPES)}, got {dtype!r}")
+        (ndim,) = struct.unpack(">I", take(4, "ndim"))
+        if ndim > max_ndim:
+            raise TensorEncodingError(f"tensor {name!r}: expected ndim <= {max_ndim}, got {ndim}")
+        shape = struct.unpack(f">{ndim}Q", take(8 * ndim, "shape")) if ndim else ()
+        itemsize = np.dtype(dtype).itemsize
+        nbytes = itemsize
+        for dim in shape:
+            nbytes *= dim
+        if nbytes > len(view) - offset:
+            raise TensorEncodingError(
+                f"tensor {name!r}: shape {tuple(shape)} needs {nbytes} bytes, "
+                f"only {len(view) - offset} left")
+        raw = take(nbytes, f"tensor {name!r}")
+        out[name] = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+    return out

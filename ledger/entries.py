@@ -139,6 +139,22 @@ register_kind("model", required={**_ROUND, "model_digest": str})
 register_kind(
     "cosignature", required={"tree_size": int, "root_hash": str, "witness": str, "note": str}
 )
+# The market (docs/market.md). Amounts are integers in minor units.
+register_kind("fund", required={"account": str, "amount": int, "memo": str})
+register_kind("offer", required={
+    "task_id": str, "model_digest": str, "architecture": dict, "validation_root": str,
+    "validation_count": int, "reward": int, "deposit": int, "update_fee": int,
+    "max_updates": int, "buyer_fee": int, "scientist_fee_share_ppm": int,
+    "reveal_deadline_rounds": int, "score_tolerance_micro": int, "patience": int,
+})
+register_kind("escrow", required={"task_id": str, "account": str, "amount": int})
+register_kind("close", required={**_ROUND, "reason": str})
+register_kind("reveal", required={"task_id": str, "validation_digest": str, "count": int})
+register_kind("deadline", required={**_ROUND})
+register_kind("settlement", required={
+    "task_id": str, "forfeited": bool, "reason": str, "payouts": dict,
+    "reward_payouts": dict, "fee_payouts": dict, "scientist_refund": int, "losses_micro": list,
+})
 
 
 def _check_json_value(value: object, path: str) -> None:

@@ -35,6 +35,7 @@ def build_report(
             "accuracy": record.metrics.get("accuracy"),
             "loss": record.metrics.get("loss"),
             "validation_loss": record.metrics.get("validation-loss"),
+            "published_validation_loss": record.metrics.get("published-validation-loss"),
             "candidates": [
                 {
                     "id": c.candidate_id,

@@ -229,10 +229,19 @@ class RoundLedger:
     # ---------------------------------------------------------- operator
     def append_operator(self, entries: Sequence[tuple[str, Mapping[str, Any]]]) -> list[int]:
         """Sign and append the operator's own entries in one transaction."""
-        seq = self.log_.next_seq(self.operator.key_id)
-        leaves = [self.operator.sign_entry(kind, seq=seq + i, fields=dict(fields))
-                  for i, (kind, fields) in enumerate(entries)]
-        return self.log_.append_many(leaves)
+        return self.append_signed(self.operator, entries)
+
+    def append_signed(self, signer: Signer,
+                      entries: Sequence[tuple[str, Mapping[str, Any]]]) -> list[int]:
+        """Sign ``entries`` with ``signer`` (the operator, or the Scientist when it runs
+        beside the operator) and append them in one transaction, registering the
+        signer's key first when the log does not know it yet."""
+        seq = self.log_.next_seq(signer.key_id)
+        leaves = [] if seq > 0 else [signer.key_entry()]
+        seq = max(seq, 1)
+        leaves += [signer.sign_entry(kind, seq=seq + i, fields=dict(fields))
+                   for i, (kind, fields) in enumerate(entries)]
+        return self.log_.append_many(leaves)[-len(entries):] if entries else []
 
     def root(self) -> bytes:
         return self.log_.root()

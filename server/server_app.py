@@ -8,7 +8,7 @@ Works the same under ``flwr run .`` (simulation or a deployed SuperLink) and und
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -18,10 +18,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from client import protocol as P
 from client.config import RunConfig
-from client.task import digits_split, evaluate, make_model, set_weights
-from crypto.digests import canonical_tensor_bytes
+from client.task import digits_split, evaluate, load_data_file, make_model, set_weights
+from crypto.digests import canonical_tensor_bytes, tensors_digest
 from server import progress
 from server.baselines import build_baseline, recording_evaluate_fn
+from server.market_audit import audit_run, write_audit
+from server.market_plot import plot_market
+from server.market_session import Closing, MarketSession
 from server.report import build_report, write_json
 from server.round_ledger import RoundLedger
 from server.strategy import PoIConfig, ProofOfIntelligence, RoundRecord, arrays_to_numpy
@@ -102,11 +105,18 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
                        "rounds": config.num_server_rounds, "report": report})
 
     ledger = None
+    market = None
     strategy: FedAvg
     if config.strategy == "poi":
+        initial_weights = arrays_to_numpy(initial)
         ledger = RoundLedger.create(
             out_dir, config=config.to_mapping(),
-            initial_model=canonical_tensor_bytes(arrays_to_numpy(initial)))
+            initial_model=canonical_tensor_bytes(initial_weights))
+        validation = (load_data_file(config.validation_path) if config.validation_path
+                      else digits_split().validation)
+        market = MarketSession.open(
+            ledger, out_dir=out_dir, config=config, validation=validation,
+            initial_weights=initial_weights, model_digest=tensors_digest(initial_weights))
         strategy = ProofOfIntelligence(
             config=PoIConfig(
                 top_k=config.top_k, votes_per_candidate=config.votes_per_candidate,
@@ -117,28 +127,56 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
             min_available_nodes=num_nodes,
             round_listener=on_round,
             ledger=ledger,
+            market=market,
         )
         evaluate_fn = central_evaluate
     else:
         strategy = build_baseline(config, num_nodes=num_nodes)
         evaluate_fn = recording_evaluate_fn(strategy, central_evaluate, on_round)
+    closing: Closing | None = None
     try:
         strategy.start(
             grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds,
             train_config=train_config_for(config), evaluate_fn=evaluate_fn,
         )
+        if market is not None and isinstance(strategy, ProofOfIntelligence):
+            closing = market.close(reason=strategy.stop_reason)
     finally:
         if ledger is not None:
             ledger.close()
     report = build_report(config, rounds, initial_metrics=initial_metrics,
                           wall_seconds=time.perf_counter() - started)
-    if ledger is not None:
+    if ledger is not None and isinstance(strategy, ProofOfIntelligence):
         report["ledger"] = {
             "path": str(out_dir / "ledger.db"), "task_id": ledger.task_id,
             "size": ledger.size, "root": ledger.root_hex, "cosignatures": ledger.cosignatures,
         }
+        report["stopped"] = strategy.stop_reason
+        key_ids = {strategy.labels.get(node, ""): key
+                   for node, key in ledger.node_author.items()}
+        if market is not None and closing is not None:
+            _add_market(report, out_dir, market, closing, key_ids)
     write_json(out_dir / "report.json", report)
     return report
+
+
+def _add_market(report: dict[str, object], out_dir: Path, market: MarketSession,
+                closing: Closing, key_ids: dict[str, str]) -> None:
+    """Settle the report: the market summary, each subscriber's key id and payout, the
+    independent audit (``audit.json``) and the plot (``market.png``)."""
+    payouts = closing.settlement.payouts
+    for sub in report["subscribers"]:  # type: ignore[attr-defined]
+        key = key_ids.get(str(sub["partition_id"]))
+        sub["key_id"] = key
+        sub["payout"] = payouts.get(key, 0) if key else 0
+    audit = audit_run(out_dir)
+    write_audit(out_dir, audit)
+    report["market"] = {**market.summary(closing), "audit_ok": audit.ok,
+                        "audit_mismatches": audit.mismatches}
+    try:
+        plot_market(report, out_dir / "market.png")
+    except Exception as exc:  # noqa: BLE001 - a plot must never lose a settled run
+        log(WARNING, "poi: could not draw market.png: %s", exc)
 
 
 @app.main()

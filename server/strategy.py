@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -27,6 +28,9 @@ from client.witness import MICRO, to_micro
 from crypto.digests import canonical_tensor_bytes, tensors_digest
 from server import selection
 from server.round_ledger import PendingEntries, RoundLedger
+
+if TYPE_CHECKING:
+    from server.market_session import MarketSession
 from server.validation import Rejected, Vote, validate_update, validate_vote
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -126,6 +130,7 @@ class ProofOfIntelligence(FedAvg):
         min_available_nodes: int = 2,
         round_listener: Callable[[RoundRecord], None] | None = None,
         ledger: RoundLedger | None = None,
+        market: MarketSession | None = None,
     ) -> None:
         super().__init__(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_available_nodes,
@@ -134,11 +139,18 @@ class ProofOfIntelligence(FedAvg):
         self.config = config
         self.round_listener = round_listener
         self.ledger = ledger
+        self.market = market
+        self.stop_reason = "completed"
         self.history: list[RoundRecord] = []
         self._seen_digests: set[str] = set()
         self._admitted: set[str] = set()
         self._labels: dict[str, str] = {}  # node id -> author label, bound on first claim
         self._reference_bytes = 0
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Node id -> author label (partition id), as bound on first claim."""
+        return dict(self._labels)
 
     def summary(self) -> None:
         log(INFO, "\t├──> Proof-of-Intelligence: %s", self.config)
@@ -223,6 +235,7 @@ class ProofOfIntelligence(FedAvg):
                 candidate.selected = candidate.candidate_id in chosen
             by_id = {c.candidate_id: c for c in candidates}
             record.selected = [by_id[c].author for c in chosen]
+            base_weights = weights
             if chosen:
                 weights = selection.apply_updates(weights, [deltas[c] for c in chosen])
                 arrays = numpy_to_arrays(weights)
@@ -245,9 +258,20 @@ class ProofOfIntelligence(FedAvg):
                 t0 = time.perf_counter()
                 self._record_outcome(server_round, weights, candidates, chosen, record)
                 record.phase_seconds["ledger"] = time.perf_counter() - t0
+            if self.market is not None:
+                t0 = time.perf_counter()
+                loss = self.market.publish_score(
+                    server_round, weights, base=base_weights, deltas=[deltas[c] for c in chosen])
+                record.metrics["published-validation-loss"] = loss / MICRO
+                record.phase_seconds["score"] = time.perf_counter() - t0
             self.history.append(record)
             if self.round_listener:
                 self.round_listener(record)
+            if self.market is not None and self.market.should_stop:
+                self.stop_reason = "patience"
+                log(INFO, "Round %s: no validation gain for %s rounds (patience); stopping",
+                    server_round, self.market.scientist.terms.patience)
+                break
         result.arrays = arrays
         return result
 
@@ -269,8 +293,8 @@ class ProofOfIntelligence(FedAvg):
     def _record_outcome(self, server_round: int, weights: dict[str, np.ndarray],
                         candidates: list[CandidateRecord], chosen: list[str],
                         record: RoundRecord) -> None:
-        """Operator entries closing the round: selection with every score, the new
-        model's digest (its bytes as a blob) and the Scientist's validation loss."""
+        """Operator entries closing the round: selection with every score and the new
+        model's digest (its bytes as a blob). The Scientist's score follows (market)."""
         assert self.ledger is not None
         ledger = self.ledger
         model_digest = ledger.blobs.put(canonical_tensor_bytes(weights))
@@ -283,9 +307,6 @@ class ProofOfIntelligence(FedAvg):
             ("model", {"task_id": ledger.task_id, "round": server_round,
                        "model_digest": model_digest}),
         ]
-        if "validation-loss" in record.metrics:
-            entries.append(("score", {"task_id": ledger.task_id, "round": server_round,
-                                      "loss_micro": to_micro(record.metrics["validation-loss"])}))
         ledger.append_operator(entries)
 
     def _record_rejections(self, server_round: int, rejected: list[dict[str, str]]) -> None:

@@ -1,0 +1,559 @@
+"""The market around a task: the Scientist, its ledger entries, and reading them back.
+
+- :class:`MarketTerms` are the task's terms (integers in minor units), from the run
+  config; :class:`Scientist` holds its own Ed25519 key and the private validation set,
+  commits to every example (salted SHA-256, a Merkle root in the ``offer`` entry),
+  publishes the validation loss of every round's model (``score``, micro-units,
+  float64 on CPU), and reveals the set at the end (``reveal`` + blob).
+- :func:`read_market` turns the ledger's entries into a :class:`MarketRecord` (pure),
+  :func:`replay` recomputes the models and the losses from the blobs and the revealed
+  set, :func:`settlement_of` decides the settlement (pure given the replay), and
+  :func:`balances` derives every account's balance from the ledger (pure).
+
+Rules and entry formats: ``docs/market.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from client.config import RunConfig
+from client.task import NUM_CLASSES, NUM_FEATURES, Dataset, evaluate, make_model, set_weights
+from client.witness import to_micro
+from crypto.commitments import (
+    Revealed,
+    RevealError,
+    commitments,
+    decode_reveal,
+    encode_reveal,
+    new_salts,
+)
+from crypto.digests import TensorEncodingError, parse_canonical_tensor_bytes, tensors_digest
+from ledger.blobs import BlobStore
+from ledger.entries import Entry
+from ledger.errors import LedgerError
+from ledger.keys import Signer
+from ledger.merkle import hash_leaf, root_from_leaf_hashes
+from server.selection import apply_updates
+from server.settlement import (
+    FORFEIT_MISMATCH,
+    FORFEIT_NO_REVEAL,
+    FORFEIT_SCORE,
+    RoundOutcome,
+    Settlement,
+    Terms,
+    settle,
+)
+
+SCIENTIST_BEHAVIOURS = ("honest", "inflate-score", "tamper-reveal", "withhold-reveal")
+INFLATE_FACTOR = 1.02  # an inflating Scientist publishes 2% more loss than it measured
+
+
+class MarketError(ValueError):
+    """A ledger that does not describe a market (no offer, two offers, ...)."""
+
+
+# ----------------------------------------------------------------------------- terms
+@dataclass(frozen=True)
+class MarketTerms:
+    reward: int
+    update_fee: int
+    max_updates: int
+    buyer_fee: int
+    scientist_fee_share_ppm: int
+    reveal_deadline_rounds: int
+    score_tolerance_micro: int
+    patience: int
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> MarketTerms:
+        return cls(
+            reward=config.reward, update_fee=config.update_fee,
+            max_updates=config.num_subscribers * config.num_server_rounds,
+            buyer_fee=config.buyer_fee, scientist_fee_share_ppm=config.scientist_fee_share_ppm,
+            reveal_deadline_rounds=config.reveal_deadline_rounds,
+            score_tolerance_micro=config.score_tolerance_micro, patience=config.patience,
+        )
+
+    @property
+    def money(self) -> Terms:
+        return Terms(reward=self.reward, deposit=self.reward, update_fee=self.update_fee,
+                     max_updates=self.max_updates)
+
+    @classmethod
+    def from_offer(cls, offer: Mapping[str, Any]) -> MarketTerms:
+        return cls(**{name: int(offer[name]) for name in cls.__dataclass_fields__})
+
+
+def architecture_of(config: RunConfig) -> dict[str, Any]:
+    return {"family": "poly-mlp", "input_dim": NUM_FEATURES, "hidden_units": config.hidden_units,
+            "activation": config.activation, "num_classes": NUM_CLASSES}
+
+
+def validation_root(revealed: Revealed) -> str:
+    """Hex RFC 9162 Merkle root over the examples' commitments."""
+    return root_from_leaf_hashes([hash_leaf(c) for c in commitments(revealed)]).hex()
+
+
+def loss_micro(weights: Mapping[str, np.ndarray], data: Dataset, *,
+               architecture: Mapping[str, Any]) -> int:
+    """Validation loss of ``weights`` in micro-units (float64 on CPU, see ``evaluate``)."""
+    model = make_model(hidden_units=int(architecture["hidden_units"]),
+                       activation=str(architecture["activation"]), seed=0)
+    set_weights(model, weights)
+    loss, _ = evaluate(model, data)
+    return to_micro(loss)
+
+
+def coalition_losses(base: Mapping[str, np.ndarray], deltas: Sequence[Mapping[str, np.ndarray]],
+                     data: Dataset, *, architecture: Mapping[str, Any]) -> dict[int, int]:
+    """Loss of ``base`` plus the mean of every non-empty coalition of ``deltas`` (bit i =
+    ``deltas[i]``), exactly as the strategy applies them."""
+    out: dict[int, int] = {}
+    for size in range(1, len(deltas) + 1):
+        for members in combinations(range(len(deltas)), size):
+            mask = sum(1 << i for i in members)
+            weights = apply_updates(base, [deltas[i] for i in members])
+            out[mask] = loss_micro(weights, data, architecture=architecture)
+    return out
+
+
+# ------------------------------------------------------------------------- scientist
+@dataclass
+class Scientist:
+    """The task's owner: its key, its private validation set and the salts."""
+
+    signer: Signer
+    task_id: str
+    validation: Dataset
+    salts: np.ndarray
+    architecture: dict[str, Any]
+    terms: MarketTerms
+    behaviour: str = "honest"
+    best_loss: int | None = None
+    rounds_without_gain: int = 0
+    published: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, signer: Signer, *, task_id: str, validation: Dataset, config: RunConfig
+               ) -> Scientist:
+        if config.scientist not in SCIENTIST_BEHAVIOURS:
+            raise MarketError(f"expected scientist in {list(SCIENTIST_BEHAVIOURS)}, "
+                              f"got {config.scientist!r}")
+        return cls(signer=signer, task_id=task_id, validation=validation,
+                   salts=new_salts(len(validation)), architecture=architecture_of(config),
+                   terms=MarketTerms.from_config(config), behaviour=config.scientist)
+
+    @property
+    def key_id(self) -> str:
+        return self.signer.key_id
+
+    @property
+    def revealed(self) -> Revealed:
+        return Revealed(x=np.asarray(self.validation.x, dtype=np.float32),
+                        y=np.asarray(self.validation.y, dtype=np.int64), salts=self.salts)
+
+    def offer_fields(self, *, model_digest: str) -> dict[str, Any]:
+        terms = self.terms
+        return {
+            "task_id": self.task_id, "model_digest": model_digest,
+            "architecture": self.architecture,
+            "validation_root": validation_root(self.revealed),
+            "validation_count": len(self.validation),
+            "reward": terms.reward, "deposit": terms.reward, "update_fee": terms.update_fee,
+            "max_updates": terms.max_updates, "buyer_fee": terms.buyer_fee,
+            "scientist_fee_share_ppm": terms.scientist_fee_share_ppm,
+            "reveal_deadline_rounds": terms.reveal_deadline_rounds,
+            "score_tolerance_micro": terms.score_tolerance_micro, "patience": terms.patience,
+        }
+
+    def measure(self, weights: Mapping[str, np.ndarray]) -> int:
+        return loss_micro(weights, self.validation, architecture=self.architecture)
+
+    def score_fields(self, server_round: int, weights: Mapping[str, np.ndarray],
+                     base: Mapping[str, np.ndarray] | None = None,
+                     deltas: Sequence[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
+        """The ``score`` entry for the model after ``server_round`` (round 0: the
+        initial model): its loss and, when several updates were applied, the loss of
+        every coalition of them (for the Shapley split)."""
+        loss = self.measure(weights)
+        coalitions: dict[int, int] = {}
+        if base is not None and len(deltas) > 1:
+            coalitions = coalition_losses(base, deltas, self.validation,
+                                          architecture=self.architecture)
+        if self.behaviour == "inflate-score" and server_round > 0:
+            loss = int(loss * INFLATE_FACTOR)
+            coalitions = {m: int(v * INFLATE_FACTOR) for m, v in coalitions.items()}
+        self._track(loss)
+        self.published[server_round] = loss
+        return {"task_id": self.task_id, "round": server_round, "loss_micro": loss,
+                "model_digest": tensors_digest(weights),
+                "coalitions_micro": {str(m): v for m, v in sorted(coalitions.items())}}
+
+    def _track(self, loss: int) -> None:
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss = loss
+            self.rounds_without_gain = 0
+        else:
+            self.rounds_without_gain += 1
+
+    @property
+    def patience_exhausted(self) -> bool:
+        """True once ``patience`` rounds in a row brought no new best loss (0 = never)."""
+        return 0 < self.terms.patience <= self.rounds_without_gain
+
+    def reveal_blob(self) -> bytes | None:
+        """The reveal blob, per behaviour: None when withholding; one label changed when
+        tampering (so its commitment no longer matches)."""
+        if self.behaviour == "withhold-reveal":
+            return None
+        revealed = self.revealed
+        if self.behaviour == "tamper-reveal":
+            y = revealed.y.copy()
+            y[0] = (y[0] + 1) % NUM_CLASSES
+            revealed = Revealed(x=revealed.x, y=y, salts=revealed.salts)
+        return encode_reveal(revealed)
+
+    def sign(self, kind: str, fields: Mapping[str, Any], *, seq: int) -> bytes:
+        return self.signer.sign_entry(kind, seq=seq, fields=dict(fields))
+
+
+# ------------------------------------------------------------------ reading the ledger
+@dataclass
+class ScoreRecord:
+    index: int
+    loss_micro: int
+    model_digest: str
+    coalitions_micro: dict[int, int]
+
+
+@dataclass
+class SelectionRecord:
+    selected: list[str]  # update digests, in selection order
+    scored: list[str]  # update digests of every scored (valid) candidate
+
+
+@dataclass
+class MarketRecord:
+    """What the ledger says about a task's market, in log order."""
+
+    task_id: str = ""
+    operator: str = ""
+    initial_model_digest: str = ""
+    scientist: str = ""
+    offer: dict[str, Any] = field(default_factory=dict)
+    offer_index: int = -1
+    escrowed: int = 0
+    candidates: dict[tuple[int, str], str] = field(default_factory=dict)  # -> author
+    selections: dict[int, SelectionRecord] = field(default_factory=dict)
+    models: dict[int, str] = field(default_factory=dict)
+    scores: dict[int, ScoreRecord] = field(default_factory=dict)
+    close_round: int | None = None
+    close_reason: str = ""
+    reveal: dict[str, Any] = field(default_factory=dict)
+    reveal_index: int | None = None
+    deadline_index: int | None = None
+    settlement: dict[str, Any] = field(default_factory=dict)
+    settlement_index: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def terms(self) -> MarketTerms:
+        return MarketTerms.from_offer(self.offer)
+
+    @property
+    def last_round(self) -> int:
+        if self.close_round is not None:
+            return self.close_round
+        return max(self.models, default=0)
+
+    def author_of(self, server_round: int, digest: str) -> str:
+        return self.candidates.get((server_round, digest), "")
+
+
+def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
+    """Collect the market's entries. Entries of a kind whose author has no standing (a
+    score not by the Scientist, a settlement not by the operator, ...) are recorded as
+    problems and ignored. Raises :class:`MarketError` when there is no task or offer."""
+    record = MarketRecord()
+    for index, entry in entries:
+        f = entry.fields
+        kind, author = entry.kind, entry.author
+        if kind == "task":
+            if record.task_id:
+                record.problems.append(f"entry {index}: a second task entry")
+                continue
+            record.task_id, record.operator = str(f["task_id"]), author
+            record.initial_model_digest = str(f.get("model_digest", ""))
+            continue
+        if kind in ("fund", "key", "cosignature", "vote", "rejection") or not record.task_id:
+            continue
+        if f.get("task_id") != record.task_id:
+            record.problems.append(f"entry {index}: {kind} for another task {f.get('task_id')!r}")
+            continue
+        by_operator = author == record.operator
+        if kind == "offer":
+            if record.offer:
+                record.problems.append(f"entry {index}: a second offer")
+            elif by_operator:
+                record.problems.append(f"entry {index}: an offer by the operator, not a Scientist")
+            else:
+                record.offer, record.scientist, record.offer_index = dict(f), author, index
+        elif kind == "escrow" and by_operator:
+            record.escrowed += int(f["amount"])
+        elif kind == "candidate":
+            record.candidates.setdefault((int(f["round"]), str(f["update_digest"])), author)
+        elif kind == "selection" and by_operator:
+            scored = f.get("scores_micro", {})
+            record.selections[int(f["round"])] = SelectionRecord(
+                selected=[str(d) for d in f["selected"]],
+                scored=sorted(scored) if isinstance(scored, dict) else [])
+        elif kind == "model" and by_operator:
+            record.models[int(f["round"])] = str(f["model_digest"])
+        elif kind == "score" and author == record.scientist and record.scientist:
+            raw = f.get("coalitions_micro", {})
+            try:
+                coalitions = {int(m): int(v) for m, v in dict(raw).items()}
+            except (TypeError, ValueError):
+                record.problems.append(f"entry {index}: malformed coalitions_micro")
+                coalitions = {}
+            record.scores.setdefault(int(f["round"]), ScoreRecord(
+                index=index, loss_micro=int(f["loss_micro"]),
+                model_digest=str(f.get("model_digest", "")), coalitions_micro=coalitions))
+        elif kind == "close" and by_operator and record.close_round is None:
+            record.close_round, record.close_reason = int(f["round"]), str(f["reason"])
+        elif kind == "reveal" and author == record.scientist and record.reveal_index is None:
+            record.reveal, record.reveal_index = dict(f), index
+        elif kind == "deadline" and by_operator and record.deadline_index is None:
+            record.deadline_index = index
+        elif kind == "settlement" and by_operator and record.settlement_index is None:
+            record.settlement, record.settlement_index = dict(f), index
+        else:
+            record.problems.append(f"entry {index}: {kind} by {author} ignored (no standing)")
+    if not record.task_id:
+        raise MarketError("expected a task entry in the ledger, found none")
+    if not record.offer:
+        raise MarketError("expected a Scientist's offer entry in the ledger, found none")
+    return record
+
+
+# ------------------------------------------------------------------------------ replay
+@dataclass
+class Replay:
+    """What recomputing the task from the blobs gave."""
+
+    mismatches: list[str] = field(default_factory=list)  # the ledger contradicts itself
+    reveal_status: str = ""  # "valid", FORFEIT_MISMATCH or FORFEIT_NO_REVEAL, or "pending"
+    reveal_detail: str = ""
+    losses: dict[int, int] = field(default_factory=dict)  # round -> replayed loss (micro)
+    coalitions: dict[int, dict[int, int]] = field(default_factory=dict)
+    score_mismatches: list[str] = field(default_factory=list)  # published vs replayed
+    weights: dict[str, np.ndarray] | None = None
+
+
+def _tensors(blobs: BlobStore, digest: str, what: str) -> dict[str, np.ndarray]:
+    try:
+        return parse_canonical_tensor_bytes(blobs.get(digest))
+    except (LedgerError, TensorEncodingError) as exc:
+        raise MarketError(f"{what}: {exc}") from exc
+
+
+def check_reveal(record: MarketRecord, blobs: BlobStore) -> tuple[str, str, Revealed | None]:
+    """("valid" | FORFEIT_MISMATCH | FORFEIT_NO_REVEAL | "pending", why, the set)."""
+    on_time = record.reveal_index is not None and (
+        record.deadline_index is None or record.reveal_index < record.deadline_index)
+    if not on_time:
+        if record.deadline_index is not None:
+            return FORFEIT_NO_REVEAL, "no reveal before the operator's deadline entry", None
+        return "pending", "no reveal and no deadline yet", None
+    try:
+        revealed = decode_reveal(blobs.get(str(record.reveal["validation_digest"])))
+    except (LedgerError, RevealError) as exc:
+        return FORFEIT_MISMATCH, f"reveal blob: {exc}", None
+    offer = record.offer
+    if len(revealed) != int(offer["validation_count"]) or len(revealed) != int(
+            record.reveal["count"]):
+        return (FORFEIT_MISMATCH, f"reveal: expected {offer['validation_count']} examples, "
+                f"got {len(revealed)}", None)
+    leaves = commitments(revealed)
+    root = root_from_leaf_hashes([hash_leaf(c) for c in leaves]).hex()
+    if root != offer["validation_root"]:
+        return (FORFEIT_MISMATCH, f"reveal: commitments' root {root[:16]} does not match the "
+                f"offer's {str(offer['validation_root'])[:16]}", None)
+    return "valid", "", revealed
+
+
+def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
+    """Recompute every round's model from the initial weights and the selected updates,
+    checking each against the ledger's ``model`` digests; with a valid reveal, recompute
+    every published score (and coalition loss) and compare within the tolerance."""
+    out = Replay()
+    status, detail, revealed = check_reveal(record, blobs)
+    out.reveal_status, out.reveal_detail = status, detail
+    architecture = record.offer["architecture"]
+    data = (Dataset(x=revealed.x, y=revealed.y) if revealed is not None else None)
+    tolerance = int(record.offer["score_tolerance_micro"])
+    if record.initial_model_digest != record.offer["model_digest"]:
+        out.mismatches.append("offer: model digest differs from the task entry's")
+    try:
+        weights = _tensors(blobs, record.initial_model_digest, "initial model")
+    except MarketError as exc:
+        out.mismatches.append(str(exc))
+        return out
+
+    def compare(server_round: int, replayed: int, coalitions: dict[int, int]) -> None:
+        out.losses[server_round] = replayed
+        out.coalitions[server_round] = coalitions
+        published = record.scores.get(server_round)
+        if published is None:
+            out.score_mismatches.append(f"round {server_round}: no score published")
+            return
+        if abs(published.loss_micro - replayed) > tolerance:
+            out.score_mismatches.append(
+                f"round {server_round}: published loss {published.loss_micro} micro, replay "
+                f"gives {replayed} (tolerance {tolerance})")
+        for mask, value in coalitions.items():
+            claimed = published.coalitions_micro.get(mask)
+            if claimed is None or abs(claimed - value) > tolerance:
+                out.score_mismatches.append(
+                    f"round {server_round}: coalition {mask} published {claimed}, "
+                    f"replay gives {value}")
+                break
+
+    if data is not None:
+        compare(0, loss_micro(weights, data, architecture=architecture), {})
+    for server_round in range(1, record.last_round + 1):
+        selection = record.selections.get(server_round)
+        if selection is None:
+            out.mismatches.append(f"round {server_round}: no selection entry")
+            return out
+        try:
+            deltas = [_tensors(blobs, d, f"round {server_round} update {d[:16]}")
+                      for d in selection.selected]
+        except MarketError as exc:
+            out.mismatches.append(str(exc))
+            return out
+        for digest in selection.selected:
+            if not record.author_of(server_round, digest):
+                out.mismatches.append(
+                    f"round {server_round}: selected update {digest[:16]} has no signed candidate")
+        base = weights
+        weights = apply_updates(base, deltas)
+        digest = tensors_digest(weights)
+        if record.models.get(server_round) != digest:
+            out.mismatches.append(
+                f"round {server_round}: replayed model {digest[:16]} does not match the "
+                f"ledger's {str(record.models.get(server_round))[:16]}")
+            return out
+        score = record.scores.get(server_round)
+        if score is not None and score.model_digest and score.model_digest != digest:
+            out.score_mismatches.append(f"round {server_round}: score is for another model")
+        if data is not None:
+            coalitions = (coalition_losses(base, deltas, data, architecture=architecture)
+                          if len(deltas) > 1 else {})
+            compare(server_round, loss_micro(weights, data, architecture=architecture),
+                    coalitions)
+    out.weights = weights
+    return out
+
+
+# -------------------------------------------------------------------------- settlement
+def _outcomes(record: MarketRecord, losses: Mapping[int, int],
+              coalitions: Mapping[int, Mapping[int, int]]) -> list[RoundOutcome]:
+    out = []
+    for server_round in range(1, record.last_round + 1):
+        selection = record.selections.get(server_round, SelectionRecord([], []))
+        out.append(RoundOutcome(
+            round=server_round,
+            selected=tuple(record.author_of(server_round, d) for d in selection.selected),
+            loss_micro=losses[server_round],
+            coalitions_micro=dict(coalitions.get(server_round, {})),
+            scored=tuple(sorted({record.author_of(server_round, d) for d in selection.scored}
+                                - {""})),
+        ))
+    return out
+
+
+def settlement_of(record: MarketRecord, result: Replay) -> tuple[Settlement, list[int]]:
+    """The settlement the rules give, and the losses [L0..LT] it used. Raises
+    :class:`MarketError` while the reveal is pending or the replay failed."""
+    if result.mismatches:
+        raise MarketError(f"cannot settle: {result.mismatches[0]}")
+    if result.reveal_status == "pending":
+        raise MarketError("cannot settle: no reveal yet and the deadline has not passed")
+    terms = record.terms.money
+    rounds = range(0, record.last_round + 1)
+    if result.reveal_status in (FORFEIT_MISMATCH, FORFEIT_NO_REVEAL):
+        empty = {t: 0 for t in rounds}
+        outcomes = _outcomes(record, empty, {})
+        return settle(terms, 1, outcomes, forfeit=result.reveal_status), []
+    if result.score_mismatches:
+        outcomes = _outcomes(record, result.losses, result.coalitions)
+        return (settle(terms, result.losses[0], outcomes, forfeit=FORFEIT_SCORE),
+                [result.losses[t] for t in rounds])
+    published = {t: record.scores[t].loss_micro for t in rounds}
+    coalitions = {t: record.scores[t].coalitions_micro for t in rounds}
+    outcomes = _outcomes(record, published, coalitions)
+    return settle(terms, published[0], outcomes), [published[t] for t in rounds]
+
+
+def settlement_fields(task_id: str, settlement: Settlement, losses: Sequence[int]
+                      ) -> dict[str, Any]:
+    return {
+        "task_id": task_id, "forfeited": settlement.forfeited, "reason": settlement.reason,
+        "payouts": settlement.payouts, "reward_payouts": settlement.reward_payouts,
+        "fee_payouts": settlement.fee_payouts, "scientist_refund": settlement.scientist_refund,
+        "losses_micro": list(losses),
+    }
+
+
+# ---------------------------------------------------------------------------- balances
+def balances(entries: Iterable[tuple[int, Entry]], *, operator: str
+             ) -> tuple[dict[str, int], list[str]]:
+    """Every account's balance from the operator's ``fund``, ``escrow`` and
+    ``settlement`` entries (escrow held per task under ``escrow:<task id>``), and the
+    entries that would have driven a balance below zero (refused, not applied)."""
+    balance: dict[str, int] = {}
+    violations: list[str] = []
+    scientist_of: dict[str, str] = {}
+    for index, entry in entries:
+        f = entry.fields
+        if entry.kind == "offer":
+            scientist_of.setdefault(str(f["task_id"]), entry.author)
+        if entry.author != operator:
+            continue
+        if entry.kind == "fund":
+            amount = int(f["amount"])
+            if amount <= 0:
+                violations.append(f"entry {index}: fund of {amount}, expected > 0")
+                continue
+            balance[str(f["account"])] = balance.get(str(f["account"]), 0) + amount
+        elif entry.kind == "escrow":
+            account, amount = str(f["account"]), int(f["amount"])
+            if amount < 0 or balance.get(account, 0) < amount:
+                violations.append(f"entry {index}: escrow of {amount} from {account[:16]} "
+                                  f"whose balance is {balance.get(account, 0)}")
+                continue
+            balance[account] -= amount
+            pot = f"escrow:{f['task_id']}"
+            balance[pot] = balance.get(pot, 0) + amount
+        elif entry.kind == "settlement":
+            pot = f"escrow:{f['task_id']}"
+            payouts = {str(k): int(v) for k, v in dict(f["payouts"]).items()}
+            refund = int(f["scientist_refund"])
+            total = sum(payouts.values()) + refund
+            if total != balance.get(pot, 0) or min([refund, *payouts.values()]) < 0:
+                violations.append(f"entry {index}: settlement pays {total}, escrow holds "
+                                  f"{balance.get(pot, 0)}")
+                continue
+            balance[pot] = 0
+            for who, amount in payouts.items():
+                balance[who] = balance.get(who, 0) + amount
+            scientist = scientist_of.get(str(f["task_id"]), "")
+            balance[scientist] = balance.get(scientist, 0) + refund
+    return {k: v for k, v in sorted(balance.items()) if v}, violations

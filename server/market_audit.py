@@ -1,0 +1,152 @@
+"""``poi audit RUN_DIR``: the independent auditor of a task's market.
+
+From the ledger, its blobs and the revealed validation set alone (no report, no key,
+nothing the operator or the Scientist say outside the ledger) it
+
+1. verifies the ledger itself (signatures, encodings, Merkle roots, checkpoints);
+2. checks the escrow covers the offer's terms;
+3. checks the revealed examples against the salted commitments' Merkle root;
+4. replays the model from the initial weights through every selected update, checking
+   each round's model digest, and recomputes every published score (and coalition
+   loss) on the revealed set within the offer's tolerance;
+5. recomputes the settlement (including any forfeiture) and compares it, amount by
+   amount, with the operator's ``settlement`` entry;
+6. derives every balance and checks none ever goes below zero.
+
+``ok`` is true only when everything matches; ``mismatches`` lists what did not, the
+first one first. A Scientist's false score is not an audit failure when the
+settlement recorded the forfeiture it causes: it is reported as ``findings``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ledger import LedgerError, LogReader, verify_log
+from ledger.blobs import BlobStore
+from server.market import (
+    MarketError,
+    MarketRecord,
+    balances,
+    read_market,
+    replay,
+    settlement_fields,
+    settlement_of,
+)
+from server.report import write_json
+
+LEDGER_FILE = "ledger.db"
+AUDIT_FILE = "audit.json"
+
+
+@dataclass
+class MarketAudit:
+    ok: bool = False
+    mismatches: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+    task_id: str = ""
+    scientist: str = ""
+    forfeited: bool | None = None
+    reason: str = ""
+    reveal: str = ""
+    payouts: dict[str, int] = field(default_factory=dict)
+    reward_payouts: dict[str, int] = field(default_factory=dict)
+    fee_payouts: dict[str, int] = field(default_factory=dict)
+    scientist_refund: int | None = None
+    escrow: int = 0
+    fraction_micro: int | None = None  # total fraction of convergence, in millionths
+    losses_micro: list[int] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    balances: dict[str, int] = field(default_factory=dict)
+    ledger_size: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _compare_settlement(record: MarketRecord, expected: Mapping[str, Any]) -> list[str]:
+    if record.settlement_index is None:
+        return ["settlement: the ledger has no settlement entry"]
+    out = []
+    for name, want in expected.items():
+        got = record.settlement.get(name)
+        if got != want:
+            out.append(f"settlement entry {record.settlement_index}: {name} is {got!r}, "
+                       f"the rules give {want!r}")
+    return out
+
+
+def audit_run(run_dir: Path) -> MarketAudit:
+    """Audit the task recorded in ``run_dir/ledger.db`` (module docstring)."""
+    run_dir = Path(run_dir)
+    db = run_dir / LEDGER_FILE if run_dir.is_dir() else run_dir
+    audit = MarketAudit()
+    try:
+        report = verify_log(db)
+    except LedgerError as exc:
+        audit.mismatches.append(f"ledger: {exc}")
+        return audit
+    audit.ledger_size = report.size
+    if report.failure is not None:
+        audit.mismatches.append(f"ledger: {report.failure}")
+        return audit
+    with LogReader.open(db) as reader:
+        entries = list(reader.entries())
+    try:
+        record = read_market(entries)
+    except MarketError as exc:
+        audit.mismatches.append(f"market: {exc}")
+        return audit
+    audit.task_id, audit.scientist = record.task_id, record.scientist
+    audit.findings.extend(record.problems)
+    terms = record.terms.money
+    audit.escrow = record.escrowed
+    if record.escrowed != terms.escrow:
+        audit.mismatches.append(
+            f"escrow: expected {terms.escrow} (reward + deposit + fee escrow), "
+            f"the ledger escrowed {record.escrowed}")
+    blobs = BlobStore.beside(db)
+    result = replay(record, blobs)
+    audit.reveal = result.reveal_status + (f": {result.reveal_detail}" if result.reveal_detail
+                                           else "")
+    audit.mismatches.extend(result.mismatches)
+    audit.findings.extend(result.score_mismatches)
+    for server_round in range(0, record.last_round + 1):
+        selection = record.selections.get(server_round)
+        score = record.scores.get(server_round)
+        audit.rounds.append({
+            "round": server_round,
+            "published_loss_micro": score.loss_micro if score else None,
+            "replayed_loss_micro": result.losses.get(server_round),
+            "selected": [record.author_of(server_round, d) for d in selection.selected]
+            if selection else [],
+        })
+    if not result.mismatches:
+        try:
+            settlement, losses = settlement_of(record, result)
+        except MarketError as exc:
+            audit.mismatches.append(str(exc))
+        else:
+            expected = settlement_fields(record.task_id, settlement, losses)
+            audit.mismatches.extend(_compare_settlement(record, expected))
+            audit.forfeited, audit.reason = settlement.forfeited, settlement.reason
+            audit.payouts = settlement.payouts
+            audit.reward_payouts = settlement.reward_payouts
+            audit.fee_payouts = settlement.fee_payouts
+            audit.scientist_refund = settlement.scientist_refund
+            audit.losses_micro = losses
+            frac = settlement.fraction
+            audit.fraction_micro = frac.numerator * 1_000_000 // frac.denominator
+    audit.balances, violations = balances(entries, operator=record.operator)
+    audit.mismatches.extend(f"balance: {v}" for v in violations)
+    audit.ok = not audit.mismatches
+    return audit
+
+
+def write_audit(run_dir: Path, audit: MarketAudit) -> Path:
+    path = Path(run_dir) / AUDIT_FILE
+    write_json(path, audit.to_json())
+    return path

@@ -1,0 +1,137 @@
+"""One task's market, run beside the rounds: open, score every round, close, reveal,
+settle. The ServerApp drives it; the strategy calls :meth:`publish_score` after each
+round. The Scientist signs with its own key (``scientist.pem``, mode 0600, beside the
+ledger; ``scientist.pub`` is public); the operator signs ``fund``, ``escrow``, ``close``,
+``deadline`` and ``settlement``. The settlement the operator records is the one
+:func:`server.market.settlement_of` computes from the ledger and the blobs, the same
+function ``poi audit`` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.common import log
+
+from client.config import RunConfig
+from client.task import Dataset
+from ledger.keys import Signer
+from server.market import (
+    MarketRecord,
+    Replay,
+    Scientist,
+    read_market,
+    replay,
+    settlement_fields,
+    settlement_of,
+)
+from server.round_ledger import RoundLedger
+from server.settlement import Settlement
+
+SCIENTIST_KEY_FILE = "scientist.pem"
+
+
+@dataclass
+class Closing:
+    """What the end of a task produced."""
+
+    settlement: Settlement
+    record: MarketRecord
+    replay: Replay
+
+
+class MarketSession:
+    def __init__(self, ledger: RoundLedger, scientist: Scientist) -> None:
+        self.ledger = ledger
+        self.scientist = scientist
+        self.last_round = 0
+
+    @classmethod
+    def open(cls, ledger: RoundLedger, *, out_dir: Path, config: RunConfig,
+             validation: Dataset, initial_weights: Mapping[str, np.ndarray],
+             model_digest: str) -> MarketSession:
+        """The Scientist's key, the operator's record of the Scientist's payment, the
+        offer (terms and commitments), the escrow, and the initial model's score."""
+        key_path = out_dir / SCIENTIST_KEY_FILE
+        if key_path.exists():
+            signer = Signer.load(key_path)
+        else:
+            signer = Signer.generate()
+            signer.save(key_path, private=True)
+            signer.save(out_dir / "scientist.pub")
+        scientist = Scientist.create(signer, task_id=ledger.task_id, validation=validation,
+                                     config=config)
+        session = cls(ledger, scientist)
+        escrow = scientist.terms.money.escrow
+        ledger.append_operator([("fund", {
+            "account": scientist.key_id, "amount": escrow,
+            "memo": "Scientist's payment for the task's escrow, received outside the ledger",
+        })])
+        ledger.append_signed(signer, [("offer", scientist.offer_fields(model_digest=model_digest))])
+        ledger.append_operator([("escrow", {"task_id": ledger.task_id,
+                                            "account": scientist.key_id, "amount": escrow})])
+        ledger.append_signed(signer, [("score", scientist.score_fields(0, initial_weights))])
+        log(INFO, "poi market: reward %s, escrow %s, %s validation examples committed",
+            scientist.terms.reward, escrow, len(validation))
+        return session
+
+    # ------------------------------------------------------------------ rounds
+    def publish_score(self, server_round: int, weights: Mapping[str, np.ndarray], *,
+                      base: Mapping[str, np.ndarray],
+                      deltas: Sequence[Mapping[str, np.ndarray]]) -> int:
+        """The Scientist's signed ``score`` for the model after ``server_round``."""
+        fields = self.scientist.score_fields(server_round, weights, base, deltas)
+        self.ledger.append_signed(self.scientist.signer, [("score", fields)])
+        self.last_round = server_round
+        return int(fields["loss_micro"])
+
+    @property
+    def should_stop(self) -> bool:
+        return self.scientist.patience_exhausted
+
+    # ------------------------------------------------------------------- close
+    def close(self, *, reason: str) -> Closing:
+        """Close training, let the Scientist reveal (or not), record the deadline when
+        no reveal came, then compute and record the settlement."""
+        ledger = self.ledger
+        ledger.append_operator([("close", {"task_id": ledger.task_id, "round": self.last_round,
+                                           "reason": reason})])
+        blob = self.scientist.reveal_blob()
+        if blob is not None:
+            digest = ledger.blobs.put(blob)
+            ledger.append_signed(self.scientist.signer, [("reveal", {
+                "task_id": ledger.task_id, "validation_digest": digest,
+                "count": len(self.scientist.validation)})])
+        else:
+            # In deployment the operator waits reveal-deadline-rounds rounds of its clock
+            # first; in simulation the withholding Scientist is known at once.
+            log(WARNING, "poi market: no reveal; the deadline passes")
+            ledger.append_operator([("deadline", {
+                "task_id": ledger.task_id,
+                "round": self.last_round + self.scientist.terms.reveal_deadline_rounds})])
+        record, result = self.read()
+        settlement, losses = settlement_of(record, result)
+        ledger.append_operator([("settlement",
+                                 settlement_fields(ledger.task_id, settlement, losses))])
+        if settlement.forfeited:
+            log(WARNING, "poi market: the Scientist forfeits (%s)", settlement.reason)
+        return Closing(settlement=settlement, record=record, replay=result)
+
+    def read(self) -> tuple[MarketRecord, Replay]:
+        record = read_market(self.ledger.log_.entries())
+        return record, replay(record, self.ledger.blobs)
+
+    def summary(self, closing: Closing) -> dict[str, Any]:
+        s = closing.settlement
+        return {
+            "scientist": self.scientist.key_id, "reward": self.scientist.terms.reward,
+            "escrow": self.scientist.terms.money.escrow, "forfeited": s.forfeited,
+            "reason": s.reason, "payouts": s.payouts, "scientist_refund": s.scientist_refund,
+            "fraction_micro": s.fraction.numerator * 1_000_000 // s.fraction.denominator,
+            "published_loss_micro": dict(self.scientist.published),
+        }
