@@ -450,6 +450,10 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
                 f"round {server_round}: replayed model {digest[:16]} does not match the "
                 f"ledger's {str(record.models.get(server_round))[:16]}")
             return out
+        try:
+            blobs.get(digest)
+        except LedgerError as exc:
+            out.mismatches.append(f"round {server_round}: model blob: {exc}")
         score = record.scores.get(server_round)
         if score is not None and score.model_digest and score.model_digest != digest:
             out.score_mismatches.append(f"round {server_round}: score is for another model")

@@ -31,6 +31,9 @@ def plot_market(report: Mapping[str, Any], path: Path) -> Path:
         bad = any(a in attackers for a in who)
         left.annotate(label, (r, published[r]), textcoords="offset points", xytext=(0, 7),
                       ha="center", fontsize=8, color=ATTACKER if bad else HONEST)
+    from matplotlib.ticker import MaxNLocator
+
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("round")
     left.set_ylabel("validation loss (published by the Scientist)")
     left.set_title("Validation loss; labels = applied update's subscriber")

@@ -15,13 +15,19 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 warnings.filterwarnings("ignore")
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity() -> None:
+def set_task_identity() -> None:
+    """Flower's message constructors read this process-wide identity (set for
+    module-scoped fixtures too, which run before the autouse one)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = 4242
     TaskIdentity.node_id = 1
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity() -> None:
+    set_task_identity()
 
 
 Handler = Callable[[Any, Any], Any]

@@ -14,10 +14,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from client import protocol as P
 from client.client_app import train, vote
 from client.config import RunConfig
-from client.task import get_weights, make_model
+from client.task import digits_split, get_weights, make_model
 from client.witness import LedgerRefusal, SeenTree, check_checkpoint
 from crypto.digests import canonical_tensor_bytes, tensors_digest
 from ledger import Log, LogReader, Signer, parse_entry, verify_log
+from server.market_session import MarketSession
 from server.round_ledger import RoundLedger
 from server.selection import assign_committees
 from server.server_app import make_central_evaluate, train_config_for
@@ -35,10 +36,14 @@ def _ledger_run(tmp_path: Path, run: dict, rounds: int, poi: PoIConfig, tamper=N
     model = make_model(hidden_units=config.hidden_units, activation=config.activation,
                        seed=config.seed)
     initial = ArrayRecord(model.state_dict())
+    weights = arrays_to_numpy(initial)
     ledger = RoundLedger.create(tmp_path, config=config.to_mapping(),
-                                initial_model=canonical_tensor_bytes(arrays_to_numpy(initial)))
+                                initial_model=canonical_tensor_bytes(weights))
+    market = MarketSession.open(ledger, out_dir=tmp_path, config=config,
+                                validation=digits_split().validation, initial_weights=weights,
+                                model_digest=tensors_digest(weights))
     strategy = ProofOfIntelligence(config=poi, min_available_nodes=config.num_subscribers,
-                                   ledger=ledger)
+                                   ledger=ledger, market=market)
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
                    train_config=train_config_for(config),
                    evaluate_fn=make_central_evaluate(config))
@@ -56,7 +61,7 @@ def test_rounds_are_recorded_verifiable_and_committees_recomputable(tmp_path: Pa
     reader = LogReader.open(tmp_path / "ledger.db")
     entries = [parse_entry(reader.entry(i)) for i in range(reader.size)]
     kinds = [e.kind for e in entries]
-    assert kinds[:2] == ["key", "task"]
+    assert kinds[:7] == ["key", "task", "fund", "key", "offer", "escrow", "score"]
     for server_round in (1, 2):
         in_round = [e for e in entries if e.fields.get("round") == server_round]
         candidates = [e for e in in_round if e.kind == "candidate"]

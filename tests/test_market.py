@@ -1,0 +1,292 @@
+"""The market end to end over an in-process Grid (real ClientApp handlers, the real
+``run_task``): task creation, scores, reveal, settlement, forfeiture, and the independent
+audit, which must fail on a mutated blob, a mutated score or a settlement that is not
+what the rules give."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from client import protocol as P
+from client.client_app import train, vote
+from client.config import RunConfig
+from ledger import LogReader, Signer
+from ledger.blobs import BlobStore
+from server.market import balances, read_market, replay, settlement_of
+from server.market_audit import audit_run
+from server.server_app import run_task
+from server.settlement import FORFEIT_MISMATCH, FORFEIT_NO_REVEAL, FORFEIT_SCORE
+from tests.conftest import InProcessGrid, make_contexts, set_task_identity
+
+HANDLERS = {"train": train, P.VOTE_MESSAGE_TYPE: vote}
+BASE = {"num-subscribers": 5, "num-server-rounds": 2, "partitioner": "iid", "seed": 3,
+        "reward": 100_000, "update-fee": 7}
+
+
+def market_run(out: Path, **extra: Any) -> dict[str, Any]:
+    run = {**BASE, **extra, "out-dir": str(out)}
+    config = RunConfig.from_mapping(run)
+    grid = InProcessGrid(make_contexts(run, config.num_subscribers), HANDLERS)
+    return run_task(grid, config, out)
+
+
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    set_task_identity()
+    out = tmp_path_factory.mktemp("honest")
+    return out, market_run(out)
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _entries(run: Path) -> list[Any]:
+    with LogReader.open(run / "ledger.db") as reader:
+        return list(reader.entries())
+
+
+# ------------------------------------------------------------------------- honest
+def test_honest_market_settles_conserves_money_and_audits(honest: tuple[Path, dict]) -> None:
+    out, report = honest
+    market = report["market"]
+    assert market["forfeited"] is False and market["audit_ok"] is True
+    escrow = 2 * 100_000 + 7 * 5 * 2
+    assert market["escrow"] == escrow
+    assert sum(market["payouts"].values()) + market["scientist_refund"] == escrow
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["ok"] is True and audit["mismatches"] == []
+    assert audit["payouts"] == market["payouts"] and audit["forfeited"] is False
+    assert audit["scientist_refund"] == market["scientist_refund"]
+    # every published score is reproduced by the replay on the revealed set
+    for rnd in audit["rounds"]:
+        assert abs(rnd["published_loss_micro"] - rnd["replayed_loss_micro"]) <= 10
+    # report: each subscriber's key id is its key file's, its payout the settlement's
+    for sub in report["subscribers"]:
+        key = Signer.load(out / "keys" / f"partition-{sub['partition_id']}.pem").key_id
+        assert sub["key_id"] == key
+        assert sub["payout"] == market["payouts"].get(key, 0)
+    assert (out / "market.png").stat().st_size > 10_000
+    # the pool is R times the fraction of convergence, rounded down
+    losses = audit["losses_micro"]
+    pool = 100_000 * (losses[0] - losses[-1]) // losses[0]
+    assert sum(audit["reward_payouts"].values()) == max(pool, 0)
+
+
+def test_the_selected_author_is_credited_with_the_round_improvement(
+        honest: tuple[Path, dict]) -> None:
+    out, report = honest
+    audit = json.loads((out / "audit.json").read_text())
+    losses = audit["losses_micro"]
+    credit: dict[str, int] = {}
+    for rnd in audit["rounds"][1:]:
+        (author,) = rnd["selected"]
+        credit[author] = credit.get(author, 0) + losses[rnd["round"] - 1] - losses[rnd["round"]]
+    positive = {k for k, v in credit.items() if v > 0}
+    assert set(audit["reward_payouts"]) == positive
+    for author in set(credit) - positive:
+        assert author not in audit["payouts"]
+
+
+def test_balances_are_derived_from_the_ledger(honest: tuple[Path, dict]) -> None:
+    out, report = honest
+    entries = _entries(out)
+    record = read_market(entries)
+    money, violations = balances(entries, operator=record.operator)
+    assert violations == []
+    assert money.get(f"escrow:{record.task_id}", 0) == 0  # all of the escrow was settled
+    assert money.get(record.scientist) == report["market"]["scientist_refund"]
+    for key, amount in report["market"]["payouts"].items():
+        assert money[key] == amount
+
+
+def test_settlement_ignores_the_order_of_unrelated_entries(honest: tuple[Path, dict]) -> None:
+    out, _ = honest
+    entries = _entries(out)
+    record = read_market(entries)
+    result = replay(record, BlobStore.beside(out / "ledger.db"))
+    expected = settlement_of(record, result)
+    unrelated = [i for i, (_, e) in enumerate(entries)
+                 if e.kind in ("vote", "rejection", "cosignature", "fund", "key")]
+    assert len(unrelated) > 10
+    rng = random.Random(0)
+    for _ in range(5):
+        shuffled = list(entries)
+        positions = list(unrelated)
+        rng.shuffle(positions)
+        for src, dst in zip(unrelated, positions, strict=True):
+            shuffled[dst] = entries[src]
+        assert settlement_of(read_market(shuffled), result) == expected
+
+
+# ------------------------------------------------------------------- forfeiture
+@pytest.mark.parametrize(("behaviour", "reason"), [
+    ("inflate-score", FORFEIT_SCORE),
+    ("tamper-reveal", FORFEIT_MISMATCH),
+    ("withhold-reveal", FORFEIT_NO_REVEAL),
+])
+def test_a_lying_or_silent_scientist_forfeits(tmp_path: Path, behaviour: str,
+                                              reason: str) -> None:
+    report = market_run(tmp_path, scientist=behaviour)
+    market = report["market"]
+    assert market["forfeited"] is True and market["reason"] == reason
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert audit["ok"] is True and audit["forfeited"] is True and audit["reason"] == reason
+    fees = 7 * 5 * 2  # every update was valid and scored
+    # reward, deposit and the fee pool all go to the subscribers; nothing comes back
+    assert sum(market["payouts"].values()) == 2 * 100_000 + fees
+    assert market["scientist_refund"] == 0
+    if behaviour == "inflate-score":
+        assert any("published loss" in f for f in audit["findings"])
+    else:  # nothing to replay on: equal shares among the five contributors
+        amounts = sorted(market["payouts"].values())
+        assert len(amounts) == 5 and amounts[-1] - amounts[0] <= 1
+
+
+# --------------------------------------------------------------------- the audit
+def test_a_mutated_update_blob_fails_the_audit(honest: tuple[Path, dict], tmp_path: Path) -> None:
+    run = _copy(honest[0], tmp_path)
+    record = read_market(_entries(run))
+    digest = record.selections[2].selected[0]
+    path = BlobStore.beside(run / "ledger.db").path(digest)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+    result = audit_run(run)
+    assert not result.ok
+    assert digest[:16] in result.mismatches[0] and "round 2" in result.mismatches[0]
+
+
+def test_a_mutated_score_fails_the_audit(honest: tuple[Path, dict], tmp_path: Path) -> None:
+    run = _copy(honest[0], tmp_path)
+    index = next(i for i, e in _entries(run) if e.kind == "score" and e.fields["round"] == 1)
+    with sqlite3.connect(run / "ledger.db") as db:
+        db.execute("DROP TRIGGER IF EXISTS entries_no_update")
+        triggers = [r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type='trigger'")]
+        for name in triggers:
+            db.execute(f"DROP TRIGGER {name}")
+        (leaf,) = db.execute("SELECT CAST(leaf AS BLOB) FROM entries WHERE idx = ?",
+                             (index,)).fetchone()
+        score = json.loads(bytes(leaf).split(b"\n")[0])["loss_micro"]
+        mutated = bytes(leaf).replace(b'"loss_micro":%d' % score, b'"loss_micro":%d' % (score + 1))
+        assert mutated != bytes(leaf)
+        db.execute("UPDATE entries SET leaf = ? WHERE idx = ?", (mutated, index))
+    result = audit_run(run)
+    assert not result.ok and result.mismatches[0].startswith("ledger:")
+    assert str(index) in result.mismatches[0]
+
+
+def test_a_missing_reveal_blob_fails_the_audit(honest: tuple[Path, dict], tmp_path: Path) -> None:
+    run = _copy(honest[0], tmp_path)
+    record = read_market(_entries(run))
+    BlobStore.beside(run / "ledger.db").path(record.reveal["validation_digest"]).unlink()
+    result = audit_run(run)
+    # the rules now say "forfeited", the ledger's settlement says otherwise
+    assert not result.ok and result.forfeited is True
+    assert any("settlement entry" in m and "forfeited" in m for m in result.mismatches)
+
+
+def test_a_settlement_the_rules_do_not_give_fails_the_audit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.market_session as session
+
+    real = session.settlement_of
+
+    def skim(record, result):  # type: ignore[no-untyped-def]
+        settlement, losses = real(record, result)
+        payouts = dict(settlement.reward_payouts)
+        victim = next(iter(payouts))
+        payouts[victim] -= 1  # the operator keeps one unit back for the Scientist
+        from dataclasses import replace
+        return replace(settlement, reward_payouts=payouts,
+                       scientist_refund=settlement.scientist_refund + 1), losses
+
+    monkeypatch.setattr(session, "settlement_of", skim)
+    report = market_run(tmp_path)
+    assert report["market"]["audit_ok"] is False
+    result = audit_run(tmp_path)
+    assert not result.ok and "payouts" in result.mismatches[0]
+
+
+def test_audit_cli_exit_codes_and_audit_json(honest: tuple[Path, dict], tmp_path: Path) -> None:
+    from server.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["audit", str(honest[0])], env={"COLUMNS": "200"})
+    assert ok.exit_code == 0, ok.output
+    assert "audit ok" in ok.output and "Scientist refund" in ok.output
+    audit = json.loads((honest[0] / "audit.json").read_text())
+    for key in ("ok", "payouts", "scientist_refund", "forfeited", "mismatches"):
+        assert key in audit
+    run = _copy(honest[0], tmp_path)
+    record = read_market(_entries(run))
+    model = BlobStore.beside(run / "ledger.db").path(record.models[1])
+    os.chmod(model, 0o644)
+    model.unlink()
+    bad = runner.invoke(app, ["audit", str(run)], env={"COLUMNS": "200"})
+    assert bad.exit_code == 1 and "audit failed" in bad.output
+    assert json.loads((run / "audit.json").read_text())["ok"] is False
+    missing = runner.invoke(app, ["audit", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2
+
+
+# ---------------------------------------------------------------- top-k, patience
+def test_top_k_splits_each_round_by_exact_shapley(tmp_path: Path) -> None:
+    report = market_run(tmp_path, **{"top-k": 2, "num-server-rounds": 1})
+    entries = _entries(tmp_path)
+    score = next(e for _, e in entries if e.kind == "score" and e.fields["round"] == 1)
+    coalitions = {int(k): v for k, v in score.fields["coalitions_micro"].items()}
+    assert set(coalitions) == {1, 2, 3} and coalitions[3] == score.fields["loss_micro"]
+    l0 = next(e for _, e in entries if e.kind == "score" and e.fields["round"] == 0)
+    base = l0.fields["loss_micro"]
+    # two players: phi_a = (v(a) + v(ab) - v(b)) / 2 with v(C) = L0 - L(C)
+    v = {m: base - loss for m, loss in coalitions.items()}
+    record = read_market(entries)
+    first, second = (record.author_of(1, d) for d in record.selections[1].selected)
+    phi = {first: (v[1] + v[3] - v[2]) / 2, second: (v[2] + v[3] - v[1]) / 2}
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert audit["ok"] is True
+    positive = {k for k, x in phi.items() if x > 0}
+    assert set(audit["reward_payouts"]) == positive
+    if len(positive) == 2:
+        pool = sum(audit["reward_payouts"].values())
+        share = phi[first] / (phi[first] + phi[second]) * pool
+        assert abs(audit["reward_payouts"][first] - share) <= 1
+    assert report["market"]["forfeited"] is False
+
+
+def test_patience_stops_training_when_the_validation_loss_stalls(tmp_path: Path) -> None:
+    # updates of ~1e-8 move the loss by far less than a micro-unit: no round improves
+    report = market_run(tmp_path, **{"num-server-rounds": 6, "patience": 2,
+                                     "learning-rate": 1e-7, "noise-multiplier": 0.0})
+    assert report["stopped"] == "patience"
+    assert len(report["rounds"]) == 2
+    closes = [e for _, e in _entries(tmp_path) if e.kind == "close"]
+    assert [(c.fields["round"], c.fields["reason"]) for c in closes] == [(2, "patience")]
+    assert json.loads((tmp_path / "audit.json").read_text())["ok"] is True
+
+
+def test_market_terms_are_checked(tmp_path: Path) -> None:
+    from client.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reward"):
+        RunConfig.from_mapping({"reward": -1})
+    with pytest.raises(ConfigError, match="scientist"):
+        RunConfig.from_mapping({"scientist": "sloppy"})
+    with pytest.raises(ConfigError, match="scientist-fee-share-ppm"):
+        RunConfig.from_mapping({"scientist-fee-share-ppm": 1_000_001})
+    with pytest.raises(ConfigError, match="escrow"):
+        RunConfig.from_mapping({"reward": 2**52})
