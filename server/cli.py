@@ -59,8 +59,10 @@ def _fmt_round(report: dict[str, Any], index: int) -> str:
     rejected = ", ".join(f"{r['author']} ({r['reason'][:60]})" for r in rnd["rejected"]) or "-"
     acc = rnd["accuracy"]
     selected = "n/a" if report["strategy"] != "poi" else (", ".join(map(str, sel)) or "none")
-    line = (f"round {rnd['round']:>3}  accuracy {acc:6.3f}  selected [{selected}]"
-            f"  rejected [{rejected}]")
+    line = f"round {rnd['round']:>3}  accuracy {acc:6.3f}"
+    if rnd.get("published_validation_loss") is not None:
+        line += f"  val-loss {rnd['published_validation_loss']:.4f}"
+    line += f"  selected [{selected}]  rejected [{rejected}]"
     ranked = sorted((c for c in rnd["candidates"] if c["score"] is not None),
                     key=lambda c: (-c["score"], c["id"]))
     attacker_ranks = [i + 1 for i, c in enumerate(ranked) if c["attacker"]]

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from client.config import RunConfig
+from client.config import ACTIVATIONS, RunConfig
 from client.task import NUM_CLASSES, NUM_FEATURES, Dataset, evaluate, make_model, set_weights
 from client.witness import to_micro
 from crypto.commitments import (
@@ -105,8 +105,11 @@ def loss_micro(weights: Mapping[str, np.ndarray], data: Dataset, *,
     """Validation loss of ``weights`` in micro-units (float64 on CPU, see ``evaluate``)."""
     model = make_model(hidden_units=int(architecture["hidden_units"]),
                        activation=str(architecture["activation"]), seed=0)
-    set_weights(model, weights)
-    loss, _ = evaluate(model, data)
+    try:
+        set_weights(model, weights)
+        loss, _ = evaluate(model, data)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise MarketError(f"model does not fit the offer's architecture or data: {exc}") from exc
     return to_micro(loss)
 
 
@@ -339,7 +342,27 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
         raise MarketError("expected a task entry in the ledger, found none")
     if not record.offer:
         raise MarketError("expected a Scientist's offer entry in the ledger, found none")
+    check_offer(record.offer)
     return record
+
+
+def check_offer(offer: Mapping[str, Any]) -> None:
+    """Raise :class:`MarketError` for an offer no settlement or replay can use."""
+    for name in MarketTerms.__dataclass_fields__:
+        value = offer.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise MarketError(f"offer: expected {name} as an integer >= 0, got {value!r}")
+    if offer.get("deposit") != offer.get("reward"):
+        raise MarketError(f"offer: expected a deposit equal to the reward ({offer.get('reward')}), "
+                          f"got {offer.get('deposit')!r}")
+    arch = offer.get("architecture")
+    if not isinstance(arch, dict) or arch.get("family") != "poly-mlp":
+        raise MarketError(f"offer: expected a poly-mlp architecture, got {arch!r}")
+    hidden, activation = arch.get("hidden_units"), arch.get("activation")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or not 1 <= hidden <= 4096:
+        raise MarketError(f"offer: expected hidden_units in 1..4096, got {hidden!r}")
+    if activation not in ACTIVATIONS:
+        raise MarketError(f"offer: expected activation in {list(ACTIVATIONS)}, got {activation!r}")
 
 
 # ------------------------------------------------------------------------------ replay
@@ -395,7 +418,6 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
     out = Replay()
     status, detail, revealed = check_reveal(record, blobs)
     out.reveal_status, out.reveal_detail = status, detail
-    architecture = record.offer["architecture"]
     data = (Dataset(x=revealed.x, y=revealed.y) if revealed is not None else None)
     tolerance = int(record.offer["score_tolerance_micro"])
     if record.initial_model_digest != record.offer["model_digest"]:
@@ -425,31 +447,46 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
                     f"replay gives {value}")
                 break
 
+    try:
+        _replay_rounds(out, record, blobs, data, weights, compare)
+    except MarketError as exc:
+        out.mismatches.append(str(exc))
+    return out
+
+
+def _replay_rounds(out: Replay, record: MarketRecord, blobs: BlobStore, data: Dataset | None,
+                   weights: dict[str, np.ndarray], compare: Any) -> None:
+    architecture = record.offer["architecture"]
     if data is not None:
         compare(0, loss_micro(weights, data, architecture=architecture), {})
     for server_round in range(1, record.last_round + 1):
         selection = record.selections.get(server_round)
         if selection is None:
             out.mismatches.append(f"round {server_round}: no selection entry")
-            return out
+            return
         try:
             deltas = [_tensors(blobs, d, f"round {server_round} update {d[:16]}")
                       for d in selection.selected]
         except MarketError as exc:
             out.mismatches.append(str(exc))
-            return out
+            return
         for digest in selection.selected:
             if not record.author_of(server_round, digest):
                 out.mismatches.append(
                     f"round {server_round}: selected update {digest[:16]} has no signed candidate")
         base = weights
-        weights = apply_updates(base, deltas)
+        try:
+            weights = apply_updates(base, deltas)
+        except (KeyError, ValueError) as exc:
+            out.mismatches.append(f"round {server_round}: selected updates do not fit the "
+                                  f"model ({type(exc).__name__}: {exc})")
+            return
         digest = tensors_digest(weights)
         if record.models.get(server_round) != digest:
             out.mismatches.append(
                 f"round {server_round}: replayed model {digest[:16]} does not match the "
                 f"ledger's {str(record.models.get(server_round))[:16]}")
-            return out
+            return
         try:
             blobs.get(digest)
         except LedgerError as exc:
@@ -463,7 +500,6 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
             compare(server_round, loss_micro(weights, data, architecture=architecture),
                     coalitions)
     out.weights = weights
-    return out
 
 
 # -------------------------------------------------------------------------- settlement

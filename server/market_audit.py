@@ -37,6 +37,7 @@ from server.market import (
     settlement_of,
 )
 from server.report import write_json
+from server.settlement import SettlementError
 
 LEDGER_FILE = "ledger.db"
 AUDIT_FILE = "audit.json"
@@ -127,8 +128,8 @@ def audit_run(run_dir: Path) -> MarketAudit:
     if not result.mismatches:
         try:
             settlement, losses = settlement_of(record, result)
-        except MarketError as exc:
-            audit.mismatches.append(str(exc))
+        except (MarketError, SettlementError) as exc:
+            audit.mismatches.append(f"settlement: {exc}")
         else:
             expected = settlement_fields(record.task_id, settlement, losses)
             audit.mismatches.extend(_compare_settlement(record, expected))

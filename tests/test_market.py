@@ -290,3 +290,25 @@ def test_market_terms_are_checked(tmp_path: Path) -> None:
         RunConfig.from_mapping({"scientist-fee-share-ppm": 1_000_001})
     with pytest.raises(ConfigError, match="escrow"):
         RunConfig.from_mapping({"reward": 2**52})
+
+
+def test_a_hostile_offer_is_refused_with_a_reason_not_a_crash() -> None:
+    from ledger.entries import parse_entry
+    from server.market import MarketError
+
+    operator, scientist = Signer.generate(), Signer.generate()
+    offer = {"task_id": "t", "model_digest": "m", "validation_root": "r",
+             "validation_count": 1, "reward": 10, "deposit": 10, "update_fee": 0,
+             "max_updates": 1, "buyer_fee": 0, "scientist_fee_share_ppm": 0,
+             "reveal_deadline_rounds": 1, "score_tolerance_micro": 0, "patience": 0,
+             "architecture": {"family": "poly-mlp", "hidden_units": 2**40,
+                              "activation": "square"}}
+    task = parse_entry(operator.sign_entry("task", seq=1, fields={"task_id": "t"}))
+    for change, match in [({}, "hidden_units"), ({"deposit": 9}, "deposit"),
+                          ({"reward": -1}, "reward")]:
+        bad = {**offer, **change}
+        if change:
+            bad["architecture"] = {**offer["architecture"], "hidden_units": 8}
+        entry = parse_entry(scientist.sign_entry("offer", seq=1, fields=bad))
+        with pytest.raises(MarketError, match=match):
+            read_market([(0, task), (1, entry)])
