@@ -207,6 +207,36 @@ def load_data_file(path: str | Path, *, label_column: str = "label") -> Dataset:
     return _checked_dataset(x, y, source=p.name)
 
 
+def load_features(path: str | Path, *, label_column: str = "label") -> np.ndarray:
+    """A buyer's inputs: ``.npz`` with ``x`` (n, 64), or ``.csv`` with 64 feature columns
+    (a ``label`` column, if present, is ignored). Scaled as :func:`load_data_file`."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"input: no such file {str(p)!r}")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as data:
+                if "x" not in data:
+                    raise DataError(f"input {p.name}: expected an array 'x', got {sorted(data)}")
+                x = np.asarray(data["x"], dtype=np.float64)
+        elif p.suffix == ".csv":
+            import csv
+
+            with p.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                features = [c for c in (reader.fieldnames or []) if c != label_column]
+                x = np.array([[float(r[c]) for c in features] for r in reader], dtype=np.float64)
+        else:
+            raise DataError(f"input: expected a .npz or .csv file, got {p.name!r}")
+    except DataError:
+        raise
+    except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise DataError(f"input {p.name}: cannot read it ({exc})") from exc
+    if x.ndim != 2:
+        raise DataError(f"input {p.name}: expected x of shape (n, {NUM_FEATURES}), got {x.shape}")
+    return _checked_dataset(x, np.zeros(len(x), dtype=np.int64), source=p.name).x
+
+
 def _checked_dataset(x: np.ndarray, y: np.ndarray, *, source: str) -> Dataset:
     if x.ndim != 2 or x.shape[1] != NUM_FEATURES:
         raise DataError(f"{source}: expected x of shape (n, {NUM_FEATURES}), got {x.shape}")

@@ -44,6 +44,7 @@ class TensorEncodingError(ValueError):
     """Bytes that are not a canonical tensor encoding (see the module docstring)."""
 
 
+_MAX_DIM = 2**32  # no tensor of ours comes near; refuses absurd zero-size shapes too
 _DTYPES = frozenset({"<f4", "<f8", "<i8", "<i4", "|u1", "|i1"})
 
 
@@ -99,6 +100,9 @@ def parse_canonical_tensor_bytes(
             raise TensorEncodingError(
                 f"tensor {name!r}: shape {tuple(shape)} needs {nbytes} bytes, "
                 f"only {len(view) - offset} left")
+        if any(dim > _MAX_DIM for dim in shape):
+            raise TensorEncodingError(
+                f"tensor {name!r}: expected every dimension <= {_MAX_DIM}, got {tuple(shape)}")
         raw = take(nbytes, f"tensor {name!r}")
         out[name] = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
     return out

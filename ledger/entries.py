@@ -151,6 +151,10 @@ register_kind("escrow", required={"task_id": str, "account": str, "amount": int}
 register_kind("close", required={**_ROUND, "reason": str})
 register_kind("reveal", required={"task_id": str, "validation_digest": str, "count": int})
 register_kind("deadline", required={**_ROUND})
+register_kind("fee_settlement", required={
+    "task_id": str, "buyer": str, "voucher": dict, "voucher_signature": str, "amount": int,
+    "cumulative": int, "payouts": dict,
+})
 register_kind("settlement", required={
     "task_id": str, "forfeited": bool, "reason": str, "payouts": dict,
     "reward_payouts": dict, "fee_payouts": dict, "scientist_refund": int, "losses_micro": list,

@@ -555,8 +555,8 @@ def settlement_fields(task_id: str, settlement: Settlement, losses: Sequence[int
 # ---------------------------------------------------------------------------- balances
 def balances(entries: Iterable[tuple[int, Entry]], *, operator: str
              ) -> tuple[dict[str, int], list[str]]:
-    """Every account's balance from the operator's ``fund``, ``escrow`` and
-    ``settlement`` entries (escrow held per task under ``escrow:<task id>``), and the
+    """Every account's balance from the operator's ``fund``, ``escrow``, ``settlement``
+    and ``fee_settlement`` entries (escrow held per task under ``escrow:<task id>``), and the
     entries that would have driven a balance below zero (refused, not applied)."""
     balance: dict[str, int] = {}
     violations: list[str] = []
@@ -582,6 +582,18 @@ def balances(entries: Iterable[tuple[int, Entry]], *, operator: str
             balance[account] -= amount
             pot = f"escrow:{f['task_id']}"
             balance[pot] = balance.get(pot, 0) + amount
+        elif entry.kind == "fee_settlement":
+            buyer, amount = str(f["buyer"]), int(f["amount"])
+            payouts = {str(k): int(v) for k, v in dict(f["payouts"]).items()}
+            if amount < 0 or balance.get(buyer, 0) < amount or sum(payouts.values()) != amount \
+                    or min(payouts.values(), default=0) < 0:
+                violations.append(f"entry {index}: fee settlement of {amount} from "
+                                  f"{buyer[:16]} (balance {balance.get(buyer, 0)}) paying "
+                                  f"{sum(payouts.values())}")
+                continue
+            balance[buyer] -= amount
+            for who, paid in payouts.items():
+                balance[who] = balance.get(who, 0) + paid
         elif entry.kind == "settlement":
             pot = f"escrow:{f['task_id']}"
             payouts = {str(k): int(v) for k, v in dict(f["payouts"]).items()}

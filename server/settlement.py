@@ -224,6 +224,9 @@ def settle(
     contribution the replay computed). With :data:`FORFEIT_MISMATCH` or
     :data:`FORFEIT_NO_REVEAL` no loss can be trusted: shares are equal."""
     terms.check()
+    numbers = [r.round for r in rounds]
+    if len(set(numbers)) != len(numbers):
+        raise SettlementError(f"expected each round once, got rounds {sorted(numbers)}")
     if forfeit and forfeit not in FORFEIT_REASONS:
         raise SettlementError(f"expected forfeit in {list(FORFEIT_REASONS)} or '', got {forfeit!r}")
     scored_updates = sum(len(r.scored) for r in rounds)
