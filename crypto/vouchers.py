@@ -47,7 +47,7 @@ def check_fields(voucher: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, kind):
             raise VoucherError(f"voucher: expected {name} of type {kind.__name__}, "
                                f"got {type(value).__name__}")
-        if kind is int and not 0 <= value <= MAX_INT:
+        if isinstance(value, int) and not 0 <= value <= MAX_INT:
             raise VoucherError(f"voucher: expected 0 <= {name} <= {MAX_INT}, got {value}")
     if voucher["v"] != 1:
         raise VoucherError(f"voucher: expected v 1, got {voucher['v']}")

@@ -11,7 +11,8 @@ nothing the operator or the Scientist say outside the ledger) it
    loss) on the revealed set within the offer's tolerance;
 5. recomputes the settlement (including any forfeiture) and compares it, amount by
    amount, with the operator's ``settlement`` entry;
-6. derives every balance and checks none ever goes below zero.
+6. checks every buyer fee settlement (the buyer's signed voucher, the amount, the
+   split) and derives every balance, checking none ever goes below zero.
 
 ``ok`` is true only when everything matches; ``mismatches`` lists what did not, the
 first one first. A Scientist's false score is not an audit failure when the
@@ -20,13 +21,17 @@ settlement recorded the forfeiture it causes: it is reported as ``findings``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import base64
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crypto import vouchers
 from ledger import LedgerError, LogReader, verify_log
 from ledger.blobs import BlobStore
+from ledger.entries import Entry
+from server.fees import split_fee
 from server.market import (
     MarketError,
     MarketRecord,
@@ -77,6 +82,55 @@ def _compare_settlement(record: MarketRecord, expected: Mapping[str, Any]) -> li
         if got != want:
             out.append(f"settlement entry {record.settlement_index}: {name} is {got!r}, "
                        f"the rules give {want!r}")
+    return out
+
+
+def check_fee_settlements(entries: Sequence[tuple[int, Entry]], record: MarketRecord
+                          ) -> list[str]:
+    """Each ``fee_settlement``: the buyer's voucher verifies with the buyer's key and
+    says the recorded cumulative total; the amount is the increase since the buyer's
+    previous settlement; the split is what ``server.fees.split_fee`` gives."""
+    out: list[str] = []
+    keys: dict[str, bytes] = {}
+    settled: dict[str, int] = {}
+    contributions = {str(k): int(v) for k, v in record.settlement.get("payouts", {}).items()}
+    share = int(record.offer["scientist_fee_share_ppm"])
+    for index, entry in entries:
+        f = entry.fields
+        if entry.kind == "key":
+            keys[entry.author] = base64.b64decode(str(f["public_key"]))
+            continue
+        if entry.kind != "fee_settlement" or entry.author != record.operator:
+            continue
+        where = f"fee settlement entry {index}"
+        buyer, voucher = str(f["buyer"]), dict(f["voucher"])
+        if record.settlement_index is None or index < record.settlement_index:
+            out.append(f"{where}: comes before the task's settlement")
+            continue
+        try:
+            signature = base64.b64decode(str(f["voucher_signature"]), validate=True)
+            if buyer not in keys:
+                raise vouchers.VoucherError(f"buyer {buyer[:16]} has no key entry before it")
+            vouchers.verify(keys[buyer], voucher, signature)
+        except (vouchers.VoucherError, ValueError) as exc:
+            out.append(f"{where}: {exc}")
+            continue
+        if voucher["buyer"] != buyer or voucher["cumulative"] != f["cumulative"] \
+                or voucher["task_id"] != record.task_id:
+            out.append(f"{where}: the voucher is for buyer {voucher['buyer'][:16]}, task "
+                       f"{voucher['task_id'][:16]}, cumulative {voucher['cumulative']}, the "
+                       f"entry says {buyer[:16]}, {record.task_id[:16]}, {f['cumulative']}")
+            continue
+        previous = settled.get(buyer, 0)
+        if f["amount"] != f["cumulative"] - previous:
+            out.append(f"{where}: amount {f['amount']}, expected {f['cumulative'] - previous} "
+                       f"(cumulative {f['cumulative']} - previously settled {previous})")
+            continue
+        settled[buyer] = int(f["cumulative"])
+        expected = split_fee(int(f["amount"]), scientist=record.scientist, share_ppm=share,
+                             contributions=contributions)
+        if dict(f["payouts"]) != expected:
+            out.append(f"{where}: payouts {dict(f['payouts'])}, the rule gives {expected}")
     return out
 
 
@@ -141,6 +195,7 @@ def audit_run(run_dir: Path) -> MarketAudit:
             audit.losses_micro = losses
             frac = settlement.fraction
             audit.fraction_micro = frac.numerator * 1_000_000 // frac.denominator
+    audit.mismatches.extend(check_fee_settlements(entries, record))
     audit.balances, violations = balances(entries, operator=record.operator)
     audit.mismatches.extend(f"balance: {v}" for v in violations)
     audit.ok = not audit.mismatches
