@@ -144,6 +144,9 @@ class RunConfig:
         _at_least("reveal-deadline-rounds", self.reveal_deadline_rounds, 1)
         _at_least("score-tolerance-micro", self.score_tolerance_micro, 0)
         _at_least("patience", self.patience, 0)
+        if self.top_k > 16:
+            raise ConfigError(f"top-k: expected at most 16 (exact Shapley in the settlement "
+                              f"costs 2^k evaluations), got {self.top_k}")
         if self.top_k > self.num_subscribers:
             raise ConfigError(
                 f"top-k: expected at most num-subscribers ({self.num_subscribers}) "

@@ -51,6 +51,7 @@ from server.settlement import (
 )
 
 SCIENTIST_BEHAVIOURS = ("honest", "inflate-score", "tamper-reveal", "withhold-reveal")
+MAX_TOLERANCE_MICRO = 1000  # a score may be off by 0.001 at most, whatever the offer says
 INFLATE_FACTOR = 1.02  # an inflating Scientist publishes 2% more loss than it measured
 
 
@@ -108,9 +109,9 @@ def loss_micro(weights: Mapping[str, np.ndarray], data: Dataset, *,
     try:
         set_weights(model, weights)
         loss, _ = evaluate(model, data)
-    except (RuntimeError, KeyError, ValueError) as exc:
+        return to_micro(loss)
+    except (RuntimeError, KeyError, ValueError, IndexError, OverflowError) as exc:
         raise MarketError(f"model does not fit the offer's architecture or data: {exc}") from exc
-    return to_micro(loss)
 
 
 def coalition_losses(base: Mapping[str, np.ndarray], deltas: Sequence[Mapping[str, np.ndarray]],
@@ -264,6 +265,7 @@ class MarketRecord:
     settlement: dict[str, Any] = field(default_factory=dict)
     settlement_index: int | None = None
     problems: list[str] = field(default_factory=list)
+    conflicting_scores: set[int] = field(default_factory=set)
 
     @property
     def terms(self) -> MarketTerms:
@@ -279,11 +281,31 @@ class MarketRecord:
         return self.candidates.get((server_round, digest), "")
 
 
+MAX_SELECTED = 16  # exact Shapley over at most this many updates per round
+
+
+def _amounts(value: object) -> dict[str, int] | None:
+    """A key id -> non-negative integer mapping, or None when it is not one."""
+    if not isinstance(value, dict):
+        return None
+    out = {}
+    for key, amount in value.items():
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            return None
+        out[str(key)] = amount
+    return out
+
+
 def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
-    """Collect the market's entries. Entries of a kind whose author has no standing (a
-    score not by the Scientist, a settlement not by the operator, ...) are recorded as
-    problems and ignored. Raises :class:`MarketError` when there is no task or offer."""
+    """Collect the market's entries, in log order, up to the settlement (market entries
+    after it are findings, not inputs). Entries whose author has no standing (a score not
+    by the Scientist, a settlement not by the operator, ...) are recorded as problems and
+    ignored, and so are a reveal before ``close`` and a ``deadline`` that comes too early.
+    Raises :class:`MarketError` when there is no task or offer, or when the operator's
+    own entries contradict each other (two models for a round, a ``close`` that is not
+    the last round run)."""
     record = MarketRecord()
+    conflicting: set[int] = set()
     for index, entry in entries:
         f = entry.fields
         kind, author = entry.kind, entry.author
@@ -294,12 +316,20 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
             record.task_id, record.operator = str(f["task_id"]), author
             record.initial_model_digest = str(f.get("model_digest", ""))
             continue
-        if kind in ("fund", "key", "cosignature", "vote", "rejection") or not record.task_id:
+        if kind in ("fund", "key", "cosignature", "vote", "rejection", "fee_settlement") \
+                or not record.task_id:
             continue
         if f.get("task_id") != record.task_id:
             record.problems.append(f"entry {index}: {kind} for another task {f.get('task_id')!r}")
             continue
+        if record.settlement_index is not None:
+            record.problems.append(f"entry {index}: {kind} after the settlement, ignored")
+            continue
         by_operator = author == record.operator
+        server_round = f.get("round")
+        if isinstance(server_round, int) and not 0 <= server_round <= 10**6:
+            raise MarketError(f"entry {index}: {kind} for round {server_round}, "
+                              f"expected 0..1000000")
         if kind == "offer":
             if record.offer:
                 record.problems.append(f"entry {index}: a second offer")
@@ -308,16 +338,29 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
             else:
                 record.offer, record.scientist, record.offer_index = dict(f), author, index
         elif kind == "escrow" and by_operator:
-            record.escrowed += int(f["amount"])
+            if record.scientist and f["account"] == record.scientist:
+                record.escrowed += int(f["amount"])
+            else:
+                record.problems.append(f"entry {index}: escrow from {str(f['account'])[:16]}, "
+                                       "not from the Scientist after its offer")
         elif kind == "candidate":
             record.candidates.setdefault((int(f["round"]), str(f["update_digest"])), author)
         elif kind == "selection" and by_operator:
+            rnd = int(f["round"])
+            if rnd in record.selections:
+                raise MarketError(f"entry {index}: a second selection for round {rnd}")
+            selected = [str(d) for d in f["selected"]]
+            if len(selected) > MAX_SELECTED or len(set(selected)) != len(selected):
+                raise MarketError(f"entry {index}: expected at most {MAX_SELECTED} distinct "
+                                  f"selected updates, got {len(selected)}")
             scored = f.get("scores_micro", {})
-            record.selections[int(f["round"])] = SelectionRecord(
-                selected=[str(d) for d in f["selected"]],
-                scored=sorted(scored) if isinstance(scored, dict) else [])
+            record.selections[rnd] = SelectionRecord(
+                selected=selected, scored=sorted(scored) if isinstance(scored, dict) else [])
         elif kind == "model" and by_operator:
-            record.models[int(f["round"])] = str(f["model_digest"])
+            rnd = int(f["round"])
+            if rnd in record.models:
+                raise MarketError(f"entry {index}: a second model for round {rnd}")
+            record.models[rnd] = str(f["model_digest"])
         elif kind == "score" and author == record.scientist and record.scientist:
             raw = f.get("coalitions_micro", {})
             try:
@@ -325,16 +368,35 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
             except (TypeError, ValueError):
                 record.problems.append(f"entry {index}: malformed coalitions_micro")
                 coalitions = {}
-            record.scores.setdefault(int(f["round"]), ScoreRecord(
-                index=index, loss_micro=int(f["loss_micro"]),
-                model_digest=str(f.get("model_digest", "")), coalitions_micro=coalitions))
+            rnd = int(f["round"])
+            score = ScoreRecord(index=index, loss_micro=int(f["loss_micro"]),
+                                model_digest=str(f.get("model_digest", "")),
+                                coalitions_micro=coalitions)
+            known = record.scores.get(rnd)
+            if known is None:
+                record.scores[rnd] = score
+            elif (known.loss_micro, known.coalitions_micro) != (score.loss_micro,
+                                                                 score.coalitions_micro):
+                conflicting.add(rnd)
+                record.problems.append(f"entry {index}: a second, different score for round {rnd}")
         elif kind == "close" and by_operator and record.close_round is None:
             record.close_round, record.close_reason = int(f["round"]), str(f["reason"])
         elif kind == "reveal" and author == record.scientist and record.reveal_index is None:
-            record.reveal, record.reveal_index = dict(f), index
+            if record.close_round is None:
+                record.problems.append(f"entry {index}: a reveal before close, ignored")
+            else:
+                record.reveal, record.reveal_index = dict(f), index
         elif kind == "deadline" and by_operator and record.deadline_index is None:
-            record.deadline_index = index
-        elif kind == "settlement" and by_operator and record.settlement_index is None:
+            due = (record.close_round or 0) + int(record.offer.get("reveal_deadline_rounds", 0))
+            if record.close_round is None or int(f["round"]) < due:
+                record.problems.append(f"entry {index}: a deadline before it was due (close "
+                                       f"round + reveal_deadline_rounds = {due}), ignored")
+            else:
+                record.deadline_index = index
+        elif kind == "settlement" and by_operator:
+            names = ("payouts", "reward_payouts", "fee_payouts")
+            if any(_amounts(f[n]) is None for n in names) or f["scientist_refund"] < 0:
+                raise MarketError(f"entry {index}: settlement amounts must be integers >= 0")
             record.settlement, record.settlement_index = dict(f), index
         else:
             record.problems.append(f"entry {index}: {kind} by {author} ignored (no standing)")
@@ -343,6 +405,11 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
     if not record.offer:
         raise MarketError("expected a Scientist's offer entry in the ledger, found none")
     check_offer(record.offer)
+    ran = max([*record.models, *record.selections], default=0)
+    if record.close_round is not None and record.close_round != ran:
+        raise MarketError(f"close says round {record.close_round}, the ledger has selections "
+                          f"and models up to round {ran}")
+    record.conflicting_scores = conflicting
     return record
 
 
@@ -355,6 +422,9 @@ def check_offer(offer: Mapping[str, Any]) -> None:
     if offer.get("deposit") != offer.get("reward"):
         raise MarketError(f"offer: expected a deposit equal to the reward ({offer.get('reward')}), "
                           f"got {offer.get('deposit')!r}")
+    if int(offer["score_tolerance_micro"]) > MAX_TOLERANCE_MICRO:
+        raise MarketError(f"offer: expected score_tolerance_micro <= {MAX_TOLERANCE_MICRO}, "
+                          f"got {offer['score_tolerance_micro']}")
     arch = offer.get("architecture")
     if not isinstance(arch, dict) or arch.get("family") != "poly-mlp":
         raise MarketError(f"offer: expected a poly-mlp architecture, got {arch!r}")
@@ -399,6 +469,11 @@ def check_reveal(record: MarketRecord, blobs: BlobStore) -> tuple[str, str, Reve
     except (LedgerError, RevealError) as exc:
         return FORFEIT_MISMATCH, f"reveal blob: {exc}", None
     offer = record.offer
+    x, y = revealed.x, revealed.y
+    if x.shape[1:] != (NUM_FEATURES,) or len(revealed) == 0 or not np.all(np.isfinite(x)) \
+            or (len(y) and (y.min() < 0 or y.max() >= NUM_CLASSES)):
+        return (FORFEIT_MISMATCH, f"reveal: expected n >= 1 finite examples of {NUM_FEATURES} "
+                f"features with labels 0..{NUM_CLASSES - 1}, got x {x.shape}", None)
     if len(revealed) != int(offer["validation_count"]) or len(revealed) != int(
             record.reveal["count"]):
         return (FORFEIT_MISMATCH, f"reveal: expected {offer['validation_count']} examples, "
@@ -435,6 +510,12 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
         if published is None:
             out.score_mismatches.append(f"round {server_round}: no score published")
             return
+        if server_round in record.conflicting_scores:
+            out.score_mismatches.append(f"round {server_round}: two different scores published")
+        if coalitions and published.coalitions_micro.get(max(coalitions)) != published.loss_micro:
+            out.score_mismatches.append(
+                f"round {server_round}: the full coalition's published loss differs from the "
+                f"round's score {published.loss_micro}")
         if abs(published.loss_micro - replayed) > tolerance:
             out.score_mismatches.append(
                 f"round {server_round}: published loss {published.loss_micro} micro, replay "
@@ -563,9 +644,20 @@ def balances(entries: Iterable[tuple[int, Entry]], *, operator: str
     scientist_of: dict[str, str] = {}
     for index, entry in entries:
         f = entry.fields
-        if entry.kind == "offer":
+        if entry.kind == "offer" and entry.author != operator:
             scientist_of.setdefault(str(f["task_id"]), entry.author)
         if entry.author != operator:
+            continue
+        for name in ("account", "buyer"):
+            if str(f.get(name, "")).startswith("escrow:"):
+                violations.append(f"entry {index}: {name} {f[name]!r} is reserved for escrow")
+                break
+        else:
+            name = ""
+        if name:
+            continue
+        if entry.kind in ("settlement", "fee_settlement") and _amounts(f["payouts"]) is None:
+            violations.append(f"entry {index}: payouts must be integers >= 0")
             continue
         if entry.kind == "fund":
             amount = int(f["amount"])

@@ -93,7 +93,8 @@ def check_fee_settlements(entries: Sequence[tuple[int, Entry]], record: MarketRe
     out: list[str] = []
     keys: dict[str, bytes] = {}
     settled: dict[str, int] = {}
-    contributions = {str(k): int(v) for k, v in record.settlement.get("payouts", {}).items()}
+    contributions = {str(k): v for k, v in record.settlement.get("payouts", {}).items()
+                     if isinstance(v, int)}
     share = int(record.offer["scientist_fee_share_ppm"])
     for index, entry in entries:
         f = entry.fields
@@ -135,10 +136,19 @@ def check_fee_settlements(entries: Sequence[tuple[int, Entry]], record: MarketRe
 
 
 def audit_run(run_dir: Path) -> MarketAudit:
-    """Audit the task recorded in ``run_dir/ledger.db`` (module docstring)."""
-    run_dir = Path(run_dir)
-    db = run_dir / LEDGER_FILE if run_dir.is_dir() else run_dir
+    """Audit the task recorded in ``run_dir/ledger.db`` (module docstring). Never
+    raises for what a ledger holds: anything unexpected becomes a mismatch."""
     audit = MarketAudit()
+    try:
+        return _audit(Path(run_dir), audit)
+    except Exception as exc:  # noqa: BLE001 - a hostile ledger must give a verdict
+        audit.mismatches.append(f"audit could not complete: {type(exc).__name__}: {exc}")
+        audit.ok = False
+        return audit
+
+
+def _audit(run_dir: Path, audit: MarketAudit) -> MarketAudit:
+    db = run_dir / LEDGER_FILE if run_dir.is_dir() else run_dir
     try:
         report = verify_log(db)
     except LedgerError as exc:
