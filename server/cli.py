@@ -205,6 +205,77 @@ def compare(
     run_compare(base, spec, out, console=console)
 
 
+buyer_app = typer.Typer(help="Buyer accounts on a run's ledger.", no_args_is_help=True)
+app.add_typer(buyer_app, name="buyer")
+
+
+@buyer_app.command("fund")
+def buyer_fund(
+    run_dir: Annotated[Path, typer.Argument(help="The run folder (ledger.db, operator.pem).")],
+    key: Annotated[Path, typer.Option(help="The buyer's key file (created if missing).")],
+    amount: Annotated[int, typer.Option(help="Minor units received from the buyer.")],
+) -> None:
+    """Record a buyer's payment (received outside the system) as a credit on the ledger."""
+    from server.inference import fund_account
+
+    try:
+        buyer, index = fund_account(run_dir, key, amount)
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"funded buyer {buyer} with {amount} (ledger index {index}); key: {key}")
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="A settled PoI run folder.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="HE worker processes (one per core).")] = 2,
+) -> None:
+    """Serve encrypted predictions of the run's final model (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from server.inference import ServiceError, create_app
+
+    try:
+        api = create_app(run_dir, workers=workers)
+    except (ServiceError, OSError) as exc:
+        console.print(f"[red]cannot serve {run_dir}:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"serving {run_dir} on http://{host}:{port} (docs: /docs)")
+    uvicorn.run(api, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def buy(
+    url: Annotated[str, typer.Option(help="The service, e.g. http://127.0.0.1:8000")],
+    input: Annotated[Path, typer.Option(help=".npz with x (n, 64) or .csv with 64 columns")],
+    key: Annotated[Path, typer.Option(help="The buyer's key file (see poi buyer fund).")],
+    layout: Annotated[str, typer.Option(help="auto, single or batch")] = "auto",
+    log_key: Annotated[str | None, typer.Option(help="Pin the ledger's log key.")] = None,
+) -> None:
+    """Encrypt the rows of INPUT, buy their predictions, decrypt, print one JSON per row."""
+    from client.buyer import Buyer, BuyerError
+    from client.task import DataError, load_features
+    from ledger.keys import Signer
+
+    try:
+        x = load_features(input)
+        signer = Signer.load(key)
+    except (DataError, OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        logits = Buyer(url, signer, layout=layout, log_key=log_key).predict(x)
+    except BuyerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for row, values in enumerate(logits):
+        typer.echo(json.dumps({"row": row, "class": int(values.argmax()),
+                               "logits": [round(float(v), 6) for v in values]}))
+
+
 def main() -> None:
     app()
 

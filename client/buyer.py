@@ -1,0 +1,174 @@
+"""The buyer SDK: encrypted predictions from a ``poi serve`` service (``poi buy``).
+
+The buyer keeps its CKKS secret key (it never leaves this process: only the public
+context is sent) and its Ed25519 key (``KEY``, a PEM file created by ``poi buyer fund``).
+Per request it signs a cumulative voucher (``crypto/vouchers.py``): the nonce and the
+running total it agrees to pay. Before trusting the service it checks that the served
+model is the one the task's ledger recorded: the ``model`` entry's inclusion proof
+against the checkpoint's root, and the checkpoint's signature by the log key.
+
+    buyer = Buyer("http://127.0.0.1:8000", Signer.load("buyer.pem"))
+    logits = buyer.predict(x)  # x: (n, 64) float32 in [0, 1]
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from crypto import vouchers
+from ledger.checkpoint import parse_checkpoint
+from ledger.entries import parse_entry
+from ledger.errors import LedgerError
+from ledger.keys import Signer
+from ledger.merkle import hash_leaf, verify_inclusion
+
+API = "/v1"
+SINGLE_UP_TO = 4  # rows; more go in the batch layout
+
+
+class BuyerError(RuntimeError):
+    """The service refused a request (status and its message) or could not be trusted."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Buyer:
+    url: str
+    signer: Signer
+    layout: str = "auto"  # "single", "batch" or "auto" (by the number of rows)
+    timeout: float = 300.0
+    log_key: str | None = None  # pin the ledger's log key (else trust the one served)
+    client: httpx.Client | None = None
+    _contexts: dict[str, Any] = field(default_factory=dict)  # layout -> (ctx, id)
+    _model: dict[str, Any] | None = None
+    _nonce: int | None = None
+    _cumulative: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("auto", "single", "batch"):
+            raise ValueError(f"expected layout auto, single or batch, got {self.layout!r}")
+        if self.client is None:
+            self.client = httpx.Client(base_url=self.url.rstrip("/"), timeout=self.timeout)
+
+    # ------------------------------------------------------------------ helpers
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        assert self.client is not None
+        try:
+            response = self.client.request(method, f"{API}{path}", **kwargs)
+        except httpx.HTTPError as exc:
+            raise BuyerError(f"{method} {path}: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("error", response.text)
+            except (json.JSONDecodeError, AttributeError):
+                detail = response.text
+            raise BuyerError(f"{method} {path}: HTTP {response.status_code}: {detail}",
+                             response.status_code)
+        return response
+
+    def model(self) -> dict[str, Any]:
+        """The served model's description, checked against the ledger's inclusion proof."""
+        if self._model is None:
+            info = self._call("GET", "/model").json()
+            verify_model_info(info, log_key=self.log_key)
+            self._model = info
+        return self._model
+
+    def account(self) -> dict[str, Any]:
+        return dict(self._call("GET", f"/accounts/{self.signer.key_id}").json())
+
+    def _context(self, layout: str) -> tuple[Any, str]:
+        from crypto.he import buyer_context
+
+        if layout not in self._contexts:
+            ctx = buyer_context(layout)
+            reply = self._call("POST", "/contexts", content=ctx.public_bytes(),
+                               headers={"X-Poi-Layout": layout,
+                                        "Content-Type": "application/octet-stream"}).json()
+            self._contexts[layout] = (ctx, str(reply["context_id"]))
+        return self._contexts[layout]
+
+    def _sync(self) -> None:
+        if self._nonce is None:
+            account = self.account()
+            self._nonce = int(account["next_nonce"])
+            self._cumulative = int(account["charged"])
+
+    # ---------------------------------------------------------------- predictions
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Logits (n, 10) for inputs ``x`` (n, 64), encrypted end to end."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != 64:
+            raise ValueError(f"expected inputs of shape (n, 64), got {x.shape}")
+        info = self.model()
+        layout = self.layout
+        if layout == "auto":
+            layout = "single" if len(x) <= SINGLE_UP_TO else "batch"
+        step = int(info["layouts"][layout]["max_batch"])
+        out = []
+        for start in range(0, len(x), step):
+            chunk = x[start:start + step]
+            if layout == "single":
+                out.extend(self._request(layout, row[None, :]) for row in chunk)
+            else:
+                out.append(self._request(layout, chunk))
+        return np.concatenate(out, axis=0)
+
+    def _request(self, layout: str, rows: np.ndarray) -> np.ndarray:
+        ctx, context_id = self._context(layout)
+        self._sync()
+        assert self._nonce is not None
+        body = ctx.encrypt(rows[0] if layout == "single" else rows)
+        fee = int(self.model()["fee"]["per_prediction"])
+        voucher = {"v": 1, "task_id": self.model()["task_id"], "buyer": self.signer.key_id,
+                   "context_id": context_id, "nonce": self._nonce, "count": len(rows),
+                   "cumulative": self._cumulative + fee * len(rows),
+                   "body_sha256": hashlib.sha256(body).hexdigest()}
+        signature = self.signer.sign(vouchers.message(voucher))
+        headers = {
+            "X-Poi-Voucher": base64.b64encode(json.dumps(voucher).encode()).decode(),
+            "X-Poi-Signature": base64.b64encode(signature).decode(),
+            "Content-Type": "application/octet-stream",
+        }
+        self._nonce += 1  # a nonce is spent even when the request is refused
+        response = self._call("POST", "/predict", content=body, headers=headers)
+        self._cumulative = int(response.headers["x-poi-cumulative"])
+        return np.asarray(ctx.decrypt(response.content, len(rows)), dtype=np.float64)
+
+
+def verify_model_info(info: dict[str, Any], *, log_key: str | None = None) -> None:
+    """Check the served model against the ledger: the ``model`` entry names the digest,
+    its leaf is included in the tree of the checkpoint (RFC 9162 proof), and the
+    checkpoint note is signed by the log key it names (or by ``log_key``, when the buyer
+    pinned one it got elsewhere). Raises :class:`BuyerError`."""
+    from ledger.checkpoint import NoteVerifier
+
+    ledger = info.get("ledger", {})
+    try:
+        leaf = base64.b64decode(ledger["entry"], validate=True)
+        entry = parse_entry(leaf)
+        if entry.kind != "model" or entry.fields.get("model_digest") != info["model_digest"]:
+            raise BuyerError("the ledger entry does not record the served model's digest")
+        if log_key is not None and ledger["log_key"] != log_key:
+            raise BuyerError(f"expected the log key {log_key}, the service names "
+                             f"{ledger['log_key']}")
+        verifier = NoteVerifier.from_vkey(ledger["log_key"])
+        checkpoint = parse_checkpoint(ledger["checkpoint"], verifier=verifier,
+                                      origin=f"poi/task/{info['task_id']}")
+        proof = [base64.b64decode(h, validate=True) for h in ledger["inclusion_proof"]]
+        verify_inclusion(index=int(ledger["index"]), size=checkpoint.size,
+                         leaf_hash=hash_leaf(leaf), proof=proof, root=checkpoint.root_hash)
+    except BuyerError:
+        raise
+    except (KeyError, TypeError, ValueError, LedgerError) as exc:
+        raise BuyerError(f"cannot verify the served model against the ledger: {exc}") from exc
