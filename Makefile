@@ -20,6 +20,7 @@ demo: $(STAMP)
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/poi simulate --out runs/demo --force \
 	  --run-config "num-subscribers=10 num-server-rounds=10 attack=label-flip+collude attackers=1,4,7"
 	$(BIN)/poi ledger verify runs/demo
+	scripts/demo-buy.sh runs/demo
 	$(BIN)/poi audit runs/demo
 
 test: $(STAMP)

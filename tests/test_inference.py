@@ -257,3 +257,28 @@ def test_fees_are_settled_on_the_ledger_conserved_and_audited(
     assert audit.balances[buyer.signer.key_id] == FEE * 50 - 7 * FEE
     # a second settlement with nothing new writes nothing
     assert service.portal.call(settle) == []
+
+
+def test_the_demo_buyer_script_end_to_end(run_dir: Path, tmp_path: Path) -> None:
+    """poi buyer fund, poi serve (uvicorn, 2 workers), poi buy in both layouts, shutdown
+    records the fee settlement, the audit passes."""
+    import os
+    import shutil
+    import subprocess
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("inference"))
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([str(root / "scripts" / "demo-buy.sh"), str(run), "3"], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "250"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"row"')]
+    assert len(rows) == 1 + 3 and all(0 <= r["class"] <= 9 for r in rows)
+    assert rows[0]["class"] == rows[1]["class"]  # the same digit through both layouts
+    with LogReader.open(run / "ledger.db") as reader:
+        buyer = Signer.load(run / "buyer.pem").key_id
+        (settled,) = [e.fields for _, e in reader.entries(kind="fee_settlement")
+                      if e.fields["buyer"] == buyer]
+    assert settled["amount"] == 4 * FEE and sum(settled["payouts"].values()) == 4 * FEE
+    assert audit_run(run).ok
