@@ -8,7 +8,9 @@ module of the repository that imports ``tenseal``. It drives SEAL through
 because TenSEAL resets a ciphertext's scale label after every rescale and rescales after
 every product; with SEAL directly every scale is tracked exactly (no systematic bias, so a
 bias can be added as a plaintext) and a sum of ciphertext x scalar products is rescaled
-once (the deferred rescale, about 3x faster than TenSEAL's ``mm``).
+once (the deferred rescale: 4,700 batch predictions/s per process against the 1,860/s of
+TenSEAL's ``ckks_tensor(...).mm`` measured in ``HE_DP_NOTES.md``). The price is reliance
+on ``tenseal.sealapi``: TenSEAL is pinned, and the tests compare with the plaintext model.
 
 Parameters (both layouts, :data:`PARAMS`)
     CKKS, ring degree N = 8192 (4,096 slots), coefficient modulus primes of
@@ -16,8 +18,8 @@ Parameters (both layouts, :data:`PARAMS`)
     standard (homomorphicencryption.org, 2018; SEAL's ``sec_level_type.tc128`` table)
     allows at most 218 bits of total coefficient modulus at N = 8192 for 128-bit classical
     security with a ternary secret, so 214 bits give >= 128-bit security; SEAL itself
-    re-checks the bound whenever a context is built here. Scale primes stay at 38 bits:
-    smaller primes lose precision (see ``HE_DP_NOTES.md``).
+    re-checks the bound whenever a context is built here. These are the parameters
+    measured in ``HE_DP_NOTES.md``.
 
 Depth budget: 3 multiplicative levels
     The last 50-bit prime is the key-switching prime; of the data primes q0 (50 bits),
@@ -41,11 +43,12 @@ Layout "single" (one sample per request, low latency)
     Square, relinearize, rescale. Multiply by the mask with slot 32 k + j = W2[k, j],
     rotate-and-sum by 1, 2, 4, 8, 16 (5 rotations), then rescale (rotating before this
     rescale divides the key-switching noise by q1 too: 20x smaller logit error than
-    rotating at the last level): slot 32 k holds logit k before its bias. Last, one plaintext is added: the output bias at slots 32 k and, at
-    every other slot, fresh uniform noise in [-2^12, 2^12) from ``os.urandom``, so the
-    partial sums the rotations leave there do not hand the buyer the model's
-    intermediate terms. 12 rotations, so the context carries Galois keys for exactly
-    these 12 steps (:attr:`CkksParams.galois_steps`) and nothing else.
+    rotating at the last level): slot 32 k holds logit k before its bias. Last, one
+    plaintext is added: the output bias at slots 32 k and, at every other slot, fresh
+    uniform noise in [-2^12, 2^12) from ``os.urandom``, so the partial sums the rotations
+    leave there do not hand the buyer the model's intermediate terms. 12 rotations, so
+    the context carries Galois keys for exactly these 12 steps
+    (:attr:`CkksParams.galois_steps`) and nothing else.
 Layout "batch" (throughput, up to 4,096 samples per request, no rotations)
     Column packing: ciphertext i (i = 0..63) holds feature i of sample s in slot s
     (slots n..4,095 are 0). Hidden unit j = rescale(sum_i W1[j, i] * ct_i) + b1[j]: 64
@@ -81,19 +84,21 @@ Checks (every refusal is an :class:`HEError` naming what was expected and what c
     accepted and the reply decrypts to garbage for everyone (ciphertexts carry no
     integrity), which is why the service authenticates requests.
 
-Sizes and speed measured on the 2-core development machine (``benchmarks/he_micro.py``;
-medians; another benchmark was running, so they are upper bounds on time)
-    public context: single 14.2 MB (12 Galois keys, seeded), batch 1.58 MB.
-    request: single 205 KB; batch 13.1 MB per request (64 seeded ciphertexts, whatever n;
-    3.2 KB per prediction at n = 4,096). reply: single 118 KB; batch 1.18 MB.
-    single: about 27 ms of server time per prediction. batch: about 0.8 s per request
-    of 4,096, i.e. about 5,000 predictions/s per worker process (TenSEAL holds the GIL:
-    scale with processes, one loaded context per process).
+Sizes and speed measured on the 2-core development machine, idle (``python -m
+benchmarks.he_micro``; medians of 30 to 40 "single" and 5 "batch" runs)
+    public context: single 14.2 MB (public key, relinearization key, 12 seeded Galois
+    keys), batch 1.58 MB (public key 0.53 MB + relinearization key 1.05 MB).
+    request: single 205 KB; batch 13.1 MB whatever n (64 seeded ciphertexts: 3.2 KB per
+    prediction at n = 4,096). reply: single 118 KB; batch 1.18 MB (288 B per prediction
+    at n = 4,096). Buyer-side encryption: 4 ms (single), 0.24 s per batch request.
+    single: 30 ms of server time per prediction. batch: 0.87 s per request of 4,096,
+    i.e. 4,700 predictions/s per worker process and 9,400/s with 2 worker processes on the
+    2 cores (SEAL calls hold the GIL: scale with processes, one loaded context each).
 
 Tolerance: against the float64 plaintext model the decrypted logits differ by at most
-about 6e-6 (single) and 5e-7 (batch) on the trained digits models of the tests (logits up
+about 1e-5 (single) and 6e-7 (batch) on the trained digits models of the tests (logits up
 to about +-21). ``tests/test_he.py`` asserts max abs error <= 1e-4 x max |logit| (about
-2e-3 there, a margin of 300x) and the same argmax on all 359 test digits for both layouts.
+2e-3 there, a margin of 200x) and the same argmax on all 359 test digits for both layouts.
 """
 
 from __future__ import annotations
