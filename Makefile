@@ -29,6 +29,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ledger.bench --out benchmarks/results
 	$(BIN)/python -m benchmarks.strategy --out benchmarks/results/strategy
+	$(BIN)/python -m benchmarks.market --out benchmarks/results/market
+	$(BIN)/python -m benchmarks.inference --out benchmarks/results/inference
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check server client crypto ledger tests benchmarks
