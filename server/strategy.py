@@ -238,6 +238,10 @@ class ProofOfIntelligence(FedAvg):
             base_weights = weights
             if chosen:
                 weights = selection.apply_updates(weights, [deltas[c] for c in chosen])
+                # The model's own last change is nobody's work: a subscriber sending it
+                # next round (a free rider) is refused like any repeated update.
+                self._seen_digests.add(tensors_digest(
+                    {k: (weights[k] - base_weights[k]).astype(np.float32) for k in weights}))
                 arrays = numpy_to_arrays(weights)
                 result.arrays = arrays
             else:
@@ -353,7 +357,8 @@ class ProofOfIntelligence(FedAvg):
                                    "update_digest": digest, "base_digest": base_digest}]))
                 norm = validate_update(update, weights, max_norm=self.config.max_update_norm)
                 if digest in self._seen_digests:
-                    raise Rejected(f"update {digest[:16]} repeats an update already submitted")
+                    raise Rejected(f"update {digest[:16]} repeats an update already submitted "
+                                   "or the global model's last change")
             except Rejected as exc:
                 reject(author, node_id, str(exc))
                 continue

@@ -234,3 +234,15 @@ def test_hostile_replies_never_crash_the_round() -> None:
     bad_vote = [v["reason"] for v in record.rejected_votes if v["voter"] == "1005"]
     assert bad_vote and "expected losses <=" in bad_vote[0]
     assert record.selected
+
+
+def test_with_top_k_a_free_rider_replaying_the_mean_change_is_rejected_too() -> None:
+    # top-k 2: the global change is the mean of two updates, which nobody submitted; it is
+    # still the model's own change, not the free rider's work
+    run = {"num-subscribers": 5, "partitioner": "iid", "attack": "free-rider",
+           "attackers": "1", "seed": 4}
+    strategy, _, _ = _run(run, rounds=3, poi=PoIConfig(top_k=2, seed=4))
+    for record in strategy.history[1:]:
+        reasons = [r["reason"] for r in record.rejected if r["author"] == "1"]
+        assert len(reasons) == 1 and "the global model's last change" in reasons[0]
+        assert "1" not in record.selected
