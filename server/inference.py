@@ -25,6 +25,7 @@ import json
 import os
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
@@ -49,6 +50,7 @@ from server.market import MarketError, read_market
 API = "/v1"
 MAX_BODY_BYTES = {"single": 2 << 20, "batch": 64 << 20}
 MAX_CONTEXT_BYTES = {"single": 96 << 20, "batch": 8 << 20}
+CONTEXT_CACHE = 32  # parsed contexts per worker, least recently used evicted
 SETTLE_EVERY = 1000  # unsettled predictions per buyer before a fee settlement
 SETTLE_SECONDS = 30.0  # and at least this often while anything is unsettled
 HEADER_PREFIX = "x-poi-"
@@ -74,20 +76,27 @@ def _init_worker(weights_blob: bytes, activation: str, contexts_dir: str) -> Non
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER["model"] = EncryptedModel(parse_canonical_tensor_bytes(weights_blob), activation)
     _WORKER["dir"] = Path(contexts_dir)
-    _WORKER["contexts"] = {}
+    _WORKER["contexts"] = OrderedDict()
 
 
 def _worker_context(context_id: str, layout: str) -> Any:
     from crypto.he import load_public_context
 
-    cache: dict[str, Any] = _WORKER["contexts"]
-    if context_id not in cache:
-        if len(cache) >= 8:
-            cache.pop(next(iter(cache)))
+    cache: OrderedDict[str, Any] = _WORKER["contexts"]
+    if context_id in cache:
+        cache.move_to_end(context_id)  # least recently used goes first
+    else:
+        if len(cache) >= CONTEXT_CACHE:
+            cache.popitem(last=False)
         data = (_WORKER["dir"] / context_id).read_bytes()
         cache[context_id] = load_public_context(data, layout,
                                                 max_bytes=MAX_CONTEXT_BYTES[layout])
     return cache[context_id]
+
+
+def _worker_ready(seconds: float) -> int:
+    time.sleep(seconds)  # long enough that every worker process gets one
+    return os.getpid()
 
 
 def _worker_check_context(data: bytes, layout: str) -> None:
@@ -259,6 +268,11 @@ class InferenceService:
             max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
             initargs=(self.model_blob, self.view.activation, str(self.store.contexts_dir)))
+        # Python starts pool processes on demand: start them all now, so the first
+        # concurrent requests do not wait for a worker to boot.
+        warm = [self.pool.submit(_worker_ready, 0.2) for _ in range(self.workers)]
+        for future in warm:
+            future.result()
 
     async def stop(self) -> None:
         await self.settle(force=True)
@@ -383,13 +397,17 @@ class InferenceService:
 
     # ------------------------------------------------------------------ settlement
     def pending(self) -> dict[str, BuyerState]:
-        return {k: s for k, s in self.buyers.items()
+        """A snapshot (copies) of every buyer with unsettled charges: requests that
+        finish while the settlement is written must not change what it records."""
+        return {k: BuyerState(s.cumulative, s.last_nonce, dict(s.voucher), s.signature)
+                for k, s in self.buyers.items()
                 if s.voucher is not None and s.cumulative > self.view.settled.get(k, 0)}
 
     async def settle(self, *, force: bool = False) -> list[int]:
         """Record a ``fee_settlement`` for every buyer with unsettled charges."""
         async with self.settle_lock:
-            pending = self.pending()
+            async with self.lock:
+                pending = self.pending()
             if not pending:
                 return []
             return await asyncio.to_thread(self._write_settlements, pending)

@@ -123,11 +123,11 @@ def check_fee_settlements(entries: Sequence[tuple[int, Entry]], record: MarketRe
                        f"entry says {buyer[:16]}, {record.task_id[:16]}, {f['cumulative']}")
             continue
         previous = settled.get(buyer, 0)
+        settled[buyer] = int(f["cumulative"])  # the buyer-signed total, whatever follows
         if f["amount"] != f["cumulative"] - previous:
             out.append(f"{where}: amount {f['amount']}, expected {f['cumulative'] - previous} "
                        f"(cumulative {f['cumulative']} - previously settled {previous})")
             continue
-        settled[buyer] = int(f["cumulative"])
         expected = split_fee(int(f["amount"]), scientist=record.scientist, share_ppm=share,
                              contributions=contributions)
         if dict(f["payouts"]) != expected:

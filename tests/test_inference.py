@@ -282,3 +282,29 @@ def test_the_demo_buyer_script_end_to_end(run_dir: Path, tmp_path: Path) -> None
                       if e.fields["buyer"] == buyer]
     assert settled["amount"] == 4 * FEE and sum(settled["payouts"].values()) == 4 * FEE
     assert audit_run(run).ok
+
+
+def test_a_settlement_records_the_snapshot_not_charges_that_land_meanwhile(
+        run_dir: Path, service: TestClient, tmp_path: Path) -> None:
+    svc = service.app.state.service
+    buyer = _buyer(run_dir, tmp_path, service, FEE * 50, layout="batch")
+    buyer.predict(digits_split().test.x[:3])
+    snapshot = service.portal.call(_pending, svc)
+    key = buyer.signer.key_id
+    charged = snapshot[key].cumulative
+    buyer.predict(digits_split().test.x[:2])  # lands while the settlement is "written"
+    svc._write_settlements({key: snapshot[key]})
+    assert svc.view.settled[key] == charged == 3 * FEE
+    buyer.predict(digits_split().test.x[:1])
+    service.portal.call(svc.settle)
+    with LogReader.open(run_dir / "ledger.db") as reader:
+        mine = [e.fields for _, e in reader.entries(kind="fee_settlement")
+                if e.fields["buyer"] == key]
+    assert [(m["amount"], m["cumulative"]) for m in mine] == [(3 * FEE, 3 * FEE),
+                                                              (3 * FEE, 6 * FEE)]
+    assert audit_run(run_dir).ok
+
+
+async def _pending(svc: Any) -> Any:
+    async with svc.lock:
+        return svc.pending()
