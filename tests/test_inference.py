@@ -308,3 +308,33 @@ def test_a_settlement_records_the_snapshot_not_charges_that_land_meanwhile(
 async def _pending(svc: Any) -> Any:
     async with svc.lock:
         return svc.pending()
+
+
+def test_nothing_the_buyer_sends_holds_its_secret_key(
+        run_dir: Path, service: TestClient, tmp_path: Path) -> None:
+    from crypto import he
+
+    buyer = _buyer(run_dir, tmp_path, service, FEE * 100)
+    sent: list[bytes] = []
+    request = buyer.client.request  # type: ignore[union-attr]
+
+    def recording(method: str, url: str, **kwargs: Any) -> Any:
+        sent.append(bytes(kwargs.get("content") or b""))
+        sent.append(json.dumps(dict(kwargs.get("headers") or {})).encode())
+        return request(method, url, **kwargs)
+
+    buyer.client.request = recording  # type: ignore[union-attr,method-assign]
+    buyer.predict(digits_split().test.x[:1])  # single layout
+    buyer.predict(digits_split().test.x[:6])  # batch layout
+    assert len(sent) >= 8
+    for layout in ("single", "batch"):
+        ctx, _ = buyer._contexts[layout]
+        secret = he._save(ctx._secret_key)
+        for blob in sent:
+            assert secret not in blob and secret[4096:4160] not in blob
+
+
+def test_openapi_docs_are_served(service: TestClient) -> None:
+    assert service.get("/docs").status_code == 200
+    paths = service.get("/openapi.json").json()["paths"]
+    assert {"/v1/model", "/v1/contexts", "/v1/predict", "/v1/accounts/{buyer}"} <= set(paths)
