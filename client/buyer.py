@@ -115,7 +115,7 @@ class Buyer:
         if layout == "auto":
             layout = "single" if len(x) <= SINGLE_UP_TO else "batch"
         step = int(info["layouts"][layout]["max_batch"])
-        out = []
+        out: list[np.ndarray] = []
         for start in range(0, len(x), step):
             chunk = x[start:start + step]
             if layout == "single":

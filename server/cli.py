@@ -25,6 +25,11 @@ try:  # the ledger commands (poi ledger verify|show|prove|size)
 except ImportError:  # pragma: no cover - only while the ledger package is absent
     pass
 
+from server.deploy_cli import deploy_app  # noqa: E402
+
+app.add_typer(deploy_app, name="deploy", help="Run on Flower's deployment engine "
+              "(SuperLink, SuperNodes, TLS, node authentication).")
+
 
 def parse_run_config(text: str) -> dict[str, Any]:
     """``"k=v k=v"`` into a mapping. Values are TOML when they parse as TOML (``3``,
