@@ -50,6 +50,7 @@ from client.witness import (
     unb64,
 )
 from crypto.digests import tensors_digest
+from ledger.errors import LedgerError
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -100,7 +101,18 @@ class Subscriber:
                 dirichlet_alpha=config.dirichlet_alpha, seed=config.seed,
             )
             simulated = True
-        key_path = str(node.get("ledger-key") or _default_key_path(config, context, partition_id))
+        explicit_key = node.get("ledger-key")
+        if explicit_key:
+            # A named key must exist and load: creating a fresh one here would silently
+            # give the subscriber a new identity on the ledger.
+            key_file = Path(str(explicit_key)).expanduser()
+            if not key_file.is_file():
+                raise ConfigError(f"ledger-key: no such file {str(key_file)!r}")
+            try:
+                load_or_create_key(str(key_file))
+            except (ValueError, TypeError, OSError, LedgerError) as exc:
+                raise ConfigError(f"ledger-key {key_file.name}: cannot read it ({exc})") from exc
+        key_path = str(explicit_key or _default_key_path(config, context, partition_id))
         attacks = config.attack_kinds if config.is_attacker(partition_id) else frozenset()
         if attacks:
             data = poison_data(attacks, data, rng=np.random.default_rng(

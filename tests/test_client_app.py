@@ -150,3 +150,24 @@ def test_vote_step_scores_a_damped_update() -> None:
                 make_contexts(RUN, 4)[1002]).content[P.METRICS][P.LOSSES][0]
     assert damped == pytest.approx(direct, rel=1e-9)
     assert damped != pytest.approx(full, rel=1e-6)
+
+
+def test_a_named_ledger_key_must_exist_and_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from flwr.app import Context, RecordDict
+
+    from client.client_app import Subscriber
+    from client.config import ConfigError
+    from client.task import digits_split
+
+    data = tmp_path / "d.npz"
+    split = digits_split()
+    np.savez(data, x=split.pool.x[:20], y=split.pool.y[:20])
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+    for key, match in [(tmp_path / "absent.pem", "ledger-key: no such file"),
+                       (bad, "ledger-key bad.pem: cannot read it")]:
+        context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                          node_config={"data-path": str(data), "ledger-key": str(key)})
+        with pytest.raises(ConfigError, match=match):
+            Subscriber.from_context(context)
+    assert not (tmp_path / "absent.pem").exists()  # never created behind the user's back

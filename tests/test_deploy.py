@@ -428,28 +428,29 @@ def test_bad_node_configs_get_error_replies_and_the_round_goes_on(
     good_data = Path(deployment.state.nodes[0].data_path)
     bad = {"missing-data": (tmp_path / "absent.npz", good_key),
            "malformed-data": (malformed, good_key),
-           "malformed-key": (good_data, bad_key)}
+           "malformed-key": (good_data, bad_key),
+           "missing-key": (good_data, tmp_path / "absent-ledger.pem")}
     args: list[object] = []
     for name, (data, key) in bad.items():
         args += ["--name", name, "--data", data, "--ledger-key", key]
     added = poi("deploy", "add-node", "--workdir", deployment.work, *args)
     assert added.returncode == 0, added.stdout + added.stderr
-    assert added.stdout.count("online") == 3
-    done = poi("deploy", "run", "--workdir", deployment.work,
+    assert added.stdout.count("online") == 4
+    out = deployment.work / "bad-configs"
+    done = poi("deploy", "run", "--workdir", deployment.work, "--out", out,
                "--run-config", "num-server-rounds=1 local-epochs=1", timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads((deployment.work / "run-2" / "report.json").read_text())
-    assert report["config"]["num-subscribers"] == 6
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["num-subscribers"] == 7
     (rnd,) = report["rounds"]
     assert sorted(c["author"] for c in rnd["candidates"]) == [0, 1, 2]
     reasons = sorted(r["reason"] for r in rnd["rejected"])
-    assert len(reasons) == 3, reasons
+    assert len(reasons) == 4, reasons
     assert all(r.startswith("subscriber error: ") for r in reasons)
     assert any("data-path: no such file" in r and "absent.npz" in r for r in reasons)
     assert any("data-path malformed.npz: cannot read it" in r for r in reasons)
-    # The malformed ledger key: today Flower's generic "ClientApp raised" error (the PEM
-    # loader's message); the client should name ledger-key (see docs/deployment.md).
-    assert any("data-path" not in r and ("ledger-key" in r or "PEM" in r) for r in reasons)
+    assert any("ledger-key bad-ledger.pem: cannot read it" in r for r in reasons)
+    assert any("ledger-key: no such file" in r and "absent-ledger.pem" in r for r in reasons)
     assert len(rnd["selected"]) == 1
 
 
