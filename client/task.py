@@ -173,68 +173,59 @@ def load_data_file(path: str | Path, *, label_column: str = "label") -> Dataset:
     """A subscriber's own data: ``.npz`` with ``x`` (n, 64) and ``y`` (n,), or ``.csv``
     with 64 feature columns and a ``label`` column. Pixel values above 1 are taken as
     0..16 digits intensities and scaled to [0, 1]."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data-path: no such file {str(p)!r}")
-    try:
-        if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as data:
-                if "x" not in data or "y" not in data:
-                    raise DataError(
-                        f"data-path {p.name}: expected arrays 'x' and 'y', got {sorted(data)}"
-                    )
-                x, y = np.asarray(data["x"]), np.asarray(data["y"])
-        elif p.suffix == ".csv":
-            import csv
-
-            with p.open(newline="") as handle:
-                reader = csv.DictReader(handle)
-                header = reader.fieldnames or []
-                if label_column not in header:
-                    raise DataError(
-                        f"data-path {p.name}: expected a {label_column!r} column, got {header}"
-                    )
-                features = [c for c in header if c != label_column]
-                rows = list(reader)
-            x = np.array([[float(r[c]) for c in features] for r in rows], dtype=np.float64)
-            y = np.array([int(r[label_column]) for r in rows], dtype=np.int64)
-        else:
-            raise DataError(f"data-path: expected a .npz or .csv file, got {p.name!r}")
-    except DataError:
-        raise
-    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:
-        raise DataError(f"data-path {p.name}: cannot read it ({exc})") from exc
-    return _checked_dataset(x, y, source=p.name)
+    x, y = _read_table(path, label_column=label_column, labels=True, what="data-path")
+    assert y is not None
+    return _checked_dataset(x, y, source=Path(path).name)
 
 
 def load_features(path: str | Path, *, label_column: str = "label") -> np.ndarray:
     """A buyer's inputs: ``.npz`` with ``x`` (n, 64), or ``.csv`` with 64 feature columns
     (a ``label`` column, if present, is ignored). Scaled as :func:`load_data_file`."""
+    x, _ = _read_table(path, label_column=label_column, labels=False, what="input")
+    if x.ndim != 2:
+        raise DataError(f"input {Path(path).name}: expected x of shape (n, {NUM_FEATURES}), "
+                        f"got {x.shape}")
+    return _checked_dataset(x, np.zeros(len(x), dtype=np.int64), source=Path(path).name).x
+
+
+def _read_table(path: str | Path, *, label_column: str, labels: bool, what: str
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``x`` (and ``y`` when ``labels``) from a ``.npz`` or ``.csv`` file, or a
+    :class:`DataError` that names ``what`` (the config key or argument) and the file."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"input: no such file {str(p)!r}")
+        raise DataError(f"{what}: no such file {str(p)!r}")
     try:
         if p.suffix == ".npz":
             with np.load(p, allow_pickle=False) as data:
-                if "x" not in data:
-                    raise DataError(f"input {p.name}: expected an array 'x', got {sorted(data)}")
-                x = np.asarray(data["x"], dtype=np.float64)
-        elif p.suffix == ".csv":
+                wanted = ["x", "y"] if labels else ["x"]
+                if any(name not in data for name in wanted):
+                    names = " and ".join(repr(n) for n in wanted)
+                    raise DataError(f"{what} {p.name}: expected arrays {names}, "
+                                    f"got {sorted(data)}")
+                x = np.asarray(data["x"]) if labels else np.asarray(data["x"], np.float64)
+                return x, (np.asarray(data["y"]) if labels else None)
+        if p.suffix == ".csv":
             import csv
 
             with p.open(newline="") as handle:
                 reader = csv.DictReader(handle)
-                features = [c for c in (reader.fieldnames or []) if c != label_column]
-                x = np.array([[float(r[c]) for c in features] for r in reader], dtype=np.float64)
-        else:
-            raise DataError(f"input: expected a .npz or .csv file, got {p.name!r}")
+                header = reader.fieldnames or []
+                if labels and label_column not in header:
+                    raise DataError(
+                        f"{what} {p.name}: expected a {label_column!r} column, got {header}"
+                    )
+                features = [c for c in header if c != label_column]
+                rows = list(reader)
+            x = np.array([[float(r[c]) for c in features] for r in rows], dtype=np.float64)
+            y = (np.array([int(r[label_column]) for r in rows], dtype=np.int64)
+                 if labels else None)
+            return x, y
+        raise DataError(f"{what}: expected a .npz or .csv file, got {p.name!r}")
     except DataError:
         raise
     except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as exc:
-        raise DataError(f"input {p.name}: cannot read it ({exc})") from exc
-    if x.ndim != 2:
-        raise DataError(f"input {p.name}: expected x of shape (n, {NUM_FEATURES}), got {x.shape}")
-    return _checked_dataset(x, np.zeros(len(x), dtype=np.int64), source=p.name).x
+        raise DataError(f"{what} {p.name}: cannot read it ({exc})") from exc
 
 
 def _checked_dataset(x: np.ndarray, y: np.ndarray, *, source: str) -> Dataset:

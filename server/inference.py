@@ -275,7 +275,7 @@ class InferenceService:
             future.result()
 
     async def stop(self) -> None:
-        await self.settle(force=True)
+        await self.settle()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -403,7 +403,7 @@ class InferenceService:
                 for k, s in self.buyers.items()
                 if s.voucher is not None and s.cumulative > self.view.settled.get(k, 0)}
 
-    async def settle(self, *, force: bool = False) -> list[int]:
+    async def settle(self) -> list[int]:
         """Record a ``fee_settlement`` for every buyer with unsettled charges."""
         async with self.settle_lock:
             async with self.lock:

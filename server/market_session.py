@@ -20,7 +20,6 @@ from flwr.common import log
 
 from client.config import RunConfig
 from client.task import Dataset
-from ledger.keys import Signer
 from server.market import (
     MarketRecord,
     Replay,
@@ -30,7 +29,7 @@ from server.market import (
     settlement_fields,
     settlement_of,
 )
-from server.round_ledger import RoundLedger
+from server.round_ledger import RoundLedger, load_or_create_signer
 from server.settlement import Settlement
 
 SCIENTIST_KEY_FILE = "scientist.pem"
@@ -57,13 +56,7 @@ class MarketSession:
              model_digest: str) -> MarketSession:
         """The Scientist's key, the operator's record of the Scientist's payment, the
         offer (terms and commitments), the escrow, and the initial model's score."""
-        key_path = out_dir / SCIENTIST_KEY_FILE
-        if key_path.exists():
-            signer = Signer.load(key_path)
-        else:
-            signer = Signer.generate()
-            signer.save(key_path, private=True)
-            signer.save(out_dir / "scientist.pub")
+        signer = load_or_create_signer(out_dir / SCIENTIST_KEY_FILE)
         scientist = Scientist.create(signer, task_id=ledger.task_id, validation=validation,
                                      config=config)
         session = cls(ledger, scientist)

@@ -36,6 +36,17 @@ LEDGER_FILE = "ledger.db"
 OPERATOR_KEY_FILE = "operator.pem"
 
 
+def load_or_create_signer(key_path: Path) -> Signer:
+    """The key at ``key_path`` (``NAME.pem``), or a new one saved there (mode 0600) with
+    its public half beside it (``NAME.pub``)."""
+    if key_path.exists():
+        return Signer.load(key_path)
+    signer = Signer.generate()
+    signer.save(key_path, private=True)
+    signer.save(key_path.with_suffix(".pub"))
+    return signer
+
+
 @dataclass
 class PendingEntries:
     """A subscriber's entries for one phase, checked, waiting for the group commit."""
@@ -68,13 +79,7 @@ class RoundLedger:
         and record the task: the config's digest and the initial model's digest (both
         stored as blobs)."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        key_path = out_dir / OPERATOR_KEY_FILE
-        if key_path.exists():
-            operator = Signer.load(key_path)
-        else:
-            operator = Signer.generate()
-            operator.save(key_path, private=True)
-            operator.save(out_dir / "operator.pub")
+        operator = load_or_create_signer(out_dir / OPERATOR_KEY_FILE)
         config_bytes = json.dumps(dict(config), sort_keys=True).encode()
         task_id = hashlib.sha256(config_bytes + initial_model).hexdigest()[:32]
         ledger = Log.open(out_dir / LEDGER_FILE, operator, origin=f"poi/task/{task_id}")
