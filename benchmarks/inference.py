@@ -51,7 +51,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from server.report import write_json
+from server.round.report import write_json
 
 SINGLE_MS_TARGET = 100.0
 BATCH_RATE_TARGET = 8000.0
@@ -59,7 +59,7 @@ BATCH_CONTEXT_TARGET = 3_000_000  # bytes ("3 MB", decimal)
 RUN_CONFIG = "num-subscribers=5 num-server-rounds=5"
 FUND_PER_BUYER = 10**9  # minor units: far more than any part spends
 LOAD_BUYERS = 16
-CONTEXT_CACHE = 8  # parsed contexts a worker of server/inference.py keeps
+CONTEXT_CACHE = 8  # parsed contexts a worker of server/inference/service.py keeps
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def ensure_run(runs: Path, console: Console) -> dict[str, Any]:
     """A settled run: simulated once into ``runs/base`` (reused afterwards) and copied
     afresh to ``runs/run``, the one served, so that the ledger checks of this invocation
     (fee settlements, audit) see only its own buyers on top of the settled task."""
-    from server.inference import read_task
+    from server.inference.service import read_task
 
     base, run_dir = runs / "base", runs / "run"
     reused = False
@@ -177,7 +177,7 @@ def served_model(run_dir: Path) -> tuple[dict[str, np.ndarray], Any]:
     """The weights ``poi serve`` would serve, and the task view."""
     from crypto.digests import parse_canonical_tensor_bytes
     from ledger.blobs import BlobStore
-    from server.inference import read_task
+    from server.inference.service import read_task
 
     db = run_dir / "ledger.db"
     view = read_task(db)
@@ -510,7 +510,7 @@ class Server:
 def make_buyers(run_dir: Path, names: list[str]) -> dict[str, Any]:
     """Fresh Ed25519 keys under RUN_DIR/bench-buyers, funded on the ledger."""
     from ledger.keys import Signer
-    from server.inference import fund_account
+    from server.inference.service import fund_account
 
     folder = run_dir / "bench-buyers"
     shutil.rmtree(folder, ignore_errors=True)
@@ -702,7 +702,7 @@ def check_ledger(run_dir: Path, size_before: int, buyers: dict[str, Any]) -> dic
     """Each benchmark buyer's fee settlements recorded after ``size_before``: their last
     cumulative must equal what the buyer's SDK was charged."""
     from ledger import LogReader
-    from server.market_audit import audit_run
+    from server.market.audit import audit_run
 
     with LogReader.open(run_dir / "ledger.db") as reader:
         settlements = [(i, e) for i, e in reader.entries(kind="fee_settlement")
@@ -1032,7 +1032,7 @@ def make_notes(results: dict[str, Any]) -> list[str]:
         f"p50 {ctl['p50_ms']:.0f} ms with {ctl['buyers']} buyers on the same service "
         f"({drop:.1f}x); the HE alone would allow about {ideal:.0f}/s on 2 cores. Each "
         f"worker keeps at most {CONTEXT_CACHE} parsed contexts "
-        "(`server/inference.py::_worker_context`, evicting the oldest inserted, not the "
+        "(`server/inference/service.py::_worker_context`, evicting the oldest inserted, not the "
         f"least recently used); with {load['buyers']} buyers' contexts spread over 2 workers "
         "most requests find theirs evicted and re-read and parse the "
         f"{_mb(single['context_bytes'])} file (~{single['context_load_ms']:.0f} ms measured "
@@ -1060,7 +1060,7 @@ def make_notes(results: dict[str, Any]) -> list[str]:
     if ledger["amount_chain_errors"]:
         notes.append(
             "A `fee_settlement` amount short of its cumulative minus the previous settlement "
-            "(the audit's mismatch) comes from a race in `server/inference.py`: "
+            "(the audit's mismatch) comes from a race in `server/inference/service.py`: "
             "`InferenceService._write_settlements` runs in a thread (`asyncio.to_thread`) "
             "and reads the live `BuyerState` objects that `predict` keeps updating on the "
             "event loop; after appending the entries it sets `view.settled[buyer] = "
@@ -1072,7 +1072,7 @@ def make_notes(results: dict[str, Any]) -> list[str]:
             "30 s tick). A snapshot of (cumulative, voucher, signature) per buyer taken on "
             "the event loop, and `settled` set from it, would close it. `audit_run` then "
             "also flags that buyer's later settlements: it does not advance the settled "
-            "total past an entry it refused (`server/market_audit.py::"
+            "total past an entry it refused (`server/market/audit.py::"
             "check_fee_settlements`), so one short entry gives several mismatches.")
     if server["log_warnings"]:
         notes.append(f"Server log warnings/errors: {server['log_warnings'][:3]}")

@@ -3,7 +3,7 @@
 Part A (``attack``): the attackers' share of the payouts. 20 subscribers, Dirichlet 0.5,
 DP on, 20 rounds, seeds 0, 1, 2; PoI top-1 and top-5; no attack, and 40% attackers for
 each attack and for label flip + colluding votes. Target: attackers get <= 1% of what is
-paid to subscribers. The simulations go through ``server.compare.run_compare`` into
+paid to subscribers. The simulations go through ``server.experiments.compare.run_compare`` into
 OUT/attack (runs resume from OUT/attack/runs).
 
 Part B (``fidelity``): do the payouts follow the subscribers' worth? 8 subscribers,
@@ -47,8 +47,8 @@ from rich.progress import (
 )
 
 from client.config import RunConfig
-from server.compare import CompareSpec, choose_attackers, run_compare, setting_label
-from server.report import write_json
+from server.experiments.compare import CompareSpec, choose_attackers, run_compare, setting_label
+from server.round.report import write_json
 
 ATTACKS = "label-flip,sign-flip,noise,fake-data,free-rider,label-flip+collude"
 SHARE_TARGET = 0.01
@@ -371,7 +371,7 @@ def settlement_seconds(run_dir: Path) -> dict[str, Any]:
     ``settlement_of`` (median of TIMING_REPEATS); reading the entries is timed apart."""
     from ledger import LogReader
     from ledger.blobs import BlobStore
-    from server.market import read_market, replay, settlement_of
+    from server.market.replay import read_market, replay, settlement_of
 
     db = run_dir / "ledger.db"
     times, reads = [], []
@@ -393,7 +393,7 @@ def settlement_seconds(run_dir: Path) -> dict[str, Any]:
 
 
 def poi_run(config: RunConfig, run_dir: Path) -> dict[str, Any]:
-    from server.simulation import run_simulation
+    from server.experiments.simulation import run_simulation
 
     report_path = run_dir / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None

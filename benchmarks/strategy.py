@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from client.config import RunConfig
-from server.compare import CompareSpec, run_compare
+from server.experiments.compare import CompareSpec, run_compare
 
 ATTACKS = "label-flip,sign-flip,noise,fake-data,free-rider,label-flip+collude"
 STRATEGIES = "poi@1,poi@5,fedavg,krum,multikrum,fedmedian,fedtrimmedavg,bulyan"

@@ -50,6 +50,7 @@ from client.witness import (
     unb64,
 )
 from crypto.digests import tensors_digest
+from ledger.entries import make_key_entry, sign_entry
 from ledger.errors import LedgerError
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -185,7 +186,7 @@ def _first_seq(duty: LedgerDuty, entries: list[bytes]) -> int:
     """The seq of this subscriber's next entry; a key entry (seq 0) goes first when the
     log has none from it yet."""
     if duty.next_seq < 0:
-        entries.append(duty.signer.key_entry())  # type: ignore[attr-defined]
+        entries.append(make_key_entry(duty.signer))  # type: ignore[attr-defined]
         return 1
     return duty.next_seq
 
@@ -340,7 +341,7 @@ def train(msg: Message, context: Context) -> Message:
     if duty is not None:
         entries: list[bytes] = []
         seq = _first_seq(duty, entries)
-        entries.append(duty.signer.sign_entry("candidate", seq=seq, fields={  # type: ignore[attr-defined]
+        entries.append(sign_entry(duty.signer, "candidate", seq=seq, fields={  # type: ignore[attr-defined]
             "task_id": duty.task_id, "round": server_round,
             "update_digest": tensors_digest(payload),
             "base_digest": str(config.get(P.BASE_DIGEST, "")),
@@ -420,7 +421,7 @@ def vote(msg: Message, context: Context) -> Message:
         entries: list[bytes] = []
         seq = _first_seq(duty, entries)
         for offset, (candidate, loss) in enumerate(zip(candidate_ids, reported, strict=True)):
-            entries.append(duty.signer.sign_entry("vote", seq=seq + offset, fields={  # type: ignore[attr-defined]
+            entries.append(sign_entry(duty.signer, "vote", seq=seq + offset, fields={  # type: ignore[attr-defined]
                 "task_id": duty.task_id, "round": int(_num(config[P.SERVER_ROUND])),
                 "candidate": candidate, "base_loss_micro": to_micro(base_loss),
                 "candidate_loss_micro": to_micro(loss),

@@ -243,8 +243,8 @@ class Entry:
 
 def sign_entry(
     signer: Signer,
-    *,
     kind: str,
+    *,
     seq: int,
     fields: Mapping[str, Any],
     version: int | None = None,

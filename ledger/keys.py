@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -155,20 +153,6 @@ class Signer:
 
     def sign(self, message: bytes) -> bytes:
         return self.private_key.sign(message)
-
-    def sign_entry(
-        self, kind: str, *, seq: int, fields: Mapping[str, Any], version: int | None = None
-    ) -> bytes:
-        """Sign a ledger entry; returns the leaf bytes (see :func:`ledger.entries.sign_entry`)."""
-        from ledger.entries import sign_entry  # entries imports this module
-
-        return sign_entry(self, kind=kind, seq=seq, fields=fields, version=version)
-
-    def key_entry(self) -> bytes:
-        """This author's ``key`` entry (seq 0), see :func:`ledger.entries.make_key_entry`."""
-        from ledger.entries import make_key_entry
-
-        return make_key_entry(self)
 
     def public_key_pem(self) -> bytes:
         return self.public_key.public_bytes(

@@ -21,13 +21,13 @@ from client.config import RunConfig
 from client.task import digits_split, evaluate, load_data_file, make_model, set_weights
 from crypto.digests import canonical_tensor_bytes, tensors_digest
 from server import progress
-from server.baselines import build_baseline, recording_evaluate_fn
-from server.market_audit import audit_run, write_audit
-from server.market_plot import plot_market
-from server.market_session import Closing, MarketSession
-from server.report import build_report, write_json
-from server.round_ledger import RoundLedger
-from server.strategy import PoIConfig, ProofOfIntelligence, RoundRecord, arrays_to_numpy
+from server.market.audit import audit_run, write_audit
+from server.market.plot import plot_market
+from server.market.session import Closing, MarketSession
+from server.round.baselines import build_baseline, recording_evaluate_fn
+from server.round.ledger_writer import RoundLedger
+from server.round.report import build_report, write_json
+from server.round.strategy import PoIConfig, ProofOfIntelligence, RoundRecord, arrays_to_numpy
 
 NODE_WAIT_SECONDS = 300.0
 

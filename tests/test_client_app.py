@@ -10,7 +10,7 @@ from client import protocol as P
 from client.client_app import train, vote
 from client.config import RunConfig
 from client.task import get_weights, make_model
-from server.strategy import arrays_to_numpy, numpy_to_arrays
+from server.round.strategy import arrays_to_numpy, numpy_to_arrays
 from tests.conftest import make_contexts
 
 RUN = {"num-subscribers": 4, "partitioner": "iid", "hidden-units": 8, "local-epochs": 1}

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from crypto import vouchers
 from ledger.keys import Signer
-from server.fees import PPM, split_fee
+from server.market.fees import PPM, split_fee
 
 KEYS = st.sampled_from(["a", "b", "c", "d", "e"])
 

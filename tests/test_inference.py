@@ -23,8 +23,8 @@ from crypto import vouchers
 from crypto.digests import parse_canonical_tensor_bytes
 from ledger import LogReader, Signer
 from ledger.blobs import BlobStore
-from server.inference import create_app, fund_account
-from server.market_audit import audit_run
+from server.inference.service import create_app, fund_account
+from server.market.audit import audit_run
 from tests.conftest import set_task_identity
 from tests.test_market import market_run
 

@@ -21,10 +21,11 @@ from client.client_app import train, vote
 from client.config import RunConfig
 from ledger import LogReader, Signer
 from ledger.blobs import BlobStore
-from server.market import balances, read_market, replay, settlement_of
-from server.market_audit import audit_run
+from ledger.entries import sign_entry
+from server.market.audit import audit_run
+from server.market.replay import balances, read_market, replay, settlement_of
+from server.market.settlement import FORFEIT_MISMATCH, FORFEIT_NO_REVEAL, FORFEIT_SCORE
 from server.server_app import run_task
-from server.settlement import FORFEIT_MISMATCH, FORFEIT_NO_REVEAL, FORFEIT_SCORE
 from tests.conftest import InProcessGrid, make_contexts, set_task_identity
 
 HANDLERS = {"train": train, P.VOTE_MESSAGE_TYPE: vote}
@@ -201,7 +202,7 @@ def test_a_missing_reveal_blob_fails_the_audit(honest: tuple[Path, dict], tmp_pa
 
 def test_a_settlement_the_rules_do_not_give_fails_the_audit(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import server.market_session as session
+    import server.market.session as session
 
     real = session.settlement_of
 
@@ -294,7 +295,7 @@ def test_market_terms_are_checked(tmp_path: Path) -> None:
 
 def test_a_hostile_offer_is_refused_with_a_reason_not_a_crash() -> None:
     from ledger.entries import parse_entry
-    from server.market import MarketError
+    from server.market.scientist import MarketError
 
     operator, scientist = Signer.generate(), Signer.generate()
     offer = {"task_id": "t", "model_digest": "m", "validation_root": "r",
@@ -303,12 +304,12 @@ def test_a_hostile_offer_is_refused_with_a_reason_not_a_crash() -> None:
              "reveal_deadline_rounds": 1, "score_tolerance_micro": 0, "patience": 0,
              "architecture": {"family": "poly-mlp", "hidden_units": 2**40,
                               "activation": "square"}}
-    task = parse_entry(operator.sign_entry("task", seq=1, fields={"task_id": "t"}))
+    task = parse_entry(sign_entry(operator, "task", seq=1, fields={"task_id": "t"}))
     for change, match in [({}, "hidden_units"), ({"deposit": 9}, "deposit"),
                           ({"reward": -1}, "reward")]:
         bad = {**offer, **change}
         if change:
             bad["architecture"] = {**offer["architecture"], "hidden_units": 8}
-        entry = parse_entry(scientist.sign_entry("offer", seq=1, fields=bad))
+        entry = parse_entry(sign_entry(scientist, "offer", seq=1, fields=bad))
         with pytest.raises(MarketError, match=match):
             read_market([(0, task), (1, entry)])

@@ -16,16 +16,11 @@ import pytest
 from crypto.commitments import Revealed, encode_reveal, new_salts
 from ledger import LogReader, Signer, parse_entry
 from ledger.blobs import BlobStore
+from ledger.entries import sign_entry
 from ledger.log import Log
-from server.market import (
-    MarketError,
-    balances,
-    read_market,
-    replay,
-    settlement_fields,
-    settlement_of,
-)
-from server.market_audit import audit_run
+from server.market.audit import audit_run
+from server.market.replay import balances, read_market, replay, settlement_fields, settlement_of
+from server.market.scientist import MarketError
 from tests.conftest import set_task_identity
 from tests.test_market import market_run
 
@@ -58,7 +53,7 @@ class Rebuilt:
 
     def add(self, signer: Signer, kind: str, fields: dict[str, Any]) -> int:
         seq = self.log.next_seq(signer.key_id)
-        return self.log.append(signer.sign_entry(kind, seq=seq, fields=fields))
+        return self.log.append(sign_entry(signer, kind, seq=seq, fields=fields))
 
     def settle_by_the_rules(self) -> Any:
         record = read_market(self.log.entries())
@@ -138,7 +133,7 @@ def test_entries_after_the_settlement_do_not_change_it(honest: Path, tmp_path: P
     operator, scientist = Signer.load(run / "operator.pem"), Signer.load(run / "scientist.pem")
     log = Log.open(run / "ledger.db", operator, origin=origin)
     score = dict(next(e for _, e in log.entries(kind="score") if e.fields["round"] == 1).fields)
-    log.append(scientist.sign_entry("score", seq=log.next_seq(scientist.key_id),
+    log.append(sign_entry(scientist, "score", seq=log.next_seq(scientist.key_id),
                                     fields={**score, "loss_micro": 1}))
     log.close()
     result = audit_run(run)
@@ -165,7 +160,7 @@ def test_the_refund_goes_to_the_scientist_even_beside_an_operator_signed_offer()
 
     def entry(signer: Signer, kind: str, **fields: Any) -> Any:
         seq[signer.key_id] += 1
-        return parse_entry(signer.sign_entry(kind, seq=seq[signer.key_id], fields=fields))
+        return parse_entry(sign_entry(signer, kind, seq=seq[signer.key_id], fields=fields))
 
     offer = {"task_id": "t", "reward": 5}
     entries = list(enumerate([

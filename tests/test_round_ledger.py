@@ -18,11 +18,12 @@ from client.task import digits_split, get_weights, make_model
 from client.witness import LedgerRefusal, SeenTree, check_checkpoint
 from crypto.digests import canonical_tensor_bytes, tensors_digest
 from ledger import Log, LogReader, Signer, parse_entry, verify_log
-from server.market_session import MarketSession
-from server.round_ledger import RoundLedger
-from server.selection import assign_committees
+from ledger.entries import make_key_entry, sign_entry
+from server.market.session import MarketSession
+from server.round.ledger_writer import RoundLedger
+from server.round.selection import assign_committees
+from server.round.strategy import PoIConfig, ProofOfIntelligence, arrays_to_numpy, numpy_to_arrays
 from server.server_app import make_central_evaluate, train_config_for
-from server.strategy import PoIConfig, ProofOfIntelligence, arrays_to_numpy, numpy_to_arrays
 from tests.conftest import InProcessGrid, make_contexts
 
 HANDLERS = {"train": train, P.VOTE_MESSAGE_TYPE: vote}
@@ -124,9 +125,9 @@ def test_a_tampered_signed_digest_is_rejected_and_the_round_goes_on(tmp_path: Pa
 def _log_with_entries(tmp_path: Path, n: int) -> tuple[Log, Signer]:
     operator = Signer.generate()
     log = Log.open(tmp_path / "l.db", operator, origin="poi/task/test")
-    log.append(operator.key_entry())
+    log.append(make_key_entry(operator))
     for i in range(n):
-        log.append(operator.sign_entry("task", seq=1 + i, fields={"task_id": f"t{i}"}))
+        log.append(sign_entry(operator, "task", seq=1 + i, fields={"task_id": f"t{i}"}))
     return log, operator
 
 

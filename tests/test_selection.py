@@ -7,7 +7,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from server.selection import (
+from server.round.selection import (
     CandidateScore,
     SelectionError,
     apply_updates,

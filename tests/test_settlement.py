@@ -1,4 +1,4 @@
-"""Settlement (``server.settlement``): hand-derived golden settlements, largest-remainder
+"""Settlement (``server.market.settlement``): hand-derived golden settlements, largest-remainder
 and Shapley against independent references, and money-conservation properties over
 random markets, with and without forfeiture."""
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.settlement import (
+from server.market.settlement import (
     FORFEIT_MISMATCH,
     FORFEIT_NO_REVEAL,
     FORFEIT_SCORE,

@@ -13,8 +13,8 @@ from client import protocol as P
 from client.client_app import train, vote
 from client.config import RunConfig
 from client.task import make_model
+from server.round.strategy import PoIConfig, ProofOfIntelligence, arrays_to_numpy, numpy_to_arrays
 from server.server_app import make_central_evaluate, train_config_for
-from server.strategy import PoIConfig, ProofOfIntelligence, arrays_to_numpy, numpy_to_arrays
 from tests.conftest import InProcessGrid, make_contexts
 
 HANDLERS = {"train": train, P.VOTE_MESSAGE_TYPE: vote}

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.validation import Rejected, validate_update, validate_vote
+from server.round.validation import Rejected, validate_update, validate_vote
 
 REF = {"a": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 

@@ -21,6 +21,7 @@ from typing import Any
 from ledger import merkle
 from ledger.audit import verify_log
 from ledger.checkpoint import parse_checkpoint
+from ledger.entries import make_key_entry, sign_entry
 from ledger.keys import Signer
 from ledger.log import Log
 
@@ -47,11 +48,11 @@ def bench_append(folder: Path, *, entries: int, batch: int) -> dict[str, float]:
     operator = Signer.generate()
     authors = [Signer.generate() for _ in range(16)]
     started = time.perf_counter()
-    leaves = [author.key_entry() for author in authors]
+    leaves = [make_key_entry(author) for author in authors]
     for number in range(entries - len(authors)):
         author = authors[number % len(authors)]
         leaves.append(
-            author.sign_entry(
+            sign_entry(author,
                 "vote",
                 seq=1 + number // len(authors),
                 fields={

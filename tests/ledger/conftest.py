@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ledger import Log, Signer
+from ledger.entries import make_key_entry, sign_entry
 
 ORIGIN = "poi.example/test-log"
 
@@ -18,7 +19,7 @@ def seeded_signer(label: str) -> Signer:
 
 
 def candidate(author: Signer, seq: int, *, round_number: int = 0) -> bytes:
-    return author.sign_entry(
+    return sign_entry(author,
         "candidate",
         seq=seq,
         fields={"task_id": "task-1", "round": round_number, "update_digest": f"{seq:064x}"},
@@ -44,7 +45,7 @@ def log(tmp_path: Path, operator: Signer) -> Iterator[Log]:
 
 def populate(log: Log, authors: list[Signer], *, batches: int = 4, per_author: int = 3) -> None:
     """Key entries, then ``batches`` group commits of candidates from every author."""
-    log.append_many([author.key_entry() for author in authors])
+    log.append_many([make_key_entry(author) for author in authors])
     for batch in range(batches):
         log.append_many(
             [

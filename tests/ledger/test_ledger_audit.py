@@ -18,6 +18,7 @@ from conftest import ORIGIN, candidate, populate, seeded_signer
 from ledger import merkle
 from ledger.audit import verify_log
 from ledger.checkpoint import Checkpoint, sign_checkpoint
+from ledger.entries import make_key_entry
 from ledger.errors import AuditError
 from ledger.keys import Signer
 from ledger.log import Log, node_id
@@ -48,7 +49,7 @@ def test_clean_log_verifies(clean_db: tuple[Path, list[str]]) -> None:
 def test_parallel_signature_checks_agree(tmp_path: Path) -> None:
     author = seeded_signer("author-0")
     with Log.open(tmp_path / "ledger.db", seeded_signer("operator"), ORIGIN) as log:
-        log.append(author.key_entry())
+        log.append(make_key_entry(author))
         log.append_many([candidate(author, seq) for seq in range(1, 4200)])
     assert verify_log(tmp_path, workers=2).ok
     _raw(tmp_path / "ledger.db", lambda db: _flip_leaf(db, 4000, 10, 0x01))
@@ -268,10 +269,11 @@ import random, sys
 sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})
 from conftest import ORIGIN, candidate, seeded_signer
 from ledger.log import Log
+from ledger.entries import make_key_entry
 log = Log.open(sys.argv[1], seeded_signer("operator"), ORIGIN)
 author = seeded_signer("author-0")
 if log.next_seq(author.key_id) == 0:
-    log.append(author.key_entry())
+    log.append(make_key_entry(author))
 rng = random.Random(int(sys.argv[2]))
 while True:
     start = log.next_seq(author.key_id)

@@ -18,6 +18,7 @@ from conftest import ORIGIN, candidate, populate, seeded_signer
 from test_ledger_audit import _flip_leaf, _raw
 
 import ledger.audit as audit
+from ledger.entries import make_key_entry
 from ledger.log import Log, LogReader, node_id
 
 CHUNK = audit._CHUNK
@@ -31,7 +32,7 @@ def chunked_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     authors = [seeded_signer(f"author-{number}") for number in range(3)]
     with Log.open(path, seeded_signer("operator"), ORIGIN) as log:
         populate(log, authors, batches=4, per_author=50)  # 603 entries
-        log.append_many([LATE.key_entry()] + [candidate(LATE, seq) for seq in range(1, 300)])
+        log.append_many([make_key_entry(LATE)] + [candidate(LATE, seq) for seq in range(1, 300)])
         log.append_many([candidate(LATE, seq) for seq in range(300, 521)])
         assert log.size == 2 * CHUNK + 100
     return path

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ledger import merkle
 from ledger.checkpoint import NoteVerifier, parse_checkpoint
 from ledger.log import Log
-from server.ledger_cli import ledger_app
+from server.cli.ledger import ledger_app
 
 runner = CliRunner()
 

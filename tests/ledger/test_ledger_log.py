@@ -20,6 +20,7 @@ from ledger.checkpoint import (
     sign_checkpoint,
     verify_cosignature,
 )
+from ledger.entries import make_key_entry
 from ledger.errors import CheckpointError, EntryError, StoreError
 from ledger.keys import Signer
 from ledger.log import Log, LogReader
@@ -32,7 +33,7 @@ def test_new_log_has_a_signed_empty_checkpoint(log: Log) -> None:
 
 
 def test_group_commit_signs_one_checkpoint_per_batch(log: Log, authors: list[Signer]) -> None:
-    assert log.append_many([author.key_entry() for author in authors]) == [0, 1, 2]
+    assert log.append_many([make_key_entry(author) for author in authors]) == [0, 1, 2]
     batch = [candidate(author, seq) for author in authors for seq in (1, 2)]
     assert log.append_many(batch) == list(range(3, 9))
     assert [row.size for row in log.stored_checkpoints()] == [0, 3, 9]

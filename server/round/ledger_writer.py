@@ -26,11 +26,11 @@ from flwr.common import log
 from client import protocol as P
 from ledger.blobs import BlobStore
 from ledger.checkpoint import ALG_COSIGNATURE_V1, Checkpoint, NoteVerifier, parse_note
-from ledger.entries import Entry, parse_entry
+from ledger.entries import Entry, make_key_entry, parse_entry, sign_entry
 from ledger.errors import LedgerError
 from ledger.keys import Signer, key_id, parse_public_key
 from ledger.log import Log
-from server.validation import Rejected
+from server.round.validation import Rejected
 
 LEDGER_FILE = "ledger.db"
 OPERATOR_KEY_FILE = "operator.pem"
@@ -86,7 +86,7 @@ class RoundLedger:
         blobs = BlobStore.beside(out_dir / LEDGER_FILE)
         recorder = cls(ledger, blobs, operator, task_id)
         if ledger.next_seq(operator.key_id) == 0:
-            ledger.append(operator.key_entry())
+            ledger.append(make_key_entry(operator))
         if ledger.size <= 1:
             recorder.append_operator([("task", {
                 "task_id": task_id,
@@ -242,9 +242,9 @@ class RoundLedger:
         beside the operator) and append them in one transaction, registering the
         signer's key first when the log does not know it yet."""
         seq = self.log_.next_seq(signer.key_id)
-        leaves = [] if seq > 0 else [signer.key_entry()]
+        leaves = [] if seq > 0 else [make_key_entry(signer)]
         seq = max(seq, 1)
-        leaves += [signer.sign_entry(kind, seq=seq + i, fields=dict(fields))
+        leaves += [sign_entry(signer, kind, seq=seq + i, fields=dict(fields))
                    for i, (kind, fields) in enumerate(entries)]
         return self.log_.append_many(leaves)[-len(entries):] if entries else []
 

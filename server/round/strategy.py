@@ -4,7 +4,7 @@ train -> validate -> vote -> tally -> apply -> central evaluation.
 Flower's ``Strategy.start()`` has no hook between train and evaluate, so ``start()`` is
 overridden and the vote is sent with ``grid.send_and_receive`` as ``query.vote``
 messages. The algorithms (committees, tallies, selection, validation) are the pure
-functions in ``server.selection`` and ``server.validation``; this class only wires them
+functions in ``server.round.selection`` and ``server.round.validation``; this class only wires them
 to Flower and records what happened in :class:`RoundRecord` objects for the report.
 """
 
@@ -26,12 +26,12 @@ from flwr.serverapp.strategy import FedAvg, Result
 from client import protocol as P
 from client.witness import MICRO, to_micro
 from crypto.digests import canonical_tensor_bytes, tensors_digest
-from server import selection
-from server.round_ledger import PendingEntries, RoundLedger
+from server.round import selection
+from server.round.ledger_writer import PendingEntries, RoundLedger
 
 if TYPE_CHECKING:
-    from server.market_session import MarketSession
-from server.validation import Rejected, Vote, validate_update, validate_vote
+    from server.market.session import MarketSession
+from server.round.validation import Rejected, Vote, validate_update, validate_vote
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 

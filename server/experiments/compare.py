@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client.config import ATTACKS, STRATEGIES, ConfigError, RunConfig
-from server.report import write_json
+from server.round.report import write_json
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def run_compare(base: RunConfig, spec: CompareSpec, out: Path, *, console: Conso
                 run_missing: bool = True) -> dict[str, Any]:
     """Run every (strategy, setting, seed) not finished yet under ``out/runs`` (with
     ``run_missing=False`` only aggregate what is there), then write the outputs."""
-    from server.simulation import run_simulation
+    from server.experiments.simulation import run_simulation
 
     out.mkdir(parents=True, exist_ok=True)
     jobs = []

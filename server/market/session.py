@@ -20,17 +20,17 @@ from flwr.common import log
 
 from client.config import RunConfig
 from client.task import Dataset
-from server.market import (
+from server.market.replay import (
     MarketRecord,
     Replay,
-    Scientist,
     read_market,
     replay,
     settlement_fields,
     settlement_of,
 )
-from server.round_ledger import RoundLedger, load_or_create_signer
-from server.settlement import Settlement
+from server.market.scientist import Scientist
+from server.market.settlement import Settlement
+from server.round.ledger_writer import RoundLedger, load_or_create_signer
 
 SCIENTIST_KEY_FILE = "scientist.pem"
 

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import (
 
 from client import protocol as P
 from client.config import RunConfig
-from server.strategy import CandidateRecord, RoundRecord, author_of
+from server.round.strategy import CandidateRecord, RoundRecord, author_of
 
 
 class RecordingMixin:

@@ -5,7 +5,7 @@ cumulative voucher (``crypto/vouchers.py``) and get encrypted logits back that o
 they can decrypt. The model never leaves the service; the service never sees an input.
 Every prediction is charged the task's buyer fee against the buyer's balance on the
 ledger (``fund`` entries); the operator records periodic ``fee_settlement`` entries that
-split the fees between the Scientist and the subscribers (``server/fees.py``).
+split the fees between the Scientist and the subscribers (``server/market/fees.py``).
 
 HE work runs in worker processes (TenSEAL holds the GIL), each with the model and a
 cache of parsed contexts. Request and response formats: ``docs/buyer-api.md``.
@@ -41,11 +41,13 @@ from flwr.common import log
 from crypto import vouchers
 from ledger import LogReader
 from ledger.blobs import BlobStore
+from ledger.entries import make_key_entry, sign_entry
 from ledger.errors import LedgerError, StoreError
 from ledger.keys import Signer
 from ledger.log import Log
-from server.fees import split_fee
-from server.market import MarketError, read_market
+from server.market.fees import split_fee
+from server.market.replay import read_market
+from server.market.scientist import MarketError
 
 API = "/v1"
 MAX_BODY_BYTES = {"single": 2 << 20, "batch": 64 << 20}
@@ -432,7 +434,7 @@ class InferenceService:
         try:
             signer = Signer.load(self.run_dir / "operator.pem")
             seq = writer.next_seq(signer.key_id)
-            leaves = [signer.sign_entry(kind, seq=seq + i, fields=fields)
+            leaves = [sign_entry(signer, kind, seq=seq + i, fields=fields)
                       for i, (kind, fields) in enumerate(entries)]
             indexes = writer.append_many(leaves)
         finally:
@@ -594,8 +596,8 @@ def fund_account(run_dir: Path, key_path: Path, amount: int) -> tuple[str, int]:
     writer = open_writer(Path(run_dir), origin)
     try:
         operator = Signer.load(Path(run_dir) / "operator.pem")
-        leaves = [] if writer.next_seq(signer.key_id) else [signer.key_entry()]
-        leaves.append(operator.sign_entry("fund", seq=writer.next_seq(operator.key_id), fields={
+        leaves = [] if writer.next_seq(signer.key_id) else [make_key_entry(signer)]
+        leaves.append(sign_entry(operator, "fund", seq=writer.next_seq(operator.key_id), fields={
             "account": signer.key_id, "amount": amount,
             "memo": "buyer payment received outside the ledger"}))
         index = writer.append_many(leaves)[-1]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from server.settlement import largest_remainder
+from server.market.settlement import largest_remainder
 
 PPM = 1_000_000
 

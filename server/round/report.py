@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from client.config import RunConfig
-from server.strategy import RoundRecord
+from server.round.strategy import RoundRecord
 
 
 def _as_partition(author: str) -> int | str:

@@ -26,7 +26,7 @@ deploy_app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console(soft_wrap=True)  # paths stay on one line, copyable
-APP_DIR = Path(__file__).resolve().parent.parent
+APP_DIR = Path(__file__).resolve().parents[2]  # the Flower app: the repository root
 
 WorkOption = Annotated[Path, typer.Option("--workdir", help="The deployment's folder "
                                           "(state, logs, data files, runs).")]
@@ -141,7 +141,7 @@ def run(
 
     Submits with flwr run APP poi-deploy, follows flwr ls --run-id until the run is
     finished, and says where the ledger and report are."""
-    from server.cli import parse_run_config
+    from server.cli.common import parse_run_config
 
     try:
         state = D.load_state(workdir.expanduser().resolve())

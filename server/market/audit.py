@@ -31,9 +31,8 @@ from crypto import vouchers
 from ledger import LedgerError, LogReader, verify_log
 from ledger.blobs import BlobStore
 from ledger.entries import Entry
-from server.fees import split_fee
-from server.market import (
-    MarketError,
+from server.market.fees import split_fee
+from server.market.replay import (
     MarketRecord,
     balances,
     read_market,
@@ -41,8 +40,9 @@ from server.market import (
     settlement_fields,
     settlement_of,
 )
-from server.report import write_json
-from server.settlement import SettlementError
+from server.market.scientist import MarketError
+from server.market.settlement import SettlementError
+from server.round.report import write_json
 
 LEDGER_FILE = "ledger.db"
 AUDIT_FILE = "audit.json"
@@ -89,7 +89,7 @@ def check_fee_settlements(entries: Sequence[tuple[int, Entry]], record: MarketRe
                           ) -> list[str]:
     """Each ``fee_settlement``: the buyer's voucher verifies with the buyer's key and
     says the recorded cumulative total; the amount is the increase since the buyer's
-    previous settlement; the split is what ``server.fees.split_fee`` gives."""
+    previous settlement; the split is what ``server.market.fees.split_fee`` gives."""
     out: list[str] = []
     keys: dict[str, bytes] = {}
     settled: dict[str, int] = {}

@@ -16,7 +16,7 @@ from typing import Any
 
 from client.config import RunConfig
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 CPUS = 2
 
 

@@ -1,0 +1,93 @@
+"""``poi audit`` and ``poi buyer fund``: replaying a task's market from its ledger, and
+crediting a buyer's account (wiring only; the work is in ``server.market`` and
+``server.inference``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from server.cli.common import console
+
+app = typer.Typer()
+
+
+def payout_table(audit: Any, report: dict[str, Any] | None = None) -> Any:
+    """The payout table of an audit (partition ids and attackers when a report is at hand)."""
+    from rich.table import Table
+
+    who: dict[str, dict[str, Any]] = {}
+    for sub in (report or {}).get("subscribers", []):
+        if sub.get("key_id"):
+            who[sub["key_id"]] = sub
+    keys = sorted(set(audit.reward_payouts) | set(audit.fee_payouts) | set(who))
+    table = Table(title="Payouts (minor units)")
+    for column in ("subscriber key", "partition", "attacker", "reward", "fees", "total"):
+        table.add_column(column, justify="right" if column in ("reward", "fees", "total")
+                         else "left")
+    for key in keys:
+        sub = who.get(key, {})
+        table.add_row(key[:16], str(sub.get("partition_id", "?")),
+                      "yes" if sub.get("attacker") else "", str(audit.reward_payouts.get(key, 0)),
+                      str(audit.fee_payouts.get(key, 0)), str(audit.payouts.get(key, 0)))
+    table.add_row("Scientist refund", "", "", "", "", str(audit.scientist_refund))
+    table.add_row("escrow", "", "", "", "", str(audit.escrow))
+    return table
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder holding ledger.db and blobs.")],
+) -> None:
+    """Independently re-check a task from its ledger, blobs and revealed validation set:
+    commitments, the replayed model, every published score and the settlement. Writes
+    RUN_DIR/audit.json; exit 0 only when everything matches."""
+    from server.market.audit import audit_run, write_audit
+
+    if not (run_dir / "ledger.db").is_file():
+        console.print(f"[red]expected {run_dir / 'ledger.db'}, found none[/red]")
+        raise typer.Exit(2)
+    result = audit_run(run_dir)
+    path = write_audit(run_dir, result)
+    report_path = run_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if result.scientist_refund is not None:
+        console.print(payout_table(result, report))
+    console.print(f"reveal: {result.reveal}")
+    for finding in result.findings:
+        console.print(f"[yellow]finding:[/yellow] {finding}")
+    if result.forfeited:
+        console.print(f"[red]the Scientist forfeits reward and deposit ({result.reason})[/red]")
+    if result.ok:
+        console.print(f"[green]audit ok[/green]: {result.ledger_size} entries; "
+                      f"wrote {path}")
+        return
+    console.print(f"[red]audit failed[/red]: {result.mismatches[0]}")
+    for extra in result.mismatches[1:5]:
+        console.print(f"  also: {extra}")
+    console.print(f"wrote {path}")
+    raise typer.Exit(1)
+
+
+buyer_app = typer.Typer(help="Buyer accounts on a run's ledger.", no_args_is_help=True)
+app.add_typer(buyer_app, name="buyer")
+
+
+@buyer_app.command("fund")
+def buyer_fund(
+    run_dir: Annotated[Path, typer.Argument(help="The run folder (ledger.db, operator.pem).")],
+    key: Annotated[Path, typer.Option(help="The buyer's key file (created if missing).")],
+    amount: Annotated[int, typer.Option(help="Minor units received from the buyer.")],
+) -> None:
+    """Record a buyer's payment (received outside the system) as a credit on the ledger."""
+    from server.inference.service import fund_account
+
+    try:
+        buyer, index = fund_account(run_dir, key, amount)
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"funded buyer {buyer} with {amount} (ledger index {index}); key: {key}")

@@ -1,0 +1,211 @@
+"""The Scientist's side of a task (docs/market.md): the task's terms in minor units
+(:class:`MarketTerms`, from the run config or an ``offer``), the model architecture the
+offer names, and :class:`Scientist`, which holds its own Ed25519 key and the private
+validation set, commits to every example (salted SHA-256, a Merkle root in the
+``offer``), publishes the validation loss of every round's model (``score``, micro-units,
+float64 on CPU) and reveals the set at the end (``reveal`` + blob). Also the loss
+functions the replay shares with it (:func:`loss_micro`, :func:`coalition_losses`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from client.config import RunConfig
+from client.task import NUM_CLASSES, NUM_FEATURES, Dataset, evaluate, make_model, set_weights
+from client.witness import to_micro
+from crypto.commitments import (
+    Revealed,
+    commitments,
+    encode_reveal,
+    new_salts,
+)
+from crypto.digests import tensors_digest
+from ledger.entries import sign_entry
+from ledger.keys import Signer
+from ledger.merkle import hash_leaf, root_from_leaf_hashes
+from server.market.settlement import (
+    Terms,
+)
+from server.round.selection import apply_updates
+
+SCIENTIST_BEHAVIOURS = ("honest", "inflate-score", "tamper-reveal", "withhold-reveal")
+MAX_TOLERANCE_MICRO = 1000  # a score may be off by 0.001 at most, whatever the offer says
+INFLATE_FACTOR = 1.02  # an inflating Scientist publishes 2% more loss than it measured
+
+
+class MarketError(ValueError):
+    """A ledger that does not describe a market (no offer, two offers, ...)."""
+
+
+# ----------------------------------------------------------------------------- terms
+@dataclass(frozen=True)
+class MarketTerms:
+    reward: int
+    update_fee: int
+    max_updates: int
+    buyer_fee: int
+    scientist_fee_share_ppm: int
+    reveal_deadline_rounds: int
+    score_tolerance_micro: int
+    patience: int
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> MarketTerms:
+        return cls(
+            reward=config.reward, update_fee=config.update_fee,
+            max_updates=config.num_subscribers * config.num_server_rounds,
+            buyer_fee=config.buyer_fee, scientist_fee_share_ppm=config.scientist_fee_share_ppm,
+            reveal_deadline_rounds=config.reveal_deadline_rounds,
+            score_tolerance_micro=config.score_tolerance_micro, patience=config.patience,
+        )
+
+    @property
+    def money(self) -> Terms:
+        return Terms(reward=self.reward, deposit=self.reward, update_fee=self.update_fee,
+                     max_updates=self.max_updates)
+
+    @classmethod
+    def from_offer(cls, offer: Mapping[str, Any]) -> MarketTerms:
+        return cls(**{name: int(offer[name]) for name in cls.__dataclass_fields__})
+
+
+def architecture_of(config: RunConfig) -> dict[str, Any]:
+    return {"family": "poly-mlp", "input_dim": NUM_FEATURES, "hidden_units": config.hidden_units,
+            "activation": config.activation, "num_classes": NUM_CLASSES}
+
+
+def validation_root(revealed: Revealed) -> str:
+    """Hex RFC 9162 Merkle root over the examples' commitments."""
+    return root_from_leaf_hashes([hash_leaf(c) for c in commitments(revealed)]).hex()
+
+
+def loss_micro(weights: Mapping[str, np.ndarray], data: Dataset, *,
+               architecture: Mapping[str, Any]) -> int:
+    """Validation loss of ``weights`` in micro-units (float64 on CPU, see ``evaluate``)."""
+    model = make_model(hidden_units=int(architecture["hidden_units"]),
+                       activation=str(architecture["activation"]), seed=0)
+    try:
+        set_weights(model, weights)
+        loss, _ = evaluate(model, data)
+        return to_micro(loss)
+    except (RuntimeError, KeyError, ValueError, IndexError, OverflowError) as exc:
+        raise MarketError(f"model does not fit the offer's architecture or data: {exc}") from exc
+
+
+def coalition_losses(base: Mapping[str, np.ndarray], deltas: Sequence[Mapping[str, np.ndarray]],
+                     data: Dataset, *, architecture: Mapping[str, Any]) -> dict[int, int]:
+    """Loss of ``base`` plus the mean of every non-empty coalition of ``deltas`` (bit i =
+    ``deltas[i]``), exactly as the strategy applies them."""
+    out: dict[int, int] = {}
+    for size in range(1, len(deltas) + 1):
+        for members in combinations(range(len(deltas)), size):
+            mask = sum(1 << i for i in members)
+            weights = apply_updates(base, [deltas[i] for i in members])
+            out[mask] = loss_micro(weights, data, architecture=architecture)
+    return out
+
+
+# ------------------------------------------------------------------------- scientist
+@dataclass
+class Scientist:
+    """The task's owner: its key, its private validation set and the salts."""
+
+    signer: Signer
+    task_id: str
+    validation: Dataset
+    salts: np.ndarray
+    architecture: dict[str, Any]
+    terms: MarketTerms
+    behaviour: str = "honest"
+    best_loss: int | None = None
+    rounds_without_gain: int = 0
+    published: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, signer: Signer, *, task_id: str, validation: Dataset, config: RunConfig
+               ) -> Scientist:
+        if config.scientist not in SCIENTIST_BEHAVIOURS:
+            raise MarketError(f"expected scientist in {list(SCIENTIST_BEHAVIOURS)}, "
+                              f"got {config.scientist!r}")
+        return cls(signer=signer, task_id=task_id, validation=validation,
+                   salts=new_salts(len(validation)), architecture=architecture_of(config),
+                   terms=MarketTerms.from_config(config), behaviour=config.scientist)
+
+    @property
+    def key_id(self) -> str:
+        return self.signer.key_id
+
+    @property
+    def revealed(self) -> Revealed:
+        return Revealed(x=np.asarray(self.validation.x, dtype=np.float32),
+                        y=np.asarray(self.validation.y, dtype=np.int64), salts=self.salts)
+
+    def offer_fields(self, *, model_digest: str) -> dict[str, Any]:
+        terms = self.terms
+        return {
+            "task_id": self.task_id, "model_digest": model_digest,
+            "architecture": self.architecture,
+            "validation_root": validation_root(self.revealed),
+            "validation_count": len(self.validation),
+            "reward": terms.reward, "deposit": terms.reward, "update_fee": terms.update_fee,
+            "max_updates": terms.max_updates, "buyer_fee": terms.buyer_fee,
+            "scientist_fee_share_ppm": terms.scientist_fee_share_ppm,
+            "reveal_deadline_rounds": terms.reveal_deadline_rounds,
+            "score_tolerance_micro": terms.score_tolerance_micro, "patience": terms.patience,
+        }
+
+    def measure(self, weights: Mapping[str, np.ndarray]) -> int:
+        return loss_micro(weights, self.validation, architecture=self.architecture)
+
+    def score_fields(self, server_round: int, weights: Mapping[str, np.ndarray],
+                     base: Mapping[str, np.ndarray] | None = None,
+                     deltas: Sequence[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
+        """The ``score`` entry for the model after ``server_round`` (round 0: the
+        initial model): its loss and, when several updates were applied, the loss of
+        every coalition of them (for the Shapley split)."""
+        loss = self.measure(weights)
+        coalitions: dict[int, int] = {}
+        if base is not None and len(deltas) > 1:
+            coalitions = coalition_losses(base, deltas, self.validation,
+                                          architecture=self.architecture)
+        if self.behaviour == "inflate-score" and server_round > 0:
+            loss = int(loss * INFLATE_FACTOR)
+            coalitions = {m: int(v * INFLATE_FACTOR) for m, v in coalitions.items()}
+        self._track(loss)
+        self.published[server_round] = loss
+        return {"task_id": self.task_id, "round": server_round, "loss_micro": loss,
+                "model_digest": tensors_digest(weights),
+                "coalitions_micro": {str(m): v for m, v in sorted(coalitions.items())}}
+
+    def _track(self, loss: int) -> None:
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss = loss
+            self.rounds_without_gain = 0
+        else:
+            self.rounds_without_gain += 1
+
+    @property
+    def patience_exhausted(self) -> bool:
+        """True once ``patience`` rounds in a row brought no new best loss (0 = never)."""
+        return 0 < self.terms.patience <= self.rounds_without_gain
+
+    def reveal_blob(self) -> bytes | None:
+        """The reveal blob, per behaviour: None when withholding; one label changed when
+        tampering (so its commitment no longer matches)."""
+        if self.behaviour == "withhold-reveal":
+            return None
+        revealed = self.revealed
+        if self.behaviour == "tamper-reveal":
+            y = revealed.y.copy()
+            y[0] = (y[0] + 1) % NUM_CLASSES
+            revealed = Revealed(x=revealed.x, y=y, salts=revealed.salts)
+        return encode_reveal(revealed)
+
+    def sign(self, kind: str, fields: Mapping[str, Any], *, seq: int) -> bytes:
+        return sign_entry(self.signer, kind, seq=seq, fields=dict(fields))
