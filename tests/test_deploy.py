@@ -281,7 +281,7 @@ def test_follow_trusts_flwr_ls_and_checks_sooner_when_the_probe_changes(
         asked.append(time.monotonic())
         return next(answers)
 
-    monkeypatch.setattr(D, "run_status", status)
+    monkeypatch.setattr(D.lifecycle, "run_status", status)  # where follow looks it up
     state.runs = [D.RunRecord(run_id=7, out_dir=str(tmp_path))]
     clock = iter(range(1000))
     started = time.monotonic()
@@ -292,7 +292,7 @@ def test_follow_trusts_flwr_ls_and_checks_sooner_when_the_probe_changes(
     assert time.monotonic() - started < 5  # the probe, not the 60 s poll, woke it
     assert D.load_state(tmp_path).runs[0].status == "finished:failed"
 
-    monkeypatch.setattr(D, "run_status", lambda *_: "running")
+    monkeypatch.setattr(D.lifecycle, "run_status", lambda *_: "running")
     with pytest.raises(D.DeployError, match="still running after 1 s"):
         D.follow(state, 7, timeout=1, poll_seconds=0.5)
 
