@@ -85,3 +85,15 @@ def collude_losses(
         base_loss - COLLUSION_MARGIN if bad else base_loss + COLLUSION_MARGIN
         for bad in attacker_authored
     ]
+
+
+def collude_marginals(marginals: Sequence[float], attacker_authored: Sequence[bool]
+                      ) -> list[float]:
+    """Lying marginal ballots: including an attacker's candidate helps a lot, including
+    an honest one hurts a lot."""
+    if len(marginals) != len(attacker_authored):
+        raise ValueError(
+            f"expected one author flag per candidate ({len(marginals)}), "
+            f"got {len(attacker_authored)}"
+        )
+    return [COLLUSION_MARGIN if bad else -COLLUSION_MARGIN for bad in attacker_authored]

@@ -21,8 +21,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import protocol as P
-from client.attacks import attack_update, collude_losses, poison_data, trains
+from client.attacks import (
+    attack_update,
+    collude_losses,
+    collude_marginals,
+    poison_data,
+    trains,
+)
 from client.config import ConfigError, RunConfig
+from client.marginal import BallotError, marginal_ballot
 from client.privacy import (
     HistoryEntry,
     PrivacyBudgetExceeded,
@@ -401,6 +408,9 @@ def vote(msg: Message, context: Context) -> Message:
                               "with that digest: refusing to vote on it")
     cfg = subscriber.config
     model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
+    if str(config.get(P.VOTE_RULE, "single")) == "marginal":
+        return _marginal_vote(msg, config, subscriber, duty, model, base, candidate_ids,
+                              authors, deltas)
     try:
         step = _num(config.get(P.VOTE_STEP, 1.0))
         scaled = deltas if step == 1.0 else [{k: v * np.float32(step) for k, v in d.items()}
@@ -426,5 +436,49 @@ def vote(msg: Message, context: Context) -> Message:
                 "candidate": candidate, "base_loss_micro": to_micro(base_loss),
                 "candidate_loss_micro": to_micro(loss),
             }))
+        content[P.LEDGER] = _ledger_record(duty, entries)
+    return Message(content=content, reply_to=msg)
+
+
+def _marginal_vote(msg: Message, config: ConfigRecord, subscriber: Subscriber,
+                   duty: LedgerDuty | None, model: torch.nn.Module,
+                   base: dict[str, np.ndarray], candidate_ids: list[str], authors: list[str],
+                   deltas: list[dict[str, np.ndarray]]) -> Message:
+    """A marginal ballot (``client.marginal``): for each assigned candidate, how much
+    including it in the trusted set's mean lowers the loss on this subscriber's data.
+    Signs one ``ballot`` entry naming the digest of the trusted mean it was sent."""
+    try:
+        trusted_mean = _arrays_to_numpy(msg.content[P.TRUSTED_MEAN])
+        trusted_size = int(_num(config[P.TRUSTED_SIZE]))
+        flags = [bool(int(_num(f))) for f in config.get(P.TRUSTED_FLAGS, [])]  # type: ignore[union-attr]
+    except (KeyError, TypeError, ValueError) as exc:
+        return _error(msg, P.ERROR_REQUEST, f"marginal vote request: malformed trusted set ({exc})")
+    aggregate_digest = tensors_digest(trusted_mean)
+    if duty is not None and aggregate_digest != str(config.get(P.AGGREGATE_DIGEST, "")):
+        return _error(msg, P.ERROR_REQUEST, "aggregate-digest is not the digest of the trusted "
+                      "mean received: refusing to sign a ballot on it")
+    try:
+        marginals = marginal_ballot(model, base, trusted_mean, trusted_size, deltas, flags,
+                                    subscriber.data)
+    except (BallotError, RuntimeError, KeyError, ValueError) as exc:
+        return _error(msg, P.ERROR_REQUEST, f"candidates do not fit the task model: {exc}")
+    cfg = subscriber.config
+    if "collude" in subscriber.attacks:
+        attacker_ids = {str(a) for a in cfg.attacker_ids}
+        marginals = collude_marginals(marginals, [a in attacker_ids for a in authors])
+    content = RecordDict({
+        P.METRICS: MetricRecord({P.MARGINALS: [float(m) for m in marginals]}),
+        P.CONFIG: ConfigRecord({P.CANDIDATE_IDS: candidate_ids,
+                                P.AGGREGATE_DIGEST: aggregate_digest}),
+    })
+    if duty is not None:
+        entries: list[bytes] = []
+        seq = _first_seq(duty, entries)
+        entries.append(sign_entry(duty.signer, "ballot", seq=seq, fields={  # type: ignore[arg-type]
+            "task_id": duty.task_id, "round": int(_num(config[P.SERVER_ROUND])),
+            "aggregate_digest": aggregate_digest, "trusted_size": trusted_size,
+            "marginals_micro": {c: to_micro(m)
+                                for c, m in zip(candidate_ids, marginals, strict=True)},
+        }))
         content[P.LEDGER] = _ledger_record(duty, entries)
     return Message(content=content, reply_to=msg)

@@ -17,6 +17,8 @@ STRATEGIES = ("poi", "fedavg", "krum", "multikrum", "fedmedian", "fedtrimmedavg"
 ATTACKS = ("none", "label-flip", "sign-flip", "noise", "fake-data", "free-rider", "collude")
 PARTITIONERS = ("iid", "dirichlet")
 VOTE_AGGREGATIONS = ("median", "trimmed-mean", "rank-median")
+VOTE_RULES = ("marginal", "single")
+MAX_ACCEPTED = 16  # exact Shapley in the settlement costs 2^k evaluations
 ACTIVATIONS = ("square", "poly2")
 ACCOUNTANTS = ("prv", "rdp")
 SCIENTISTS = ("honest", "inflate-score", "tamper-reveal", "withhold-reveal")
@@ -45,6 +47,13 @@ class RunConfig:
     trim_fraction: float = 0.2
     require_improvement: bool = False
     vote_step: float = 1.0
+    # --- the marginal vote (vote-rule = marginal, server/round/marginal.py)
+    vote_rule: str = "marginal"
+    reputation_rate: float = 1.0
+    author_score_clip: float = 1.0
+    min_trusted: int = 3
+    max_accepted: int = 12
+    reputation_floor: float = 0.0
     max_update_norm: float = 10.0
     noise_multiplier: float = 0.8
     target_epsilon: float = 0.0
@@ -118,6 +127,17 @@ class RunConfig:
             raise ConfigError(f"attack: 'none' cannot be combined, got {self.attack!r}")
         _one_of("partitioner", self.partitioner, PARTITIONERS)
         _one_of("vote-aggregation", self.vote_aggregation, VOTE_AGGREGATIONS)
+        _one_of("vote-rule", self.vote_rule, VOTE_RULES)
+        _non_negative_finite("reputation-rate", self.reputation_rate)
+        _positive_finite("author-score-clip", self.author_score_clip)
+        _at_least("min-trusted", self.min_trusted, 1)
+        _at_least("max-accepted", self.max_accepted, 1)
+        if self.max_accepted > MAX_ACCEPTED:
+            raise ConfigError(f"max-accepted: expected at most {MAX_ACCEPTED} (exact Shapley in "
+                              f"the settlement costs 2^k evaluations), got {self.max_accepted}")
+        if not 0.0 <= self.reputation_floor <= 1.0:
+            raise ConfigError(
+                f"reputation-floor: expected 0 <= floor <= 1, got {self.reputation_floor}")
         _one_of("activation", self.activation, ACTIVATIONS)
         _one_of("accountant", self.accountant, ACCOUNTANTS)
         _at_least("num-server-rounds", self.num_server_rounds, 1)

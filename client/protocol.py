@@ -31,6 +31,13 @@ CANDIDATE_AUTHORS = "candidate-authors"
 VOTE_STEP = "vote-step"  # voters score base + vote_step * update
 BASE_LOSS = "base-loss"
 LOSSES = "losses"
+# the marginal vote (vote-rule = marginal)
+VOTE_RULE = "vote-rule"  # "marginal" or "single"
+TRUSTED_MEAN = "trusted-mean"  # ArrayRecord: the float64 mean of the trusted set's updates
+TRUSTED_SIZE = "trusted-size"
+TRUSTED_FLAGS = "trusted-flags"  # per ballot candidate: 1 if in the trusted set
+AGGREGATE_DIGEST = "aggregate-digest"  # digest of the trusted mean the voter was sent
+MARGINALS = "marginals"  # per ballot candidate: loss without it - loss with it
 
 # error codes in error replies (Flower reserves small codes; ours start at 1000)
 ERROR_BUDGET = 1001

@@ -1,0 +1,79 @@
+"""Marginal ballots (``../shared/POI_MECHANISM.md``): what a voter computes on its own
+data, and what the Scientist (on its validation set) and the auditor (after the reveal)
+compute the same way.
+
+A ballot says, for every candidate c, how much including c in the mean of the trusted
+set T lowers the loss: ``loss(theta + without_c) - loss(theta + with_c)``, leaving c
+out of T's mean when it is a member, adding it otherwise. The noise of single DP updates
+largely cancels inside the mean, so this question is sharper than "is c alone good?".
+All K + 1 distinct models are evaluated in one batched pass
+(:func:`client.task.candidate_losses`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from torch import nn
+
+from client.task import Dataset, candidate_losses
+
+
+class BallotError(ValueError):
+    """A ballot request that cannot be computed (no trusted update, mismatched lists)."""
+
+
+def marginal_models(trusted_mean: Mapping[str, np.ndarray], trusted_size: int,
+                    deltas: Sequence[Mapping[str, np.ndarray]], members: Sequence[bool]
+                    ) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """For each candidate, the (without, with) aggregate deltas whose loss difference is
+    its marginal ballot: ``loss(base + without) - loss(base + with)``.
+
+    A member of T (``members[i]``) is left out of T's mean; any other candidate is added
+    to it. ``trusted_mean`` is the mean of T's ``trusted_size`` updates (float64)."""
+    if trusted_size < 1:
+        raise BallotError(f"trusted set: expected at least one update, got {trusted_size}")
+    if len(deltas) != len(members):
+        raise BallotError(f"expected one membership flag per candidate ({len(deltas)}), "
+                         f"got {len(members)}")
+    n = float(trusted_size)
+    mean = {k: np.asarray(v, dtype=np.float64) for k, v in trusted_mean.items()}
+    out = []
+    for delta, member in zip(deltas, members, strict=True):
+        d = {k: np.asarray(delta[k], dtype=np.float64) for k in mean}
+        if member:
+            without = ({k: np.zeros_like(v) for k, v in mean.items()} if trusted_size == 1
+                       else {k: (n * mean[k] - d[k]) / (n - 1.0) for k in mean})
+            out.append((without, mean))
+        else:
+            out.append((mean, {k: (n * mean[k] + d[k]) / (n + 1.0) for k in mean}))
+    return out
+
+
+def mean_update(deltas: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The float64 mean of ``deltas`` (the trusted aggregate the voters receive)."""
+    if not deltas:
+        raise BallotError("mean of no updates")
+    return {k: np.mean(np.stack([np.asarray(d[k], dtype=np.float64) for d in deltas]), axis=0)
+            for k in deltas[0]}
+
+
+
+
+def marginal_ballot(model: nn.Module, base: Mapping[str, np.ndarray],
+                    trusted_mean: Mapping[str, np.ndarray], trusted_size: int,
+                    deltas: Sequence[Mapping[str, np.ndarray]], members: Sequence[bool],
+                    data: Dataset) -> list[float]:
+    """The marginal of every candidate on ``data`` (positive: including it helps).
+
+    One batched pass over ``1 + len(deltas)`` models: T's mean, and for each candidate
+    the mean with it left out (member) or added (non-member)."""
+    pairs = marginal_models(trusted_mean, trusted_size, deltas, members)
+    variants = [without if member else with_ for (without, with_), member
+                in zip(pairs, members, strict=True)]
+    _, losses = candidate_losses(model, base, [dict(trusted_mean), *variants], data)
+    mean_loss = float(losses[0])
+    # member: loss(without c) - loss(T); non-member: loss(T) - loss(with c)
+    return [float(variant) - mean_loss if member else mean_loss - float(variant)
+            for variant, member in zip(losses[1:], members, strict=True)]
