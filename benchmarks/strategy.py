@@ -1,8 +1,9 @@
 """Benchmark: Proof-of-Intelligence against Flower's built-in strategies (issue targets).
 
 Digits, 20 subscribers, Dirichlet alpha 0.5, DP on, 20 rounds, 3 seeds; PoI with top-k 1
-and 5 beside FedAvg, Krum, MultiKrum, FedMedian, FedTrimmedAvg and Bulyan; no attackers,
-and 40% attackers for each attack and for label flip + colluding votes together.
+and 5 beside FedAvg, Krum, MultiKrum, FedMedian, FedTrimmedAvg, Bulyan, centered clipping
+and NNM + trimmed mean; no attackers, and 40% attackers for each attack and for label flip
++ colluding votes together.
 
     python -m benchmarks.strategy --out benchmarks/results/strategy [--attacks a,b] [--quick]
 
@@ -22,7 +23,8 @@ from client.config import RunConfig
 from server.experiments.compare import CompareSpec, run_compare
 
 ATTACKS = "label-flip,sign-flip,noise,fake-data,free-rider,label-flip+collude"
-STRATEGIES = "poi@1,poi@5,fedavg,krum,multikrum,fedmedian,fedtrimmedavg,bulyan"
+STRATEGIES = ("poi@1,poi@5,fedavg,krum,multikrum,fedmedian,fedtrimmedavg,bulyan,"
+              "centered-clipping,nnm-trimmed-mean")
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
-STRATEGIES = ("poi", "fedavg", "krum", "multikrum", "fedmedian", "fedtrimmedavg", "bulyan")
+STRATEGIES = ("poi", "fedavg", "krum", "multikrum", "fedmedian", "fedtrimmedavg", "bulyan",
+              "centered-clipping", "nnm-trimmed-mean")
 ATTACKS = ("none", "label-flip", "sign-flip", "noise", "fake-data", "free-rider", "collude")
 PARTITIONERS = ("iid", "dirichlet")
 VOTE_AGGREGATIONS = ("median", "trimmed-mean", "rank-median")
@@ -68,6 +69,8 @@ class RunConfig:
     attack_scale: float = 5.0
     attack_noise_std: float = 0.5
     num_malicious: int = -1
+    clipping_tau: float = 5.0
+    clipping_iterations: int = 1
     out_dir: str = ""
     # --- the market (docs/market.md); amounts are integers in minor units
     reward: int = 1_000_000
@@ -187,6 +190,8 @@ class RunConfig:
         _non_negative_finite("target-epsilon", self.target_epsilon)
         _non_negative_finite("attack-scale", self.attack_scale)
         _non_negative_finite("attack-noise-std", self.attack_noise_std)
+        _positive_finite("clipping-tau", self.clipping_tau)
+        _at_least("clipping-iterations", self.clipping_iterations, 1)
         if not 0.0 < self.target_delta < 1.0:
             raise ConfigError(f"target-delta: expected 0 < delta < 1, got {self.target_delta}")
         if not 0.0 <= self.trim_fraction < 0.5:
