@@ -12,6 +12,15 @@ function of plain data so it can be tested without Flower. Several attacks combi
   change of the global model (``global_t - global_{t-1}``) as its own (a stale update).
 - ``collude``: as a voter, reports that attackers' candidates help a lot and honest
   candidates hurt, to push the colluders' updates into the model.
+- ``targeted-flip``: a backdoor-style flip: trains with the examples of one class
+  (``flip_source``) relabelled as another (``flip_target``), leaving every other label
+  alone, so overall accuracy barely moves while that class is misread
+  (:func:`targeted_flip_metrics` is how a report sees it).
+- ``alie``, ``ipm``, ``min-max``, ``min-sum``: model poisoning by colluders that pool
+  their honest updates (``client.model_poisoning``, ``client.collusion``).
+
+Adaptive attackers (``attack_start_round`` > 1) are completely honest before that
+round: :func:`active_attacks` is the one switch that training and voting both read.
 """
 
 from __future__ import annotations
@@ -20,24 +29,79 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from client.model_poisoning import MODEL_POISONING
 from client.task import NUM_CLASSES, Dataset
 
 Weights = Mapping[str, np.ndarray]
 
-DATA_ATTACKS = frozenset({"label-flip", "fake-data"})
-UPDATE_ATTACKS = frozenset({"sign-flip", "noise", "free-rider"})
+DATA_ATTACKS = frozenset({"label-flip", "fake-data", "targeted-flip"})
+UPDATE_ATTACKS = frozenset({"sign-flip", "noise", "free-rider"}) | MODEL_POISONING
 COLLUSION_MARGIN = 1.0
+NO_ATTACKS: frozenset[str] = frozenset()
 
 
-def poison_data(kinds: frozenset[str], data: Dataset, *, rng: np.random.Generator) -> Dataset:
-    """The data an attacker trains on instead of its real data."""
+def active_attacks(kinds: frozenset[str], server_round: int, start_round: int) -> frozenset[str]:
+    """The attacks an attacker carries out in ``server_round``: none before
+    ``start_round`` (it trains, sends and votes honestly, to earn trust first), all of
+    ``kinds`` from then on.
+
+    Raises ValueError for a round or start round below 1."""
+    if server_round < 1 or start_round < 1:
+        raise ValueError(
+            f"expected server_round >= 1 and start_round >= 1, got {server_round} and "
+            f"{start_round}"
+        )
+    return kinds if server_round >= start_round else NO_ATTACKS
+
+
+def poison_data(
+    kinds: frozenset[str],
+    data: Dataset,
+    *,
+    rng: np.random.Generator,
+    flip_source: int = 1,
+    flip_target: int = 7,
+) -> Dataset:
+    """The data an attacker trains on instead of its real data (``data`` itself when
+    ``kinds`` has no data attack). ``targeted-flip`` relabels only the examples of
+    class ``flip_source`` as ``flip_target``."""
     if "fake-data" in kinds:
         x = rng.random(data.x.shape, dtype=np.float32)
         y = rng.integers(0, NUM_CLASSES, size=data.y.shape, dtype=np.int64)
         return Dataset(x, y)
     if "label-flip" in kinds:
         return Dataset(data.x, (NUM_CLASSES - 1 - data.y).astype(np.int64))
+    if "targeted-flip" in kinds:
+        y = np.where(data.y == flip_source, flip_target, data.y).astype(np.int64)
+        return Dataset(data.x, y)
     return data
+
+
+def targeted_flip_metrics(
+    predicted: np.ndarray, labels: np.ndarray, *, flip_source: int, flip_target: int
+) -> tuple[float, float]:
+    """``(source_accuracy, attack_success_rate)`` on a test set: the accuracy on the
+    examples of class ``flip_source``, and the fraction of them predicted as
+    ``flip_target`` (the targeted flip's goal).
+
+    Raises ValueError for shapes that differ or a test set without the source class."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    if predicted.shape != labels.shape:
+        raise ValueError(
+            f"expected one prediction per label, got shapes {predicted.shape} and {labels.shape}"
+        )
+    source = labels == flip_source
+    if not source.any():
+        raise ValueError(f"expected test examples of the source class {flip_source}, got none")
+    return (float(np.mean(predicted[source] == flip_source)),
+            float(np.mean(predicted[source] == flip_target)))
+
+
+def model_poisoning_kind(kinds: frozenset[str]) -> str | None:
+    """The model-poisoning attack among ``kinds`` (the config allows at most one)."""
+    chosen = sorted(kinds & MODEL_POISONING)
+    assert len(chosen) <= 1, f"config allowed several model-poisoning attacks: {chosen}"
+    return chosen[0] if chosen else None
 
 
 def trains(kinds: frozenset[str]) -> bool:

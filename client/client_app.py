@@ -22,12 +22,15 @@ from flwr.clientapp import ClientApp
 
 from client import protocol as P
 from client.attacks import (
+    active_attacks,
     attack_update,
     collude_losses,
     collude_marginals,
+    model_poisoning_kind,
     poison_data,
     trains,
 )
+from client.collusion import CHANNEL, ChannelKey, HonestUpdate, extend_history
 from client.config import ConfigError, RunConfig
 from client.marginal import BallotError, marginal_ballot
 from client.privacy import (
@@ -35,6 +38,8 @@ from client.privacy import (
     PrivacyBudgetExceeded,
     calibrate_noise_multiplier,
     epsilon_of,
+    projected_epsilon,
+    sample_rate,
     train_private,
 )
 from client.task import (
@@ -73,7 +78,11 @@ STATE_LEDGER = "ledger"
 
 @dataclass(frozen=True)
 class Subscriber:
-    """Who this node is and what it holds, parsed once from the Flower context."""
+    """Who this node is and what it holds, parsed once from the Flower context.
+
+    ``data`` is the subscriber's real data and ``attacks`` what it is configured to do;
+    what it does in a given round is ``attacks_for_round`` / ``data_for_round`` (an
+    adaptive attacker is honest before ``attack-start-round``)."""
 
     config: RunConfig
     partition_id: int
@@ -82,6 +91,7 @@ class Subscriber:
     max_epsilon: float | None
     simulated: bool
     key_path: str
+    num_partitions: int = 0
 
     @classmethod
     def from_context(cls, context: Context) -> Subscriber:
@@ -122,10 +132,32 @@ class Subscriber:
                 raise ConfigError(f"ledger-key {key_file.name}: cannot read it ({exc})") from exc
         key_path = str(explicit_key or _default_key_path(config, context, partition_id))
         attacks = config.attack_kinds if config.is_attacker(partition_id) else frozenset()
-        if attacks:
-            data = poison_data(attacks, data, rng=np.random.default_rng(
-                _seed(config.seed, "poison", partition_id)))
-        return cls(config, partition_id, data, attacks, max_epsilon, simulated, key_path)
+        num_partitions = (int(node.get("num-partitions", config.num_subscribers))  # type: ignore[arg-type]
+                          if simulated else 0)
+        return cls(config, partition_id, data, attacks, max_epsilon, simulated, key_path,
+                   num_partitions)
+
+
+def attacks_for_round(subscriber: Subscriber, server_round: int) -> frozenset[str]:
+    """What the subscriber does in ``server_round``: nothing dishonest before
+    ``attack-start-round``, its configured attacks from then on (``active_attacks``)."""
+    return active_attacks(subscriber.attacks, server_round, subscriber.config.attack_start_round)
+
+
+def data_for_round(subscriber: Subscriber, server_round: int) -> Dataset:
+    """The data the subscriber trains and votes with in ``server_round``: its real data,
+    or, while a data attack is active, the poisoned copy (the same every round)."""
+    return _poisoned(subscriber.config, subscriber.data, subscriber.partition_id,
+                     attacks_for_round(subscriber, server_round))
+
+
+def _poisoned(cfg: RunConfig, data: Dataset, partition_id: int, attacks: frozenset[str]
+              ) -> Dataset:
+    if not attacks:
+        return data
+    return poison_data(attacks, data, rng=np.random.default_rng(
+        _seed(cfg.seed, "poison", partition_id)),
+        flip_source=cfg.flip_source, flip_target=cfg.flip_target)
 
 
 def _default_key_path(config: RunConfig, context: Context, partition_id: int) -> Path:
@@ -238,11 +270,19 @@ def _calibrated_noise(context: Context, subscriber: Subscriber, config: ConfigRe
         assert isinstance(stored, ConfigRecord)
         if "calibrated-noise" in stored:
             return float(stored["calibrated-noise"])  # type: ignore[arg-type]
-    cfg = subscriber.config
+    return _round_noise(subscriber.config, config, len(subscriber.data))
+
+
+def _round_noise(cfg: RunConfig, config: ConfigRecord, num_examples: int) -> float:
+    """The noise multiplier a subscriber with ``num_examples`` examples trains with, as
+    it would calibrate it (``_calibrated_noise``) in its first round."""
+    target_epsilon = float(config.get(P.TARGET_EPSILON, 0.0))  # type: ignore[arg-type]
+    if target_epsilon <= 0:
+        return float(config[P.NOISE_MULTIPLIER])  # type: ignore[arg-type]
     return calibrate_noise_multiplier(
         target_epsilon=target_epsilon,
         target_delta=float(config[P.TARGET_DELTA]),  # type: ignore[arg-type]
-        num_examples=len(subscriber.data), batch_size=cfg.batch_size,
+        num_examples=num_examples, batch_size=cfg.batch_size,
         epochs_per_round=cfg.local_epochs,
         planned_rounds=int(config[P.PLANNED_ROUNDS]),  # type: ignore[arg-type]
         accountant=cfg.accountant,
@@ -299,11 +339,34 @@ def train(msg: Message, context: Context) -> Message:
     history = _load_history(context)
     noise = _calibrated_noise(context, subscriber, config)
     target_delta = _num(config[P.TARGET_DELTA])
+    attacks = attacks_for_round(subscriber, server_round)
+    data = data_for_round(subscriber, server_round)
+    poisoning = model_poisoning_kind(attacks)
     train_loss = float("nan")
-    if trains(subscriber.attacks):
+    if poisoning is not None:
+        # --- model poisoning: the pooled honest updates of every colluder ---------------
+        try:
+            _check_budget(subscriber, history, noise=noise, num_examples=len(data),
+                          target_delta=target_delta)
+        except PrivacyBudgetExceeded as exc:
+            return _error(msg, P.ERROR_BUDGET, str(exc))
+        pool = CHANNEL.pool(
+            _channel_key(context, cfg, config, server_round, global_weights), kind=poisoning,
+            partition_ids=cfg.attacker_ids,
+            train_partition=lambda pid: train_partition(
+                cfg, config, global_weights, server_round, pid,
+                num_partitions=subscriber.num_partitions),
+            num_clients=cfg.num_subscribers, num_byzantine=len(cfg.attacker_ids))
+        own = pool.honest[subscriber.partition_id]
+        history = extend_history(history, noise_multiplier=own.noise_multiplier,
+                                 sample_rate=own.sample_rate, steps=own.steps)
+        train_loss = own.train_loss
+        epsilon = epsilon_of(history, target_delta=target_delta, accountant=cfg.accountant)
+        delta = {k: np.asarray(v, dtype=np.float32) for k, v in pool.crafted.items()}
+    elif trains(attacks):
         try:
             result = train_private(
-                model, subscriber.data, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                model, data, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                 learning_rate=cfg.learning_rate, noise_multiplier=noise,
                 max_grad_norm=_num(config[P.MAX_GRAD_NORM]), target_delta=target_delta,
                 accountant=cfg.accountant, history=history,
@@ -320,23 +383,26 @@ def train(msg: Message, context: Context) -> Message:
         epsilon = epsilon_of(history, target_delta=target_delta, accountant=cfg.accountant)
     _save_history(context, tuple(history), noise)
 
-    trained = get_weights(model)
-    delta = {k: (trained[k] - global_weights[k]).astype(np.float32) for k in global_weights}
+    if poisoning is None:
+        trained = get_weights(model)
+        delta = {k: (trained[k] - global_weights[k]).astype(np.float32) for k in global_weights}
     if subscriber.attacks:
-        delta = attack_update(
-            subscriber.attacks, delta,
-            rng=np.random.default_rng(_seed(cfg.seed, "attack", server_round,
-                                            subscriber.partition_id)),
-            scale=cfg.attack_scale, noise_std=cfg.attack_noise_std,
-            previous=_stale_update(context, global_weights),
-        )
+        # Remembered every round, so a free rider that starts late has a stale update.
+        previous = _stale_update(context, global_weights)
+        if attacks:
+            delta = attack_update(
+                attacks, delta,
+                rng=np.random.default_rng(_seed(cfg.seed, "attack", server_round,
+                                                subscriber.partition_id)),
+                scale=cfg.attack_scale, noise_std=cfg.attack_noise_std, previous=previous,
+            )
 
     if config.get(P.UPDATE_KIND, "delta") == "weights":
         payload = {k: (global_weights[k] + delta[k]).astype(np.float32) for k in delta}
     else:
         payload = delta
     metrics = MetricRecord({
-        P.NUM_EXAMPLES: len(subscriber.data),
+        P.NUM_EXAMPLES: len(data),
         P.TRAIN_LOSS: 0.0 if math.isnan(train_loss) else train_loss,
         P.SAMPLE_EPSILON: float(epsilon),
         P.PARTITION_ID: subscriber.partition_id,
@@ -355,6 +421,61 @@ def train(msg: Message, context: Context) -> Message:
         }))
         content[P.LEDGER] = _ledger_record(duty, entries)
     return Message(content=content, reply_to=msg)
+
+
+def train_partition(cfg: RunConfig, config: ConfigRecord, global_weights: dict[str, np.ndarray],
+                    server_round: int, partition_id: int, *, num_partitions: int
+                    ) -> HonestUpdate:
+    """What attacker partition ``partition_id`` trains this round, exactly as its own
+    ``train`` would (its data for the round, its noise, its per-round seed): the pooled
+    update of model-poisoning colluders (``client.collusion``)."""
+    data = load_partition(partition_id, num_partitions, partitioner=cfg.partitioner,
+                          dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+    data = _poisoned(cfg, data, partition_id,
+                     active_attacks(cfg.attack_kinds, server_round, cfg.attack_start_round))
+    noise = _round_noise(cfg, config, len(data))
+    model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
+    set_weights(model, global_weights)
+    result = train_private(
+        model, data, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, noise_multiplier=noise,
+        max_grad_norm=_num(config[P.MAX_GRAD_NORM]), target_delta=_num(config[P.TARGET_DELTA]),
+        accountant=cfg.accountant, seed=_seed(cfg.seed, "train", server_round, partition_id),
+    )
+    trained = get_weights(model)
+    return HonestUpdate(
+        delta={k: (trained[k] - global_weights[k]).astype(np.float32) for k in global_weights},
+        train_loss=result.train_loss, noise_multiplier=noise,
+        sample_rate=sample_rate(len(data), cfg.batch_size), steps=result.steps)
+
+
+def _channel_key(context: Context, cfg: RunConfig, config: ConfigRecord, server_round: int,
+                 global_weights: dict[str, np.ndarray]) -> ChannelKey:
+    """Whose pool this is: the run (out-dir, else run id), everything the training
+    depends on (run config and the round's DP knobs), the round and the base model."""
+    scope = cfg.out_dir or f"run-{context.run_id}"
+    dp_knobs = [str(config.get(k)) for k in (P.NOISE_MULTIPLIER, P.TARGET_EPSILON,
+                                             P.MAX_GRAD_NORM, P.TARGET_DELTA, P.PLANNED_ROUNDS)]
+    knobs = hashlib.sha256(repr((sorted(cfg.to_mapping().items()), dp_knobs)).encode())
+    return (scope, knobs.hexdigest(), server_round, tensors_digest(global_weights))
+
+
+def _check_budget(subscriber: Subscriber, history: list[HistoryEntry], *, noise: float,
+                  num_examples: int, target_delta: float) -> None:
+    """Raise PrivacyBudgetExceeded, as ``train_private`` would, before a colluder's
+    round (trained through the channel) takes its epsilon past ``max-epsilon``."""
+    if subscriber.max_epsilon is None:
+        return
+    cfg = subscriber.config
+    projected = projected_epsilon(
+        history, noise_multiplier=noise, num_examples=num_examples,
+        batch_size=cfg.batch_size, epochs=cfg.local_epochs, target_delta=target_delta,
+        accountant=cfg.accountant)
+    if projected > subscriber.max_epsilon:
+        spent = epsilon_of(history, target_delta=target_delta, accountant=cfg.accountant)
+        raise PrivacyBudgetExceeded(
+            f"max-epsilon {subscriber.max_epsilon:g} would be exceeded: spent {spent:.4f}, "
+            f"this round would reach {projected:.4f} (delta {target_delta:g})")
 
 
 def _stale_update(context: Context, global_weights: dict[str, np.ndarray]

@@ -13,9 +13,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
+NUM_CLASSES = 10  # client.task.NUM_CLASSES (digits); config stays import-free
+
 STRATEGIES = ("poi", "fedavg", "krum", "multikrum", "fedmedian", "fedtrimmedavg", "bulyan",
               "centered-clipping", "nnm-trimmed-mean")
-ATTACKS = ("none", "label-flip", "sign-flip", "noise", "fake-data", "free-rider", "collude")
+ATTACKS = ("none", "label-flip", "sign-flip", "noise", "fake-data", "free-rider", "collude",
+           "targeted-flip", "alie", "ipm", "min-max", "min-sum")
+MODEL_POISONING_ATTACKS = ("alie", "ipm", "min-max", "min-sum")  # client.model_poisoning
 PARTITIONERS = ("iid", "dirichlet")
 VOTE_AGGREGATIONS = ("median", "trimmed-mean", "rank-median")
 VOTE_RULES = ("marginal", "single")
@@ -68,6 +72,9 @@ class RunConfig:
     activation: str = "square"
     attack_scale: float = 5.0
     attack_noise_std: float = 0.5
+    attack_start_round: int = 1
+    flip_source: int = 1
+    flip_target: int = 7
     num_malicious: int = -1
     clipping_tau: float = 5.0
     clipping_iterations: int = 1
@@ -190,6 +197,7 @@ class RunConfig:
         _non_negative_finite("target-epsilon", self.target_epsilon)
         _non_negative_finite("attack-scale", self.attack_scale)
         _non_negative_finite("attack-noise-std", self.attack_noise_std)
+        self._validate_attack_knobs()
         _positive_finite("clipping-tau", self.clipping_tau)
         _at_least("clipping-iterations", self.clipping_iterations, 1)
         if not 0.0 < self.target_delta < 1.0:
@@ -215,6 +223,30 @@ class RunConfig:
                 f"attackers: {list(attackers)} given but attack is 'none'; "
                 f"expected one of {list(ATTACKS[1:])} (joined by '+')"
             )
+
+    def _validate_attack_knobs(self) -> None:
+        """``attack-start-round``, the targeted flip's classes and which attacks combine."""
+        _at_least("attack-start-round", self.attack_start_round, 1)
+        for key in ("flip-source", "flip-target"):
+            value = getattr(self, key.replace("-", "_"))
+            if not 0 <= value < NUM_CLASSES:
+                raise ConfigError(f"{key}: expected a class in 0..{NUM_CLASSES - 1}, got {value}")
+        if self.flip_source == self.flip_target:
+            raise ConfigError(f"flip-source and flip-target: expected two different classes, "
+                              f"got {self.flip_source} for both")
+        kinds = set(self.attack.split("+"))
+        poisoning = sorted(kinds & set(MODEL_POISONING_ATTACKS))
+        if len(poisoning) > 1:
+            raise ConfigError(f"attack: expected at most one of {list(MODEL_POISONING_ATTACKS)}, "
+                              f"got {poisoning}")
+        if poisoning and kinds & {"noise", "free-rider"}:
+            raise ConfigError(f"attack: {poisoning[0]} crafts from trained updates and cannot "
+                              "be combined with an attack that does not train, "
+                              f"got {self.attack!r}")
+        data_attacks = sorted(kinds & {"label-flip", "fake-data", "targeted-flip"})
+        if "targeted-flip" in kinds and len(data_attacks) > 1:
+            raise ConfigError(f"attack: targeted-flip cannot be combined with another data "
+                              f"attack, got {data_attacks}")
 
 
 # ------------------------------------------------------------------------ helpers

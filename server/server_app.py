@@ -11,14 +11,24 @@ import time
 from logging import INFO, WARNING
 from pathlib import Path
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from client import protocol as P
+from client.attacks import targeted_flip_metrics
 from client.config import RunConfig
-from client.task import digits_split, evaluate, load_data_file, make_model, set_weights
+from client.task import (
+    digits_split,
+    evaluate,
+    functional_float64,
+    load_data_file,
+    make_model,
+    set_weights,
+)
 from crypto.digests import canonical_tensor_bytes, tensors_digest
 from server import progress
 from server.market.audit import audit_run, write_audit
@@ -58,7 +68,9 @@ def wait_for_nodes(grid: Grid, wanted: int, *, timeout: float = NODE_WAIT_SECOND
 
 def make_central_evaluate(config: RunConfig):  # type: ignore[no-untyped-def]
     """Accuracy and loss on the held-out test set, and the loss on the Scientist's
-    validation set (float64, so a replay reproduces it)."""
+    validation set (float64, so a replay reproduces it); and, in every run, what a
+    targeted flip (``flip-source`` -> ``flip-target``) would show: the accuracy on the
+    source class and the fraction of it predicted as the target."""
     split = digits_split()
     model = make_model(hidden_units=config.hidden_units, activation=config.activation,
                        seed=config.seed)
@@ -67,10 +79,22 @@ def make_central_evaluate(config: RunConfig):  # type: ignore[no-untyped-def]
         set_weights(model, arrays_to_numpy(arrays))
         loss, accuracy = evaluate(model, split.test)
         validation_loss, _ = evaluate(model, split.validation)
+        source_accuracy, attack_success_rate = targeted_flip_metrics(
+            _predict(model, split.test.x), split.test.y,
+            flip_source=config.flip_source, flip_target=config.flip_target)
         return MetricRecord({"accuracy": accuracy, "loss": loss,
-                             "validation-loss": validation_loss})
+                             "validation-loss": validation_loss,
+                             "source-accuracy": source_accuracy,
+                             "attack-success-rate": attack_success_rate})
 
     return central_evaluate
+
+
+def _predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    """Predicted classes, in float64 as ``evaluate`` computes its accuracy."""
+    with torch.no_grad():
+        logits = functional_float64(model)(torch.as_tensor(x, dtype=torch.float64))
+    return logits.argmax(dim=1).numpy()
 
 
 def train_config_for(config: RunConfig) -> ConfigRecord:

@@ -36,6 +36,8 @@ def build_report(
             "loss": record.metrics.get("loss"),
             "validation_loss": record.metrics.get("validation-loss"),
             "published_validation_loss": record.metrics.get("published-validation-loss"),
+            "source_accuracy": record.metrics.get("source-accuracy"),
+            "attack_success_rate": record.metrics.get("attack-success-rate"),
             "candidates": [
                 {
                     "id": c.candidate_id,
@@ -73,6 +75,13 @@ def build_report(
         "initial_loss": initial_metrics.get("loss"),
         "final_accuracy": last.get("accuracy"),
         "final_loss": last.get("loss"),
+        # The targeted flip's view (flip-source -> flip-target), in every run.
+        "flip_source": config.flip_source,
+        "flip_target": config.flip_target,
+        "initial_source_accuracy": initial_metrics.get("source-accuracy"),
+        "initial_attack_success_rate": initial_metrics.get("attack-success-rate"),
+        "final_source_accuracy": last.get("source_accuracy"),
+        "final_attack_success_rate": last.get("attack_success_rate"),
         "rounds": round_objs,
         # Flower's built-ins do not say whose update they used: null per round there.
         "selected": [r["selected"] if selected_known else None for r in round_objs],
