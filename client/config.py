@@ -26,7 +26,8 @@ VOTE_RULES = ("marginal", "single")
 MAX_ACCEPTED = 16  # exact Shapley in the settlement costs 2^k evaluations
 ACTIVATIONS = ("square", "poly2")
 ACCOUNTANTS = ("prv", "rdp")
-SCIENTISTS = ("honest", "inflate-score", "tamper-reveal", "withhold-reveal")
+SCIENTISTS = ("honest", "inflate-score", "tamper-reveal", "withhold-reveal", "false-marginals",
+              "withhold-marginals")
 MAX_AMOUNT = 2**53 - 1  # amounts go into canonical JSON (I-JSON integers)
 
 

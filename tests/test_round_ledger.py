@@ -138,7 +138,7 @@ def test_subscriber_checkpoint_check_accepts_growth_and_refuses_forks(tmp_path: 
     assert first.size == 4
     seen = SeenTree(key, 4, root4)
     for _ in range(3):
-        log.append(Signer.generate().key_entry())
+        log.append(make_key_entry(Signer.generate()))
     note7 = log.checkpoint()
     proof = log.consistency_proof(4, 7)
     assert check_checkpoint(note7, log_key=key, proof=proof, proof_from=4, seen=seen).size == 7

@@ -17,7 +17,16 @@ from typing import Any
 import numpy as np
 
 from client.config import RunConfig
-from client.task import NUM_CLASSES, NUM_FEATURES, Dataset, evaluate, make_model, set_weights
+from client.marginal import marginal_ballot
+from client.task import (
+    NUM_CLASSES,
+    NUM_FEATURES,
+    Dataset,
+    candidate_losses,
+    evaluate,
+    make_model,
+    set_weights,
+)
 from client.witness import to_micro
 from crypto.commitments import (
     Revealed,
@@ -34,9 +43,11 @@ from server.market.settlement import (
 )
 from server.round.selection import apply_updates
 
-SCIENTIST_BEHAVIOURS = ("honest", "inflate-score", "tamper-reveal", "withhold-reveal")
+SCIENTIST_BEHAVIOURS = ("honest", "inflate-score", "tamper-reveal", "withhold-reveal",
+                        "false-marginals", "withhold-marginals")
 MAX_TOLERANCE_MICRO = 1000  # a score may be off by 0.001 at most, whatever the offer says
 INFLATE_FACTOR = 1.02  # an inflating Scientist publishes 2% more loss than it measured
+COALITION_BATCH = 512  # coalition models per vectorised pass
 
 
 class MarketError(ValueError):
@@ -98,17 +109,52 @@ def loss_micro(weights: Mapping[str, np.ndarray], data: Dataset, *,
         raise MarketError(f"model does not fit the offer's architecture or data: {exc}") from exc
 
 
+def validation_marginals(base: Mapping[str, np.ndarray], data: Dataset, *,
+                         architecture: Mapping[str, Any], trusted_mean: Mapping[str, np.ndarray],
+                         trusted_size: int, deltas: Sequence[Mapping[str, np.ndarray]],
+                         members: Sequence[bool]) -> list[int]:
+    """Marginal of every candidate on ``data`` in micro-units (``client.marginal``); the
+    Scientist publishes these and ``poi audit`` recomputes them after the reveal."""
+    model = make_model(hidden_units=int(architecture["hidden_units"]),
+                       activation=str(architecture["activation"]), seed=0)
+    try:
+        values = marginal_ballot(model, base, trusted_mean, trusted_size, deltas, members, data)
+    except (RuntimeError, KeyError, ValueError, IndexError) as exc:
+        raise MarketError(f"updates do not fit the offer's architecture or data: {exc}") from exc
+    return [to_micro(v) for v in values]
+
+
 def coalition_losses(base: Mapping[str, np.ndarray], deltas: Sequence[Mapping[str, np.ndarray]],
                      data: Dataset, *, architecture: Mapping[str, Any]) -> dict[int, int]:
     """Loss of ``base`` plus the mean of every non-empty coalition of ``deltas`` (bit i =
-    ``deltas[i]``), exactly as the strategy applies them."""
+    ``deltas[i]``), exactly as the strategy applies them (float32 weights), evaluated in
+    batches of one vectorised pass (:func:`client.task.candidate_losses`). The full
+    coalition is the round's model: its loss comes from :func:`loss_micro`, so it equals
+    the round's score to the last bit."""
+    model = make_model(hidden_units=int(architecture["hidden_units"]),
+                       activation=str(architecture["activation"]), seed=0)
+    masks = [sum(1 << i for i in members) for size in range(1, len(deltas) + 1)
+             for members in combinations(range(len(deltas)), size)]
+    full = (1 << len(deltas)) - 1
     out: dict[int, int] = {}
-    for size in range(1, len(deltas) + 1):
-        for members in combinations(range(len(deltas)), size):
-            mask = sum(1 << i for i in members)
-            weights = apply_updates(base, [deltas[i] for i in members])
-            out[mask] = loss_micro(weights, data, architecture=architecture)
-    return out
+    base64_ = {k: np.asarray(v) for k, v in base.items()}
+    for start in range(0, len(masks), COALITION_BATCH):
+        chunk = [m for m in masks[start:start + COALITION_BATCH] if m != full]
+        shifted = []
+        for mask in chunk:
+            weights = apply_updates(base64_, [deltas[i] for i in range(len(deltas))
+                                              if mask >> i & 1])
+            shifted.append({k: weights[k].astype(np.float64) - base64_[k].astype(np.float64)
+                            for k in weights})
+        if not shifted:
+            continue
+        try:
+            _, losses = candidate_losses(model, base64_, shifted, data)
+        except (RuntimeError, KeyError, ValueError, IndexError) as exc:
+            raise MarketError(f"updates do not fit the offer's architecture: {exc}") from exc
+        out.update({mask: to_micro(float(v)) for mask, v in zip(chunk, losses, strict=True)})
+    out[full] = loss_micro(apply_updates(base64_, list(deltas)), data, architecture=architecture)
+    return dict(sorted(out.items()))
 
 
 # ------------------------------------------------------------------------- scientist
@@ -182,6 +228,25 @@ class Scientist:
         return {"task_id": self.task_id, "round": server_round, "loss_micro": loss,
                 "model_digest": tensors_digest(weights),
                 "coalitions_micro": {str(m): v for m, v in sorted(coalitions.items())}}
+
+    def marginal_fields(self, server_round: int, base: Mapping[str, np.ndarray], *,
+                        trusted_mean: Mapping[str, np.ndarray], trusted_size: int,
+                        aggregate_digest: str, candidate_ids: Sequence[str],
+                        deltas: Sequence[Mapping[str, np.ndarray]], members: Sequence[bool]
+                        ) -> dict[str, Any] | None:
+        """The ``validation_marginals`` entry: for every candidate, how much including it
+        in the trusted set's mean lowers the validation loss (micro-units), computed as
+        the voters compute their ballots. None when this Scientist withholds them."""
+        if self.behaviour == "withhold-marginals":
+            return None
+        values = validation_marginals(base, self.validation, architecture=self.architecture,
+                                      trusted_mean=trusted_mean, trusted_size=trusted_size,
+                                      deltas=deltas, members=members)
+        if self.behaviour == "false-marginals":
+            values = [-v for v in values]
+        return {"task_id": self.task_id, "round": server_round,
+                "aggregate_digest": aggregate_digest,
+                "marginals_micro": dict(zip(candidate_ids, values, strict=True))}
 
     def _track(self, loss: int) -> None:
         if self.best_loss is None or loss < self.best_loss:

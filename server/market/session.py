@@ -83,6 +83,22 @@ class MarketSession:
         self.last_round = server_round
         return int(fields["loss_micro"])
 
+    def publish_marginals(self, server_round: int, base: Mapping[str, np.ndarray], *,
+                          trusted_mean: Mapping[str, np.ndarray], trusted_size: int,
+                          aggregate_digest: str, candidate_ids: Sequence[str],
+                          deltas: Sequence[Mapping[str, np.ndarray]], members: Sequence[bool]
+                          ) -> dict[str, int] | None:
+        """The Scientist's signed ``validation_marginals`` for this round's candidates,
+        published after the ballots are on the ledger; None when it withholds them."""
+        fields = self.scientist.marginal_fields(
+            server_round, base, trusted_mean=trusted_mean, trusted_size=trusted_size,
+            aggregate_digest=aggregate_digest, candidate_ids=candidate_ids, deltas=deltas,
+            members=members)
+        if fields is None:
+            return None
+        self.ledger.append_signed(self.scientist.signer, [("validation_marginals", fields)])
+        return dict(fields["marginals_micro"])
+
     @property
     def should_stop(self) -> bool:
         return self.scientist.patience_exhausted

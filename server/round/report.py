@@ -51,6 +51,9 @@ def build_report(
                     "update_norm": c.update_norm,
                     "sample_epsilon": c.sample_epsilon,
                     "selected": c.selected,
+                    "trusted": c.trusted,
+                    "validation_marginal": c.validation_marginal,
+                    "author_score": c.author_score,
                 }
                 for c in record.candidates
             ],
@@ -59,6 +62,11 @@ def build_report(
                 {**r, "author": _as_partition(r["author"])} for r in record.rejected
             ],
             "rejected_votes": record.rejected_votes,
+            "voter_weights": {str(_as_partition(v)): w for v, w in record.voter_weights.items()},
+            "voter_agreement": {str(_as_partition(v)): r
+                                for v, r in record.voter_agreement.items()},
+            "halted": record.halted or None,
+            "attackers_applied": sum(1 for a in record.selected if _as_partition(a) in attackers),
             "phase_seconds": record.phase_seconds,
             "round_seconds": sum(record.phase_seconds.values()),
         })

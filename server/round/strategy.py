@@ -26,12 +26,19 @@ from flwr.serverapp.strategy import FedAvg, Result
 from client import protocol as P
 from client.witness import MICRO, to_micro
 from crypto.digests import canonical_tensor_bytes, tensors_digest
-from server.round import selection
+from server.round import marginal, selection
 from server.round.ledger_writer import PendingEntries, RoundLedger
+from server.round.marginal import MarginalConfig, RoundTally, VoteState
 
 if TYPE_CHECKING:
     from server.market.session import MarketSession
-from server.round.validation import Rejected, Vote, validate_update, validate_vote
+from server.round.validation import (
+    Rejected,
+    Vote,
+    validate_ballot,
+    validate_update,
+    validate_vote,
+)
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -48,6 +55,8 @@ class PoIConfig:
     vote_step: float = 1.0
     max_update_norm: float = 10.0
     seed: int = 0
+    vote_rule: str = "marginal"  # "marginal" (needs the market's Scientist) or "single"
+    marginal: MarginalConfig = field(default_factory=MarginalConfig)
 
 
 @dataclass
@@ -63,6 +72,9 @@ class CandidateRecord:
     score: float | None = None
     improvement: float | None = None
     selected: bool = False
+    trusted: bool = False
+    validation_marginal: float | None = None  # the Scientist's number (marginal vote)
+    author_score: float | None = None  # its author's cumulative score after the round
 
 
 @dataclass
@@ -77,6 +89,9 @@ class RoundRecord:
     epsilon: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    voter_weights: dict[str, float] = field(default_factory=dict)  # voter label -> weight
+    voter_agreement: dict[str, float] = field(default_factory=dict)  # voter label -> rho
+    halted: str = ""  # why the round applied nothing and the task stopped
 
 
 def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -146,6 +161,10 @@ class ProofOfIntelligence(FedAvg):
         self._admitted: set[str] = set()
         self._labels: dict[str, str] = {}  # node id -> author label, bound on first claim
         self._reference_bytes = 0
+        self.vote_state = VoteState()
+        if config.vote_rule == "marginal" and (ledger is None or market is None):
+            raise ValueError("vote-rule marginal: expected a ledger and a market (the "
+                             "Scientist publishes the validation marginals), got none")
 
     @property
     def labels(self) -> dict[str, str]:
@@ -203,39 +222,24 @@ class ProofOfIntelligence(FedAvg):
             record.phase_seconds["validate"] = time.perf_counter() - t0
 
             # -----------------------------------------------------------------
-            # --- VOTE (subscribers score each other's candidates) ------------
+            # --- VOTE AND TALLY (subscribers, the Scientist, pure tally) -----
             # -----------------------------------------------------------------
-            t0 = time.perf_counter()
-            # Voters: every subscriber that answered; with a ledger, those whose entries
-            # the ledger admitted this round, so the committee is recomputable from it.
-            voters = (sorted(self._admitted) if self.ledger is not None
-                      else sorted(set(self._responders(replies))))
-            if candidates and voters:
-                self._vote(grid, server_round, arrays, candidates, deltas, voters, record,
-                           timeout, train_config)
-            record.phase_seconds["vote"] = time.perf_counter() - t0
+            base_weights = weights
+            if self.config.vote_rule == "marginal":
+                chosen = self._marginal_round(grid, server_round, arrays, weights, candidates,
+                                              deltas, record, timeout)
+            else:
+                chosen = self._single_round(grid, server_round, arrays, candidates, deltas,
+                                            replies, record, timeout, train_config)
 
             # -----------------------------------------------------------------
-            # --- TALLY, SELECT, APPLY ----------------------------------------
+            # --- APPLY (the mean of the accepted updates) --------------------
             # -----------------------------------------------------------------
             t0 = time.perf_counter()
-            improvements = {c.candidate_id: c.improvements for c in candidates if c.improvements}
-            scores = selection.tally(
-                improvements, method=self.config.vote_aggregation,
-                trim_fraction=self.config.trim_fraction,
-            )
-            chosen = selection.select(
-                scores, top_k=self.config.top_k,
-                require_improvement=self.config.require_improvement,
-            )
-            for candidate in candidates:
-                if candidate.candidate_id in scores:
-                    candidate.score = scores[candidate.candidate_id].score
-                    candidate.improvement = scores[candidate.candidate_id].improvement
-                candidate.selected = candidate.candidate_id in chosen
             by_id = {c.candidate_id: c for c in candidates}
+            for candidate in candidates:
+                candidate.selected = candidate.candidate_id in chosen
             record.selected = [by_id[c].author for c in chosen]
-            base_weights = weights
             if chosen:
                 weights = selection.apply_updates(weights, [deltas[c] for c in chosen])
                 # The model's own last change is nobody's work: a subscriber sending it
@@ -245,7 +249,7 @@ class ProofOfIntelligence(FedAvg):
                 arrays = numpy_to_arrays(weights)
                 result.arrays = arrays
             else:
-                log(WARNING, "Round %s: no candidate improved the model; kept it", server_round)
+                log(WARNING, "Round %s: no candidate accepted; kept the model", server_round)
             record.phase_seconds["select"] = time.perf_counter() - t0
 
             # -----------------------------------------------------------------
@@ -271,6 +275,10 @@ class ProofOfIntelligence(FedAvg):
             self.history.append(record)
             if self.round_listener:
                 self.round_listener(record)
+            if record.halted:
+                self.stop_reason = record.halted
+                log(WARNING, "Round %s: %s; stopping", server_round, record.halted)
+                break
             if self.market is not None and self.market.should_stop:
                 self.stop_reason = "patience"
                 log(INFO, "Round %s: no validation gain for %s rounds (patience); stopping",
@@ -278,6 +286,213 @@ class ProofOfIntelligence(FedAvg):
                 break
         result.arrays = arrays
         return result
+
+
+    # ------------------------------------------------------------- the single vote
+    def _single_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
+                      candidates: list[CandidateRecord],
+                      deltas: dict[str, dict[str, np.ndarray]], replies: Sequence[Message],
+                      record: RoundRecord, timeout: float, train_config: ConfigRecord
+                      ) -> list[str]:
+        """``vote-rule = single``: voters report the loss of each candidate applied
+        alone; the robust tally picks the best ``top-k``."""
+        t0 = time.perf_counter()
+        # Voters: every subscriber that answered; with a ledger, those whose entries
+        # the ledger admitted this round, so the committee is recomputable from it.
+        voters = (sorted(self._admitted) if self.ledger is not None
+                  else sorted(set(self._responders(replies))))
+        if candidates and voters:
+            self._vote(grid, server_round, arrays, candidates, deltas, voters, record,
+                       timeout, train_config)
+        record.phase_seconds["vote"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        improvements = {c.candidate_id: c.improvements for c in candidates if c.improvements}
+        scores = selection.tally(
+            improvements, method=self.config.vote_aggregation,
+            trim_fraction=self.config.trim_fraction,
+        )
+        chosen = selection.select(
+            scores, top_k=self.config.top_k,
+            require_improvement=self.config.require_improvement,
+        )
+        for candidate in candidates:
+            if candidate.candidate_id in scores:
+                candidate.score = scores[candidate.candidate_id].score
+                candidate.improvement = scores[candidate.candidate_id].improvement
+        record.phase_seconds["tally"] = time.perf_counter() - t0
+        return chosen
+
+    # ----------------------------------------------------------- the marginal vote
+    def _identity(self, node_id: str) -> str:
+        """Who a node is on the ledger (its key id): reputations and author scores are
+        kept by ledger identity, so ``poi audit`` recomputes them."""
+        assert self.ledger is not None
+        return self.ledger.node_author.get(node_id, f"node-{node_id}")
+
+    def _marginal_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
+                        weights: dict[str, np.ndarray], candidates: list[CandidateRecord],
+                        deltas: dict[str, dict[str, np.ndarray]], record: RoundRecord,
+                        timeout: float) -> list[str]:
+        """``vote-rule = marginal`` (``server.round.marginal``): trusted set, signed
+        marginal ballots, the Scientist's validation marginals, then the tally."""
+        assert self.ledger is not None and self.market is not None
+        t0 = time.perf_counter()
+        if not candidates:
+            record.phase_seconds["vote"] = time.perf_counter() - t0
+            return []
+        authors = {c.candidate_id: self._identity(c.node_id) for c in candidates}
+        trusted = marginal.trusted_set(authors, self.vote_state.author_scores,
+                                       min_trusted=self.config.marginal.min_trusted)
+        trusted_set = set(trusted)
+        for c in candidates:
+            c.trusted = c.candidate_id in trusted_set
+        trusted_mean = marginal.mean_update([deltas[c] for c in trusted])
+        aggregate_digest = tensors_digest(trusted_mean)
+        voters = sorted(self._admitted)
+        ballots = self._collect_ballots(grid, server_round, arrays, candidates, deltas,
+                                        voters, trusted_set, trusted_mean, aggregate_digest,
+                                        record, timeout)
+        record.phase_seconds["vote"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ids = [c.candidate_id for c in candidates]
+        validation = self.market.publish_marginals(
+            server_round, weights, trusted_mean=trusted_mean, trusted_size=len(trusted),
+            aggregate_digest=aggregate_digest, candidate_ids=ids,
+            deltas=[deltas[c] for c in ids], members=[c in trusted_set for c in ids])
+        record.phase_seconds["scientist"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if validation is None:
+            record.halted = "the Scientist withheld the validation marginals"
+            self._record_rejections(server_round, [{
+                "reason": record.halted, "node_id": "scientist", "subject": "scientist"}])
+            return []
+        tally = marginal.tally_round(self.vote_state, authors=authors, ballots=ballots,
+                                     validation_micro=validation, config=self.config.marginal)
+        self.vote_state = tally.state
+        self._last_tally = tally
+        label = {self._identity(n): lbl for n, lbl in self._labels.items()}
+        record.voter_weights = {label.get(v, v): w for v, w in tally.weights.items()}
+        record.voter_agreement = {label.get(v, v): r for v, r in tally.agreement.items()}
+        by_id = {c.candidate_id: c for c in candidates}
+        for candidate_id, score in tally.scores.items():
+            by_id[candidate_id].score = score
+            by_id[candidate_id].improvement = score
+        for c in candidates:
+            c.validation_marginal = validation.get(c.candidate_id, 0) / MICRO
+            c.author_score = tally.state.author_scores.get(authors[c.candidate_id], 0.0)
+        record.phase_seconds["tally"] = time.perf_counter() - t0
+        return list(tally.accepted)
+
+    def _tally_fields(self, candidates: Sequence[CandidateRecord]) -> dict[str, object]:
+        """What the operator's ``selection`` entry adds under the marginal vote, so
+        ``poi audit`` can compare its own replay of the tally with it."""
+        tally: RoundTally | None = getattr(self, "_last_tally", None)
+        if self.config.vote_rule != "marginal" or tally is None:
+            return {}
+        self._last_tally = None
+        return {
+            "vote_rule": "marginal",
+            "trusted": sorted(c.candidate_id for c in candidates if c.trusted),
+            "voter_weights_micro": {v: to_micro(w) for v, w in tally.weights.items()},
+            "author_scores_micro": {a: to_micro(s)
+                                    for a, s in sorted(tally.state.author_scores.items())},
+        }
+
+    def _collect_ballots(self, grid: Grid, server_round: int, arrays: ArrayRecord,
+                         candidates: list[CandidateRecord],
+                         deltas: dict[str, dict[str, np.ndarray]], voters: list[str],
+                         trusted: set[str], trusted_mean: dict[str, np.ndarray],
+                         aggregate_digest: str, record: RoundRecord, timeout: float
+                         ) -> dict[str, dict[str, int]]:
+        """Send every voter its committee's candidates and the trusted mean; return the
+        accepted ballots (voter identity -> candidate -> marginal, micro-units), each
+        signed and on the ledger before the Scientist publishes anything."""
+        assert self.ledger is not None
+        by_id = {c.candidate_id: c for c in candidates}
+        identity = {node: self._identity(node) for node in voters}
+        node_of = {key: node for node, key in identity.items()}
+        by_key = selection.assign_committees(
+            {c.candidate_id: self._identity(c.node_id) for c in candidates},
+            sorted(identity.values()), votes_per_candidate=self.config.votes_per_candidate,
+            seed=self.ledger.root())
+        committees = {c: tuple(sorted(node_of[k] for k in members))
+                      for c, members in by_key.items()}
+        for candidate_id, members in committees.items():
+            by_id[candidate_id].voters = list(members)
+        assigned = selection.ballots(committees)
+        mean_record = numpy_to_arrays(trusted_mean)
+        messages = []
+        for voter, ballot in assigned.items():
+            vote_config = ConfigRecord({
+                P.SERVER_ROUND: server_round, P.VOTE_RULE: "marginal",
+                P.CANDIDATE_IDS: list(ballot),
+                P.CANDIDATE_AUTHORS: [by_id[c].author for c in ballot],
+                P.TRUSTED_SIZE: len(trusted),
+                P.TRUSTED_FLAGS: [int(c in trusted) for c in ballot],
+                P.AGGREGATE_DIGEST: aggregate_digest,
+            })
+            vote_config = self.ledger.apply_to(vote_config, voter)
+            content = RecordDict({P.ARRAYS: arrays, P.CONFIG: vote_config,
+                                  P.TRUSTED_MEAN: mean_record})
+            for candidate_id in ballot:
+                content[P.CANDIDATE_PREFIX + candidate_id] = numpy_to_arrays(deltas[candidate_id])
+            messages.append(Message(content=content, message_type=P.VOTE_MESSAGE_TYPE,
+                                    dst_node_id=int(voter)))
+        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        answered: set[str] = set()
+        pending: list[PendingEntries] = []
+        accepted: dict[str, dict[str, float]] = {}
+        for msg in replies:
+            voter = str(msg.metadata.src_node_id)
+            answered.add(voter)
+            if voter not in assigned:
+                record.rejected_votes.append({"voter": voter, "reason": "vote from a non-member"})
+                continue
+            try:
+                ballot = self._parse_ballot(msg, assigned[voter], aggregate_digest)
+                pending.append(self.ledger.check_reply(
+                    voter, msg.content.get(P.LEDGER), kind="ballot",
+                    expected=[{"task_id": self.ledger.task_id, "round": server_round,
+                               "aggregate_digest": aggregate_digest,
+                               "trusted_size": len(trusted),
+                               "marginals_micro": {c: to_micro(v) for c, v in ballot.items()}}]))
+            except Rejected as exc:
+                record.rejected_votes.append({"voter": voter, "reason": str(exc)})
+                continue
+            accepted[voter] = ballot
+        for voter, reason in self.ledger.commit(pending).items():
+            accepted.pop(voter, None)
+            record.rejected_votes.append({"voter": voter, "reason": reason})
+        for voter in sorted(set(assigned) - answered):
+            record.rejected_votes.append({"voter": voter, "reason": "no vote before the timeout"})
+        self._record_rejections(server_round, [
+            {**r, "node_id": r["voter"], "subject": "vote"} for r in record.rejected_votes])
+        for voter, ballot in accepted.items():
+            for candidate_id, value in ballot.items():
+                by_id[candidate_id].improvements[voter] = value
+        return {identity[v]: {c: to_micro(x) for c, x in b.items()}
+                for v, b in sorted(accepted.items())}
+
+    @staticmethod
+    def _parse_ballot(msg: Message, ballot: Sequence[str], aggregate_digest: str
+                      ) -> dict[str, float]:
+        if msg.has_error():
+            raise Rejected(f"voter error: {msg.error.reason}")
+        content = msg.content
+        metrics = content.get(P.METRICS)
+        config = content.get(P.CONFIG)
+        if not isinstance(metrics, MetricRecord) or not isinstance(config, ConfigRecord):
+            raise Rejected("ballot: expected a MetricRecord and a ConfigRecord, "
+                           f"got {list(content)}")
+        ids = config.get(P.CANDIDATE_IDS)
+        marginals = metrics.get(P.MARGINALS)
+        values = validate_ballot(
+            "", assigned=ballot, candidate_ids=ids if isinstance(ids, list) else None,
+            marginals=marginals if isinstance(marginals, list) else None,
+            aggregate_digest=config.get(P.AGGREGATE_DIGEST), expected_digest=aggregate_digest)
+        # Tally on the micro-unit values the ledger records, so a replay is exact.
+        return {c: to_micro(v) / MICRO for c, v in values.items()}
 
     # ------------------------------------------------------------------ helpers
     def _train_messages(self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -307,6 +522,7 @@ class ProofOfIntelligence(FedAvg):
                 "task_id": ledger.task_id, "round": server_round, "selected": list(chosen),
                 "scores_micro": {c.candidate_id: to_micro(c.score)
                                  for c in candidates if c.score is not None},
+                **self._tally_fields(candidates),
             }),
             ("model", {"task_id": ledger.task_id, "round": server_round,
                        "model_digest": model_digest}),

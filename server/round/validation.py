@@ -96,3 +96,40 @@ def validate_vote(
         values.append(value)
     return Vote(voter=voter, base_loss=values[0],
                 losses=dict(zip(assigned, values[1:], strict=True)))
+
+
+MAX_MARGINAL = 100.0  # nats: no update moves a mean cross-entropy by more
+
+
+def validate_ballot(
+    voter: str,
+    *,
+    assigned: Sequence[str],
+    candidate_ids: Sequence[object] | None,
+    marginals: Sequence[object] | None,
+    aggregate_digest: object,
+    expected_digest: str,
+) -> dict[str, float]:
+    """A marginal ballot must name exactly its assigned candidates, in order, carry the
+    digest of the trusted mean it was sent, and one finite marginal per candidate with
+    ``|marginal| <= MAX_MARGINAL``. Returns candidate -> marginal."""
+    if candidate_ids is None or marginals is None:
+        raise Rejected("ballot: expected 'candidate-ids' and 'marginals' in the reply, "
+                       "got neither")
+    if [str(c) for c in candidate_ids] != list(assigned):
+        raise Rejected(f"ballot: expected candidates {list(assigned)}, got {list(candidate_ids)}")
+    if aggregate_digest != expected_digest:
+        raise Rejected(f"ballot: expected the trusted mean {expected_digest[:16]}, "
+                       f"got {str(aggregate_digest)[:16]}")
+    if len(marginals) != len(assigned):
+        raise Rejected(f"ballot: expected {len(assigned)} marginals, got {len(marginals)}")
+    out: dict[str, float] = {}
+    for candidate, item in zip(assigned, marginals, strict=True):
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            raise Rejected(f"ballot: expected numeric marginals, got {item!r}")
+        value = float(item)
+        if not math.isfinite(value) or abs(value) > MAX_MARGINAL:
+            raise Rejected(f"ballot: expected finite marginals with |m| <= {MAX_MARGINAL:g}, "
+                           f"got {value}")
+        out[candidate] = value
+    return out
