@@ -536,11 +536,13 @@ def vote(msg: Message, context: Context) -> Message:
         step = _num(config.get(P.VOTE_STEP, 1.0))
         scaled = deltas if step == 1.0 else [{k: v * np.float32(step) for k, v in d.items()}
                                              for d in deltas]
-        base_loss, losses = candidate_losses(model, base, scaled, subscriber.data)
+        server_round = int(_num(config.get(P.SERVER_ROUND, 0)))
+        base_loss, losses = candidate_losses(model, base, scaled,
+                                             data_for_round(subscriber, server_round))
     except (RuntimeError, KeyError) as exc:
         return _error(msg, P.ERROR_REQUEST, f"candidates do not fit the task model: {exc}")
     reported = [float(v) for v in losses]
-    if "collude" in subscriber.attacks:
+    if "collude" in attacks_for_round(subscriber, server_round):
         attacker_ids = {str(a) for a in cfg.attacker_ids}
         reported = collude_losses(base_loss, reported, [a in attacker_ids for a in authors])
         reported = [max(0.0, v) for v in reported]
@@ -579,12 +581,13 @@ def _marginal_vote(msg: Message, config: ConfigRecord, subscriber: Subscriber,
         return _error(msg, P.ERROR_REQUEST, "aggregate-digest is not the digest of the trusted "
                       "mean received: refusing to sign a ballot on it")
     try:
+        server_round = int(_num(config[P.SERVER_ROUND]))
         marginals = marginal_ballot(model, base, trusted_mean, trusted_size, deltas, flags,
-                                    subscriber.data)
+                                    data_for_round(subscriber, server_round))
     except (BallotError, RuntimeError, KeyError, ValueError) as exc:
         return _error(msg, P.ERROR_REQUEST, f"candidates do not fit the task model: {exc}")
     cfg = subscriber.config
-    if "collude" in subscriber.attacks:
+    if "collude" in attacks_for_round(subscriber, server_round):
         attacker_ids = {str(a) for a in cfg.attacker_ids}
         marginals = collude_marginals(marginals, [a in attacker_ids for a in authors])
     content = RecordDict({

@@ -29,9 +29,10 @@ from server.round.report import write_json
 
 @dataclass(frozen=True)
 class StrategyVariant:
-    name: str  # label in tables: "poi@5", "fedavg", ...
+    name: str  # label in tables: "poi", "poi-single@5", "fedavg", ...
     strategy: str
     top_k: int | None
+    vote_rule: str | None = None  # PoI only: "marginal" (poi) or "single" (poi-single)
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,16 @@ class CompareSpec:
         variants = []
         for item in _split(strategies):
             name, _, k = item.partition("@")
+            if name == "poi-single":
+                variants.append(StrategyVariant(item, "poi", int(k) if k else None, "single"))
+                continue
             if name not in STRATEGIES:
                 raise ConfigError(
                     f"strategies: expected names from {list(STRATEGIES)}, got {name!r}")
             if k and name != "poi":
                 raise ConfigError(f"strategies: only poi takes @top-k, got {item!r}")
-            variants.append(StrategyVariant(item, name, int(k) if k else None))
+            variants.append(StrategyVariant(item, name, int(k) if k else None,
+                                            "marginal" if name == "poi" else None))
         attack_list = tuple(_split(attacks))
         for attack in attack_list:
             for kind in attack.split("+"):
@@ -107,6 +112,7 @@ def run_compare(base: RunConfig, spec: CompareSpec, out: Path, *, console: Conso
                 config = replace(
                     base, strategy=variant.strategy, seed=seed,
                     top_k=variant.top_k if variant.top_k else base.top_k,
+                    vote_rule=variant.vote_rule or base.vote_rule,
                     attack=attack if attackers else "none",
                     attackers=",".join(map(str, attackers)) if attack != "none" else "",
                 )
@@ -178,6 +184,9 @@ def aggregate(runs: Sequence[dict[str, Any]], spec: CompareSpec) -> dict[str, An
             accs = [r["final_accuracy"] for r in runs
                     if r["strategy"] == variant.name and r["attack"] == attack
                     and r["fraction"] == fraction]
+            picked = [(r["attacker_selections"], r["selections"]) for r in runs
+                      if r["strategy"] == variant.name and r["attack"] == attack
+                      and r["fraction"] == fraction and r["selections"]]
             secs = [r["median_round_seconds"] for r in runs
                     if r["strategy"] == variant.name and r["attack"] == attack
                     and r["fraction"] == fraction]
@@ -187,6 +196,8 @@ def aggregate(runs: Sequence[dict[str, Any]], spec: CompareSpec) -> dict[str, An
                     "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                     "n": len(accs),
                     "median_round_seconds": statistics.median(secs),
+                    "attacker_share": (sum(a for a, _ in picked) / sum(n for _, n in picked)
+                                       if picked else None),
                 }
         cells[variant.name] = row
     return cells
