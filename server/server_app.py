@@ -36,7 +36,7 @@ from server.market.plot import plot_market
 from server.market.session import Closing, MarketSession
 from server.round.baselines import build_baseline, recording_evaluate_fn
 from server.round.ledger_writer import RoundLedger
-from server.round.marginal import MarginalConfig
+from server.round.marginal import marginal_config_of
 from server.round.report import build_report, write_json
 from server.round.strategy import PoIConfig, ProofOfIntelligence, RoundRecord, arrays_to_numpy
 
@@ -149,11 +149,7 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
                 require_improvement=config.require_improvement, vote_step=config.vote_step,
                 max_update_norm=config.max_update_norm, seed=config.seed,
                 vote_rule=config.vote_rule,
-                marginal=MarginalConfig(
-                    reputation_rate=config.reputation_rate,
-                    author_score_clip=config.author_score_clip,
-                    min_trusted=config.min_trusted, max_accepted=config.max_accepted,
-                    reputation_floor=config.reputation_floor),
+                marginal=marginal_config_of(config),
             ),
             min_available_nodes=num_nodes,
             round_listener=on_round,

@@ -56,7 +56,7 @@ def test_rounds_are_recorded_verifiable_and_committees_recomputable(tmp_path: Pa
     run = {"num-subscribers": 5, "partitioner": "iid", "attack": "label-flip",
            "attackers": "3", "seed": 5}
     strategy, ledger, contexts = _ledger_run(tmp_path, run, 2,
-                                             PoIConfig(votes_per_candidate=2, seed=5))
+                                             PoIConfig(vote_rule="single", votes_per_candidate=2, seed=5))
     report = verify_log(tmp_path / "ledger.db")
     assert report.ok, report.failure
     reader = LogReader.open(tmp_path / "ledger.db")
@@ -114,7 +114,7 @@ def test_a_tampered_signed_digest_is_rejected_and_the_round_goes_on(tmp_path: Pa
             reply.content[P.ARRAYS] = numpy_to_arrays(arrays)
         return reply
 
-    strategy, _, _ = _ledger_run(tmp_path, run, 1, PoIConfig(seed=6), tamper)
+    strategy, _, _ = _ledger_run(tmp_path, run, 1, PoIConfig(vote_rule="single", seed=6), tamper)
     record = strategy.history[0]
     reasons = [r["reason"] for r in record.rejected if r["node_id"] == "1001"]
     assert len(reasons) == 1 and "signed candidate says update_digest=" in reasons[0]
@@ -205,7 +205,7 @@ def test_a_lost_vote_does_not_lock_the_subscriber_out(tmp_path: Path) -> None:
             return None  # the reply never arrives
         return reply
 
-    strategy, _, _ = _ledger_run(tmp_path, run, 3, PoIConfig(seed=8), tamper)
+    strategy, _, _ = _ledger_run(tmp_path, run, 3, PoIConfig(vote_rule="single", seed=8), tamper)
     first, second, third = strategy.history
     assert any(v["voter"] == "1001" and "timeout" in v["reason"] for v in first.rejected_votes)
     for record in (second, third):

@@ -23,7 +23,7 @@ HANDLERS = {"train": train, P.VOTE_MESSAGE_TYPE: vote}
 def _run(run: dict[str, Any], rounds: int, tamper=None, poi: PoIConfig | None = None):  # type: ignore[no-untyped-def]
     config = RunConfig.from_mapping(run)
     grid = InProcessGrid(make_contexts(run, config.num_subscribers), HANDLERS, tamper)
-    strategy = ProofOfIntelligence(config=poi or PoIConfig(seed=config.seed),
+    strategy = ProofOfIntelligence(config=poi or PoIConfig(vote_rule="single", seed=config.seed),
                                    min_available_nodes=config.num_subscribers)
     model = make_model(hidden_units=config.hidden_units, activation=config.activation,
                        seed=config.seed)
@@ -60,7 +60,7 @@ def test_top_k_applies_the_mean_of_the_best_k() -> None:
             captured.append(arrays_to_numpy(reply.content[P.ARRAYS]))
         return reply
 
-    strategy, result, _ = _run(run, rounds=1, tamper=keep, poi=PoIConfig(top_k=2, seed=2))
+    strategy, result, _ = _run(run, rounds=1, tamper=keep, poi=PoIConfig(vote_rule="single", top_k=2, seed=2))
     record = strategy.history[0]
     assert len(record.selected) == 2
     chosen = [c for c in record.candidates if c.selected]
@@ -135,7 +135,7 @@ def test_malformed_replies_are_rejected_with_reasons_and_the_round_goes_on() -> 
         return reply
 
     grid = OriginGrid(make_contexts(run, config.num_subscribers), HANDLERS, tamper)
-    strategy = ProofOfIntelligence(config=PoIConfig(max_update_norm=50.0, seed=3),
+    strategy = ProofOfIntelligence(config=PoIConfig(vote_rule="single", max_update_norm=50.0, seed=3),
                                    min_available_nodes=config.num_subscribers)
     model = make_model(hidden_units=32, activation="square", seed=3)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1,
@@ -219,7 +219,7 @@ def test_hostile_replies_never_crash_the_round() -> None:
         return reply
 
     grid = OriginGrid(make_contexts(run, 7), HANDLERS, tamper)
-    strategy = ProofOfIntelligence(config=PoIConfig(seed=7), min_available_nodes=7)
+    strategy = ProofOfIntelligence(config=PoIConfig(vote_rule="single", seed=7), min_available_nodes=7)
     model = make_model(hidden_units=32, activation="square", seed=7)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1,
                    train_config=train_config_for(config), evaluate_fn=make_central_evaluate(config))
@@ -241,7 +241,7 @@ def test_with_top_k_a_free_rider_replaying_the_mean_change_is_rejected_too() -> 
     # still the model's own change, not the free rider's work
     run = {"num-subscribers": 5, "partitioner": "iid", "attack": "free-rider",
            "attackers": "1", "seed": 4}
-    strategy, _, _ = _run(run, rounds=3, poi=PoIConfig(top_k=2, seed=4))
+    strategy, _, _ = _run(run, rounds=3, poi=PoIConfig(vote_rule="single", top_k=2, seed=4))
     for record in strategy.history[1:]:
         reasons = [r["reason"] for r in record.rejected if r["author"] == "1"]
         assert len(reasons) == 1 and "the global model's last change" in reasons[0]

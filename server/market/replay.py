@@ -15,6 +15,7 @@ import numpy as np
 
 from client.config import ACTIVATIONS
 from client.task import NUM_CLASSES, NUM_FEATURES, Dataset
+from client.witness import to_micro
 from crypto.commitments import (
     Revealed,
     RevealError,
@@ -32,6 +33,7 @@ from server.market.scientist import (
     MarketTerms,
     coalition_losses,
     loss_micro,
+    validation_marginals,
 )
 from server.market.settlement import (
     FORFEIT_MISMATCH,
@@ -40,6 +42,15 @@ from server.market.settlement import (
     RoundOutcome,
     Settlement,
     settle,
+)
+from server.round.marginal import (
+    MarginalConfig,
+    RoundTally,
+    TallyError,
+    VoteState,
+    mean_update,
+    tally_round,
+    trusted_set,
 )
 from server.round.selection import apply_updates
 
@@ -57,6 +68,25 @@ class ScoreRecord:
 class SelectionRecord:
     selected: list[str]  # update digests, in selection order
     scored: list[str]  # update digests of every scored (valid) candidate
+    fields: dict[str, Any] = field(default_factory=dict)  # the entry, for the vote replay
+
+
+@dataclass
+class BallotRecord:
+    """A voter's signed marginal ballot (vote-rule marginal)."""
+
+    aggregate_digest: str
+    trusted_size: int
+    marginals_micro: dict[str, int]
+
+
+@dataclass
+class MarginalsRecord:
+    """The Scientist's signed validation marginals for a round."""
+
+    index: int
+    aggregate_digest: str
+    marginals_micro: dict[str, int]
 
 
 @dataclass
@@ -83,6 +113,8 @@ class MarketRecord:
     settlement_index: int | None = None
     problems: list[str] = field(default_factory=list)
     conflicting_scores: set[int] = field(default_factory=set)
+    ballots: dict[int, dict[str, BallotRecord]] = field(default_factory=dict)  # round, voter
+    marginals: dict[int, MarginalsRecord] = field(default_factory=dict)
 
     @property
     def terms(self) -> MarketTerms:
@@ -113,6 +145,38 @@ def _amounts(value: object) -> dict[str, int] | None:
     return out
 
 
+MAX_MARGINAL_MICRO = 100_000_000  # |marginal| <= 100 nats, as the strategy checks
+
+
+def _micro_map(value: object) -> dict[str, int] | None:
+    """A candidate id -> integer (|x| <= MAX_MARGINAL_MICRO) mapping, or None."""
+    if not isinstance(value, dict):
+        return None
+    out = {}
+    for key, item in value.items():
+        if isinstance(item, bool) or not isinstance(item, int) or abs(item) > MAX_MARGINAL_MICRO:
+            return None
+        out[str(key)] = item
+    return out
+
+
+def _read_ballot(record: MarketRecord, index: int, author: str, f: Mapping[str, Any]) -> None:
+    rnd = int(f["round"])
+    values = _micro_map(f["marginals_micro"])
+    trusted_size = f["trusted_size"]
+    if author in (record.operator, record.scientist):
+        record.problems.append(f"entry {index}: a ballot by the operator or Scientist, ignored")
+    elif values is None or isinstance(trusted_size, bool) or trusted_size < 1:
+        record.problems.append(f"entry {index}: malformed ballot, ignored")
+    elif author in record.ballots.get(rnd, {}):
+        record.problems.append(f"entry {index}: a second ballot by {author[:16]} in round "
+                               f"{rnd}, ignored")
+    else:
+        record.ballots.setdefault(rnd, {})[author] = BallotRecord(
+            aggregate_digest=str(f["aggregate_digest"]), trusted_size=int(trusted_size),
+            marginals_micro=values)
+
+
 def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
     """Collect the market's entries, in log order, up to the settlement (market entries
     after it are findings, not inputs). Entries whose author has no standing (a score not
@@ -132,6 +196,10 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
                 continue
             record.task_id, record.operator = str(f["task_id"]), author
             record.initial_model_digest = str(f.get("model_digest", ""))
+            continue
+        if kind == "ballot" and record.task_id and f.get("task_id") == record.task_id \
+                and record.settlement_index is None:
+            _read_ballot(record, index, author, f)
             continue
         if kind in ("fund", "key", "cosignature", "vote", "rejection", "fee_settlement") \
                 or not record.task_id:
@@ -172,7 +240,8 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
                                   f"selected updates, got {len(selected)}")
             scored = f.get("scores_micro", {})
             record.selections[rnd] = SelectionRecord(
-                selected=selected, scored=sorted(scored) if isinstance(scored, dict) else [])
+                selected=selected, scored=sorted(scored) if isinstance(scored, dict) else [],
+                fields=dict(f))
         elif kind == "model" and by_operator:
             rnd = int(f["round"])
             if rnd in record.models:
@@ -196,6 +265,19 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
                                                                  score.coalitions_micro):
                 conflicting.add(rnd)
                 record.problems.append(f"entry {index}: a second, different score for round {rnd}")
+        elif kind == "validation_marginals" and author == record.scientist and record.scientist:
+            rnd = int(f["round"])
+            values = _micro_map(f["marginals_micro"])
+            if values is None:
+                record.problems.append(f"entry {index}: malformed validation marginals")
+            elif rnd in record.marginals:
+                conflicting.add(rnd)
+                record.problems.append(f"entry {index}: second validation marginals for round "
+                                       f"{rnd}")
+            else:
+                record.marginals[rnd] = MarginalsRecord(
+                    index=index, aggregate_digest=str(f["aggregate_digest"]),
+                    marginals_micro=values)
         elif kind == "close" and by_operator and record.close_round is None:
             record.close_round, record.close_reason = int(f["round"]), str(f["reason"])
         elif kind == "reveal" and author == record.scientist and record.reveal_index is None:
@@ -250,6 +332,14 @@ def check_offer(offer: Mapping[str, Any]) -> None:
         raise MarketError(f"offer: expected hidden_units in 1..4096, got {hidden!r}")
     if activation not in ACTIVATIONS:
         raise MarketError(f"offer: expected activation in {list(ACTIVATIONS)}, got {activation!r}")
+    if "vote" in offer:
+        vote = offer["vote"]
+        if not isinstance(vote, dict) or vote.get("rule") != "marginal":
+            raise MarketError(f"offer: expected vote terms of the marginal rule, got {vote!r}")
+        try:
+            MarginalConfig.from_terms(vote)
+        except TallyError as exc:
+            raise MarketError(f"offer: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------ replay
@@ -264,6 +354,18 @@ class Replay:
     coalitions: dict[int, dict[int, int]] = field(default_factory=dict)
     score_mismatches: list[str] = field(default_factory=list)  # published vs replayed
     weights: dict[str, np.ndarray] | None = None
+    vote_rounds: dict[int, VoteRound] = field(default_factory=dict)  # marginal vote replayed
+
+
+@dataclass
+class VoteRound:
+    """One round of the marginal vote as replayed from the ledger."""
+
+    candidates: list[str]
+    trusted: list[str]
+    trusted_mean: dict[str, np.ndarray]
+    aggregate_digest: str
+    tally: RoundTally | None = None
 
 
 def _tensors(blobs: BlobStore, digest: str, what: str) -> dict[str, np.ndarray]:
@@ -346,9 +448,84 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
                 break
 
     try:
+        out.mismatches.extend(replay_vote(record, blobs, out.vote_rounds))
+    except MarketError as exc:
+        out.mismatches.append(str(exc))
+    try:
         _replay_rounds(out, record, blobs, data, weights, compare)
     except MarketError as exc:
         out.mismatches.append(str(exc))
+    return out
+
+
+# ------------------------------------------------------------------- the marginal vote
+def replay_vote(record: MarketRecord, blobs: BlobStore,
+                rounds_out: dict[int, VoteRound] | None = None) -> list[str]:
+    """Recompute the marginal vote from the ledger (``server.round.marginal``): every
+    round's trusted set and its mean (from the update blobs), the reputation weights,
+    the author scores and the accepted set, from the signed ballots and the Scientist's
+    signed validation marginals, and compare them with the operator's ``selection``
+    entries. Returns the mismatches (the operator's), empty when all agree. A round with
+    ballots but no validation marginals is the Scientist's fault: :func:`replay` reports
+    it as a missing score."""
+    vote = record.offer.get("vote")
+    if not vote:
+        return []
+    config = MarginalConfig.from_terms(vote)
+    state = VoteState()
+    out: list[str] = []
+    for rnd in range(1, record.last_round + 1):
+        selection = record.selections.get(rnd)
+        if selection is None:
+            break
+        published = record.marginals.get(rnd)
+        if published is None:
+            if selection.selected:
+                out.append(f"round {rnd}: updates applied without the Scientist's validation "
+                           "marginals")
+            continue
+        candidates = sorted(published.marginals_micro)
+        authors = {c: record.author_of(rnd, c) for c in candidates}
+        unsigned = [c[:16] for c, a in authors.items() if not a]
+        if unsigned:
+            out.append(f"round {rnd}: validation marginals for unsigned candidates {unsigned}")
+            break
+        trusted = trusted_set(authors, state.author_scores, min_trusted=config.min_trusted)
+        if selection.fields.get("trusted") != trusted:
+            out.append(f"round {rnd}: trusted set {len(trusted)} candidates by the replay, the "
+                       f"selection entry says {len(selection.fields.get('trusted') or [])}")
+        mean = mean_update([_tensors(blobs, c, f"round {rnd} update {c[:16]}") for c in trusted])
+        digest = tensors_digest(mean)
+        if published.aggregate_digest != digest:
+            out.append(f"round {rnd}: the validation marginals are for trusted mean "
+                       f"{published.aggregate_digest[:16]}, the replay gives {digest[:16]}")
+        ballots = record.ballots.get(rnd, {})
+        for voter, ballot in sorted(ballots.items()):
+            if ballot.aggregate_digest != digest or ballot.trusted_size != len(trusted):
+                out.append(f"round {rnd}: ballot of {voter[:16]} is on trusted mean "
+                           f"{ballot.aggregate_digest[:16]} of {ballot.trusted_size}, the "
+                           f"replay gives {digest[:16]} of {len(trusted)}")
+        try:
+            tally = tally_round(state, authors=authors,
+                                ballots={v: b.marginals_micro for v, b in ballots.items()},
+                                validation_micro=published.marginals_micro, config=config)
+        except TallyError as exc:
+            out.append(f"round {rnd}: {exc}")
+            break
+        if tally.accepted != selection.selected:
+            out.append(f"round {rnd}: the tally accepts {[c[:12] for c in tally.accepted]}, "
+                       f"the selection applied {[c[:12] for c in selection.selected]}")
+        for name, replayed in (
+                ("voter_weights_micro", {v: to_micro(w) for v, w in tally.weights.items()}),
+                ("author_scores_micro", {a: to_micro(s) for a, s in
+                                         sorted(tally.state.author_scores.items())})):
+            if selection.fields.get(name) != replayed:
+                out.append(f"round {rnd}: {name} in the selection entry differ from the replay")
+        state = tally.state
+        if rounds_out is not None:
+            rounds_out[rnd] = VoteRound(candidates=candidates, trusted=trusted,
+                                        trusted_mean=mean, aggregate_digest=digest,
+                                        tally=tally)
     return out
 
 
@@ -393,11 +570,45 @@ def _replay_rounds(out: Replay, record: MarketRecord, blobs: BlobStore, data: Da
         if score is not None and score.model_digest and score.model_digest != digest:
             out.score_mismatches.append(f"round {server_round}: score is for another model")
         if data is not None:
+            _check_marginals(out, record, blobs, data, base, server_round)
             coalitions = (coalition_losses(base, deltas, data, architecture=architecture)
                           if len(deltas) > 1 else {})
             compare(server_round, loss_micro(weights, data, architecture=architecture),
                     coalitions)
     out.weights = weights
+
+
+def _check_marginals(out: Replay, record: MarketRecord, blobs: BlobStore, data: Dataset,
+                     base: Mapping[str, np.ndarray], server_round: int) -> None:
+    """After the reveal: recompute the Scientist's validation marginals for the round and
+    compare within the offer's tolerance (a false number forfeits like a false score).
+    Ballots without marginals: the Scientist withheld them (a missing score)."""
+    if not record.offer.get("vote"):
+        return
+    published = record.marginals.get(server_round)
+    if published is None:
+        if record.ballots.get(server_round):
+            out.score_mismatches.append(
+                f"round {server_round}: the Scientist published no validation marginals")
+        return
+    plan = out.vote_rounds.get(server_round)
+    if plan is None:
+        return  # the vote replay already reported why
+    trusted = set(plan.trusted)
+    deltas = [_tensors(blobs, c, f"round {server_round} update {c[:16]}")
+              for c in plan.candidates]
+    replayed = validation_marginals(
+        base, data, architecture=record.offer["architecture"],
+        trusted_mean=plan.trusted_mean, trusted_size=len(plan.trusted), deltas=deltas,
+        members=[c in trusted for c in plan.candidates])
+    tolerance = int(record.offer["score_tolerance_micro"])
+    for candidate, value in zip(plan.candidates, replayed, strict=True):
+        claimed = published.marginals_micro[candidate]
+        if abs(claimed - value) > tolerance:
+            out.score_mismatches.append(
+                f"round {server_round}: validation marginal of {candidate[:16]} published "
+                f"{claimed}, replay gives {value} (tolerance {tolerance})")
+            return
 
 
 # -------------------------------------------------------------------------- settlement

@@ -41,6 +41,7 @@ from ledger.merkle import hash_leaf, root_from_leaf_hashes
 from server.market.settlement import (
     Terms,
 )
+from server.round.marginal import marginal_config_of
 from server.round.selection import apply_updates
 
 SCIENTIST_BEHAVIOURS = ("honest", "inflate-score", "tamper-reveal", "withhold-reveal",
@@ -172,6 +173,7 @@ class Scientist:
     best_loss: int | None = None
     rounds_without_gain: int = 0
     published: dict[int, int] = field(default_factory=dict)
+    vote: dict[str, Any] = field(default_factory=dict)  # the offer's vote terms
 
     @classmethod
     def create(cls, signer: Signer, *, task_id: str, validation: Dataset, config: RunConfig
@@ -181,7 +183,9 @@ class Scientist:
                               f"got {config.scientist!r}")
         return cls(signer=signer, task_id=task_id, validation=validation,
                    salts=new_salts(len(validation)), architecture=architecture_of(config),
-                   terms=MarketTerms.from_config(config), behaviour=config.scientist)
+                   terms=MarketTerms.from_config(config), behaviour=config.scientist,
+                   vote=(marginal_config_of(config).to_terms() if config.vote_rule == "marginal"
+                         else {}))
 
     @property
     def key_id(self) -> str:
@@ -204,6 +208,7 @@ class Scientist:
             "scientist_fee_share_ppm": terms.scientist_fee_share_ppm,
             "reveal_deadline_rounds": terms.reveal_deadline_rounds,
             "score_tolerance_micro": terms.score_tolerance_micro, "patience": terms.patience,
+            **({"vote": self.vote} if self.vote else {}),
         }
 
     def measure(self, weights: Mapping[str, np.ndarray]) -> int:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from client.config import RunConfig
 from client.marginal import marginal_models, mean_update
 
 __all__ = ["marginal_models", "mean_update"]  # re-exported: the voter's side
@@ -69,6 +70,30 @@ class MarginalConfig:
             raise TallyError(
                 f"reputation-floor: expected 0 <= floor <= 1, got {self.reputation_floor}")
 
+    def to_terms(self) -> dict[str, object]:
+        """The offer's ``vote`` object: the rule's constants as integers (canonical JSON
+        carries no floats), so an auditor runs the tally with exactly these."""
+        return {"rule": "marginal",
+                "reputation_rate_micro": round(self.reputation_rate * MICRO),
+                "author_score_clip_micro": round(self.author_score_clip * MICRO),
+                "min_trusted": self.min_trusted, "max_accepted": self.max_accepted,
+                "reputation_floor_micro": round(self.reputation_floor * MICRO)}
+
+    @classmethod
+    def from_terms(cls, terms: Mapping[str, object]) -> MarginalConfig:
+        """Parse an offer's ``vote`` object; raises :class:`TallyError` naming the field."""
+        values: dict[str, int] = {}
+        for name in ("reputation_rate_micro", "author_score_clip_micro", "min_trusted",
+                     "max_accepted", "reputation_floor_micro"):
+            value = terms.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**12:
+                raise TallyError(f"vote.{name}: expected an integer in 0..10^12, got {value!r}")
+            values[name] = value
+        return cls(reputation_rate=values["reputation_rate_micro"] / MICRO,
+                   author_score_clip=values["author_score_clip_micro"] / MICRO,
+                   min_trusted=values["min_trusted"], max_accepted=values["max_accepted"],
+                   reputation_floor=values["reputation_floor_micro"] / MICRO)
+
 
 @dataclass(frozen=True)
 class VoteState:
@@ -88,6 +113,16 @@ class RoundTally:
     weights: dict[str, float]  # voter -> normalised weight used in this round's tally
     scores: dict[str, float]  # candidate -> weighted lower median of its ballots
     accepted: list[str]  # candidate ids, best score first
+
+
+def marginal_config_of(config: RunConfig) -> MarginalConfig:
+    """The run config's marginal-vote knobs, rounded through the offer's integer terms,
+    so the strategy and an auditor reading the offer use bit-identical constants."""
+    knobs = MarginalConfig(
+        reputation_rate=config.reputation_rate, author_score_clip=config.author_score_clip,
+        min_trusted=config.min_trusted, max_accepted=config.max_accepted,
+        reputation_floor=config.reputation_floor)
+    return MarginalConfig.from_terms(knobs.to_terms())
 
 
 # ----------------------------------------------------------------------- trusted set
