@@ -55,11 +55,13 @@ class RunConfig:
     vote_step: float = 1.0
     # --- the marginal vote (vote-rule = marginal, server/round/marginal.py)
     vote_rule: str = "marginal"
-    reputation_rate: float = 1.0
+    reputation_rate: float = 4.0
     author_score_clip: float = 1.0
     min_trusted: int = 3
     max_accepted: int = 12
     reputation_floor: float = 0.0
+    center_author_scores: bool = True
+    validation_first_rounds: int = 1
     max_update_norm: float = 10.0
     noise_multiplier: float = 0.8
     target_epsilon: float = 0.0
@@ -142,6 +144,7 @@ class RunConfig:
         _non_negative_finite("reputation-rate", self.reputation_rate)
         _positive_finite("author-score-clip", self.author_score_clip)
         _at_least("min-trusted", self.min_trusted, 1)
+        _at_least("validation-first-rounds", self.validation_first_rounds, 0)
         _at_least("max-accepted", self.max_accepted, 1)
         if self.max_accepted > MAX_ACCEPTED:
             raise ConfigError(f"max-accepted: expected at most {MAX_ACCEPTED} (exact Shapley in "
