@@ -1,8 +1,8 @@
-"""Micro-benchmark of crypto/he.py: latency, throughput, sizes and logit error.
+"""Micro-benchmark of crypto/he/: latency, throughput, sizes and logit error.
 
     .venv/bin/python -m benchmarks.he_micro [--single-runs 30] [--batch-runs 5] [--out FILE]
 
-Trains the 64 -> 32 -> 10 square model for 5 epochs on the digits pool (as tests/test_he.py
+Trains the 64 -> 32 -> 10 square model for 5 epochs on the digits pool (as tests/crypto/test_he.py
 does), then reports medians: "single" server time per prediction, "batch" predictions/s of
 one process on full batches of 4,096 and of 2 worker processes at once, context / request /
 reply sizes, and the max abs logit error against the float64 plaintext model on the 359 test

@@ -834,7 +834,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"`{results['model']['activation']}`, buyer fee {results['model']['buyer_fee']} "
         "per prediction.",
         "- CKKS (both layouts): N = 8192, primes [50, 38, 38, 38, 50] bits, scale 2^38, "
-        ">= 128-bit security (`crypto/he.py`).",
+        ">= 128-bit security (`crypto/he/`).",
         f"- HE core: `EncryptedModel.predict` alone in this process (single: n = "
         f"{single['n']}; batch of 4,096: n = {batch['n_requests']}); 2 processes: "
         f"`ProcessPoolExecutor(2)` (spawn), each worker with its own model and context, "

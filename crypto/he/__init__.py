@@ -97,7 +97,7 @@ benchmarks.he_micro``; medians of 30 to 40 "single" and 5 "batch" runs)
 
 Tolerance: against the float64 plaintext model the decrypted logits differ by at most
 about 1e-5 (single) and 6e-7 (batch) on the trained digits models of the tests (logits up
-to about +-21). ``tests/test_he.py`` asserts max abs error <= 1e-4 x max |logit| (about
+to about +-21). ``tests/crypto/test_he.py`` asserts max abs error <= 1e-4 x max |logit| (about
 2e-3 there, a margin of 200x) and the same argmax on all 359 test digits for both layouts.
 
 Modules (each imports only modules listed before it)

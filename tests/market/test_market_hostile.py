@@ -22,7 +22,7 @@ from server.market.audit import audit_run
 from server.market.replay import balances, read_market, replay, settlement_fields, settlement_of
 from server.market.scientist import MarketError
 from tests.conftest import set_task_identity
-from tests.test_market import market_run
+from tests.market.test_market import market_run
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from ledger.blobs import BlobStore
 from server.inference.service import create_app, fund_account
 from server.market.audit import audit_run
 from tests.conftest import set_task_identity
-from tests.test_market import market_run
+from tests.market.test_market import market_run
 
 FEE = 10
 
@@ -268,7 +268,7 @@ def test_the_demo_buyer_script_end_to_end(run_dir: Path, tmp_path: Path) -> None
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("inference"))
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run([str(root / "scripts" / "demo-buy.sh"), str(run), "3"], cwd=root,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "COLUMNS": "250"})

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 from server import deploy as D
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def poi(*args: object, timeout: float = 300) -> subprocess.CompletedProcess[str]:

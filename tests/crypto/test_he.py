@@ -1,4 +1,4 @@
-"""Encrypted inference (crypto/he.py): decrypted logits against the float64 plaintext model,
+"""Encrypted inference (crypto/he/): decrypted logits against the float64 plaintext model,
 and every refusal of hostile input.
 
 Tolerance: the max abs error of the decrypted logits over the test digits must stay below

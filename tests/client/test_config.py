@@ -9,7 +9,7 @@ def test_defaults_match_pyproject() -> None:
     import tomllib
     from pathlib import Path
 
-    table = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    table = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     app_config = table["tool"]["flwr"]["app"]["config"]
     assert RunConfig.from_mapping(app_config) == RunConfig()
     assert set(app_config) == set(RunConfig().to_mapping())

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 POI = [sys.executable, "-m", "server.cli"]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _poi(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

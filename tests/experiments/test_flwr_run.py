@@ -7,7 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_flwr_run_completes_and_leaves_no_superlink(tmp_path: Path) -> None:
