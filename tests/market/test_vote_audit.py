@@ -1,0 +1,195 @@
+"""The marginal vote end to end over an in-process Grid (real ClientApp handlers, the real
+``run_task``): the bloc it must keep out, every weight, score and accepted set recomputed
+from the ledger by the audit (mutations must fail it), a Scientist who lies about or
+withholds its validation marginals forfeits, and hostile ballots never crash a round."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord
+
+from client import protocol as P
+from client.client_app import train, vote
+from client.config import RunConfig
+from ledger import LogReader
+from ledger.blobs import BlobStore
+from server.market.audit import audit_run
+from server.market.replay import read_market, replay, replay_vote, settlement_of
+from server.market.settlement import FORFEIT_SCORE
+from server.server_app import run_task
+from tests.conftest import InProcessGrid, make_contexts, set_task_identity
+
+HANDLERS = {"train": train, P.VOTE_MESSAGE_TYPE: vote}
+
+
+def marginal_run(out: Path, tamper: Any = None, **extra: Any) -> dict[str, Any]:
+    run = {"num-subscribers": 6, "num-server-rounds": 3, "partitioner": "iid", "seed": 4,
+           "reward": 100_000, "update-fee": 7, **extra, "out-dir": str(out)}
+    config = RunConfig.from_mapping(run)
+    grid = InProcessGrid(make_contexts(run, config.num_subscribers), HANDLERS, tamper)
+    return run_task(grid, config, out)
+
+
+def _record(out: Path):  # type: ignore[no-untyped-def]
+    with LogReader.open(out / "ledger.db") as reader:
+        return read_market(list(reader.entries()))
+
+
+@pytest.fixture(scope="module")
+def bloc(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """45% label flip + colluding votes: 5 of 11 subscribers, IID data, 8 rounds."""
+    set_task_identity()
+    out = tmp_path_factory.mktemp("bloc")
+    report = marginal_run(out, **{"num-subscribers": 11, "num-server-rounds": 8, "seed": 0,
+                                  "attack": "label-flip+collude", "attackers": "1,3,5,7,9"})
+    return out, report
+
+
+def test_a_45_percent_flip_and_collude_bloc_is_never_applied_after_round_5(bloc) -> None:  # type: ignore[no-untyped-def]
+    out, report = bloc
+    assert report["config"]["vote-rule"] == "marginal"
+    for rnd in report["rounds"][5:]:
+        assert rnd["attackers_applied"] == 0, rnd["selected"]
+    assert sum(len(r["selected"]) for r in report["rounds"][5:]) > 0  # honest ones are
+    # the colluders' weight collapses: the Scientist's numbers contradict their ballots
+    last = report["rounds"][-1]["voter_weights"]
+    attackers = {str(a) for a in report["attackers"]}
+    assert max(w for v, w in last.items() if v in attackers) < 0.05
+    assert report["final_accuracy"] > 0.8
+    assert report["market"]["audit_ok"], report["market"]["audit_mismatches"]
+
+
+def test_the_audit_recomputes_the_vote_and_agrees(bloc) -> None:  # type: ignore[no-untyped-def]
+    out, report = bloc
+    record = _record(out)
+    assert record.offer["vote"]["rule"] == "marginal"
+    result = replay(record, BlobStore.beside(out / "ledger.db"))
+    assert result.mismatches == [] and result.score_mismatches == []
+    assert sorted(result.vote_rounds) == list(range(1, 9))
+    for rnd, replayed in result.vote_rounds.items():
+        assert replayed.tally is not None
+        assert replayed.tally.accepted == record.selections[rnd].selected
+
+
+def _first_ballot(record):  # type: ignore[no-untyped-def]
+    rnd = min(record.ballots)
+    voter = sorted(record.ballots[rnd])[0]
+    return rnd, voter, record.ballots[rnd][voter]
+
+
+@pytest.mark.parametrize("mutation", ["ballot", "accepted", "trusted", "author-scores",
+                                      "ballot-aggregate", "dropped-ballot"])
+def test_one_changed_number_fails_the_vote_replay(bloc, mutation: str) -> None:  # type: ignore[no-untyped-def]
+    out, _ = bloc
+    record = copy.deepcopy(_record(out))
+    blobs = BlobStore.beside(out / "ledger.db")
+    assert replay_vote(record, blobs) == []
+    rnd, voter, ballot = _first_ballot(record)
+    if mutation == "ballot":  # reverse one voter's ranking: its weight must change
+        ballot.marginals_micro = {c: -v for c, v in ballot.marginals_micro.items()}
+    elif mutation == "accepted":
+        selection = record.selections[rnd]
+        extra = [c for c in selection.scored if c not in selection.selected]
+        selection.selected = selection.selected[1:] if selection.selected else extra[:1]
+    elif mutation == "trusted":
+        record.selections[rnd].fields["trusted"] = record.selections[rnd].fields["trusted"][1:]
+    elif mutation == "author-scores":
+        scores = record.selections[rnd].fields["author_scores_micro"]
+        first = sorted(scores)[0]
+        scores[first] += 1
+    elif mutation == "ballot-aggregate":
+        ballot.aggregate_digest = "00" * 32
+    else:
+        del record.ballots[rnd][voter]
+    assert replay_vote(record, blobs) != []
+
+
+def test_one_changed_scientist_number_forfeits(bloc) -> None:  # type: ignore[no-untyped-def]
+    out, _ = bloc
+    record = copy.deepcopy(_record(out))
+    blobs = BlobStore.beside(out / "ledger.db")
+    rnd = max(record.marginals)
+    marginals = record.marginals[rnd].marginals_micro
+    candidate = sorted(marginals)[0]
+    marginals[candidate] += 5_000  # 0.005 nats, far above the 10 micro tolerance
+    result = replay(record, blobs)
+    assert any("validation marginal" in m for m in result.score_mismatches)
+    settlement, _ = settlement_of(record, result)
+    assert settlement.forfeited and settlement.reason == FORFEIT_SCORE
+
+
+@pytest.mark.parametrize("behaviour,reason", [
+    ("false-marginals", "validation marginal"),
+    ("withhold-marginals", "published no validation marginals"),
+])
+def test_a_scientist_lying_about_or_withholding_marginals_forfeits(
+        tmp_path: Path, behaviour: str, reason: str) -> None:
+    set_task_identity()
+    report = marginal_run(tmp_path, scientist=behaviour)
+    audit = audit_run(tmp_path)
+    assert audit.ok, audit.mismatches  # the ledger is consistent; the Scientist lied
+    assert audit.forfeited and audit.reason == FORFEIT_SCORE
+    assert any(reason in f for f in audit.findings), audit.findings
+    assert report["market"]["forfeited"]
+    if behaviour == "withhold-marginals":
+        assert report["stopped"] == "the Scientist withheld the validation marginals"
+        assert len(report["rounds"]) == 1 and report["rounds"][0]["selected"] == []
+        assert report["rounds"][0]["halted"]
+
+
+def _hostile_ballot(kind: str):  # type: ignore[no-untyped-def]
+    def tamper(node: int, reply: Message) -> Message:
+        if node != 1002 or reply.metadata.message_type != P.VOTE_MESSAGE_TYPE \
+                or reply.has_error():
+            return reply
+        metrics = reply.content[P.METRICS]
+        marginals = list(metrics[P.MARGINALS])
+        if kind == "nan":
+            marginals[0] = math.nan
+        elif kind == "absurd":
+            marginals[0] = 1e9
+        elif kind == "short":
+            marginals = marginals[1:]
+        elif kind == "wrong-candidates":
+            config = reply.content[P.CONFIG]
+            reply.content[P.CONFIG] = ConfigRecord({
+                P.CANDIDATE_IDS: list(reversed(config[P.CANDIDATE_IDS])),
+                P.AGGREGATE_DIGEST: config[P.AGGREGATE_DIGEST]})
+        elif kind == "unsigned":
+            del reply.content[P.LEDGER]
+        elif kind == "resigned-lie":  # the numbers differ from what the voter signed
+            marginals = [m + 0.5 for m in marginals]
+        reply.content[P.METRICS] = MetricRecord({P.MARGINALS: marginals})
+        return reply
+
+    return tamper
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("nan", "finite marginals"), ("absurd", "finite marginals"),
+    ("short", "expected 5 marginals"), ("wrong-candidates", "expected candidates"),
+    ("unsigned", "expected a 'ledger' ConfigRecord"),
+    ("resigned-lie", "signed ballot says marginals_micro"),
+])
+def test_a_hostile_ballot_is_rejected_with_its_reason_and_the_round_goes_on(
+        tmp_path: Path, kind: str, reason: str) -> None:
+    set_task_identity()
+    report = marginal_run(tmp_path, tamper=_hostile_ballot(kind),
+                          **{"num-server-rounds": 1})
+    rejected = report["rounds"][0]["rejected_votes"]
+    assert [r["voter"] for r in rejected] == ["1002"], rejected
+    assert reason in rejected[0]["reason"], rejected[0]["reason"]
+    assert report["rounds"][0]["candidates"]  # the round was tallied without it
+    record = _record(tmp_path)
+    assert len(record.ballots[1]) == 5  # the rejected ballot is not on the ledger
+    with LogReader.open(tmp_path / "ledger.db") as reader:
+        recorded = [e.fields for _, e in reader.entries() if e.kind == "rejection"]
+    assert [(r["node_id"], r["subject"]) for r in recorded] == [("1002", "vote")]
+    assert reason in recorded[0]["reason"]
+    audit = audit_run(tmp_path)
+    assert audit.ok, audit.mismatches
