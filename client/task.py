@@ -290,6 +290,23 @@ def functional_float64(model: nn.Module) -> nn.Module:
     return clone.double().eval()
 
 
+POLY_MLP_PARAMETERS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+
+
+def _poly_mlp_losses(model: nn.Module, stacked: Mapping[str, torch.Tensor], x: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of K stacked PolyMLPs on (x, y) with two batched matmuls: the
+    same function as ``vmap(functional_call)`` (checked in the tests to 1e-12) without
+    its per-operator dispatch, which dominated a vote's time at this model size."""
+    hidden = torch.einsum("nf,khf->knh", x, stacked["fc1.weight"]) + stacked["fc1.bias"][:, None]
+    logits = torch.einsum("knh,kch->knc", model.act(hidden), stacked["fc2.weight"])
+    logits = logits + stacked["fc2.bias"][:, None]
+    count, n, classes = logits.shape
+    per_example = F.cross_entropy(logits.reshape(count * n, classes), y.repeat(count),
+                                  reduction="none")
+    return per_example.view(count, n).mean(dim=1)
+
+
 def candidate_losses(
     model: nn.Module,
     base: Mapping[str, np.ndarray],
@@ -320,5 +337,8 @@ def candidate_losses(
             ])
             for k in base_t
         }
-        losses = torch.vmap(loss_of)(stacked)
+        if isinstance(model, PolyMLP) and set(stacked) == set(POLY_MLP_PARAMETERS):
+            losses = _poly_mlp_losses(reference, stacked, x, y)
+        else:
+            losses = torch.vmap(loss_of)(stacked)
     return base_loss, losses.numpy().astype(np.float64)

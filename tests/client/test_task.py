@@ -130,3 +130,22 @@ def test_csv_without_label_column_is_refused(tmp_path) -> None:  # type: ignore[
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(DataError, match=r"expected a .npz or .csv file"):
         load_data_file(tmp_path / "d.txt")
+
+
+@pytest.mark.parametrize("activation", ["square", "poly2"])
+def test_batched_losses_equal_the_vmap_reference(activation: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The two-matmul path for PolyMLP against ``vmap(functional_call)`` (the reference,
+    taken when the fast path does not apply)."""
+    import client.task as task
+
+    rng = np.random.default_rng(7)
+    model = make_model(hidden_units=8, activation=activation, seed=0)
+    base = get_weights(model)
+    deltas = [{k: (rng.normal(size=v.shape) * 0.2).astype(np.float32) for k, v in base.items()}
+              for _ in range(9)]
+    data = Dataset(rng.random((31, 64), dtype=np.float32), rng.integers(0, 10, 31))
+    fast_base, fast = task.candidate_losses(model, base, deltas, data)
+    monkeypatch.setattr(task, "POLY_MLP_PARAMETERS", ("not-a-parameter",))
+    ref_base, reference = task.candidate_losses(model, base, deltas, data)
+    assert fast_base == ref_base
+    np.testing.assert_allclose(fast, reference, rtol=0, atol=1e-12)
