@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from client.task import (
     DataError,
+    Dataset,
     candidate_losses,
     digits_split,
     evaluate,
