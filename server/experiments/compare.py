@@ -173,6 +173,7 @@ def _summary(variant: StrategyVariant, attack: str, fraction: float, seed: int,
         "attacker_selections": sum(1 for a in picks if a in attackers) if selected else None,
         "selections": len(picks) if selected else None,
         "max_epsilon": max((s["epsilon"] or 0.0) for s in report["subscribers"]),
+        "attack_success_rate": report.get("final_attack_success_rate"),
     }
 
 
@@ -187,6 +188,9 @@ def aggregate(runs: Sequence[dict[str, Any]], spec: CompareSpec) -> dict[str, An
             picked = [(r["attacker_selections"], r["selections"]) for r in runs
                       if r["strategy"] == variant.name and r["attack"] == attack
                       and r["fraction"] == fraction and r["selections"]]
+            asr = [r["attack_success_rate"] for r in runs
+                   if r["strategy"] == variant.name and r["attack"] == attack
+                   and r["fraction"] == fraction and r.get("attack_success_rate") is not None]
             secs = [r["median_round_seconds"] for r in runs
                     if r["strategy"] == variant.name and r["attack"] == attack
                     and r["fraction"] == fraction]
@@ -198,6 +202,7 @@ def aggregate(runs: Sequence[dict[str, Any]], spec: CompareSpec) -> dict[str, An
                     "median_round_seconds": statistics.median(secs),
                     "attacker_share": (sum(a for a, _ in picked) / sum(n for _, n in picked)
                                        if picked else None),
+                    "attack_success_rate": statistics.fmean(asr) if asr else None,
                 }
         cells[variant.name] = row
     return cells
@@ -211,11 +216,24 @@ def markdown_table(summary: dict[str, Any], spec: CompareSpec) -> str:
         cells = []
         for col in columns:
             cell = row.get(col)
-            cells.append(f"{cell['mean']:.3f} ± {cell['std']:.3f}" if cell else "-")
+            if not cell:
+                cells.append("-")
+                continue
+            text = f"{cell['mean']:.3f} ± {cell['std']:.3f}"
+            if cell.get("n", 0) != len(spec.seeds):
+                text += f" (n={cell['n']})"
+            if cell.get("attacker_share") is not None and col != "no attack":
+                text += f" [{cell['attacker_share']:.0%}]"
+            if col.startswith("targeted-flip") and cell.get("attack_success_rate") is not None:
+                text += f" ASR {cell['attack_success_rate']:.1%}"
+            cells.append(text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Final test accuracy, mean ± std over seeds "
-                 f"{', '.join(map(str, spec.seeds))}.")
+                 f"{', '.join(map(str, spec.seeds))} (n = seeds finished when fewer); "
+                 "[x%]: the attackers' share of the updates applied (strategies that say "
+                 "whose update they applied); ASR: the targeted flip's attack success rate "
+                 "(source-class test examples predicted as the target class).")
     fedavg = summary.get("fedavg", {})
     for name, row in summary.items():
         if not name.startswith("poi"):
