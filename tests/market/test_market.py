@@ -87,13 +87,34 @@ def test_honest_market_settles_conserves_money_and_audits(honest: tuple[Path, di
 
 def test_the_selected_author_is_credited_with_the_round_improvement(
         honest: tuple[Path, dict]) -> None:
+    """Credit per author from a reference written here: one applied update takes the
+    round's improvement; several split it by Shapley values computed over every order in
+    which they could join (the coalition losses the Scientist published)."""
+    from fractions import Fraction
+    from itertools import permutations
+
     out, report = honest
     audit = json.loads((out / "audit.json").read_text())
+    record = read_market(_entries(out))
     losses = audit["losses_micro"]
-    credit: dict[str, int] = {}
+    credit: dict[str, Fraction] = {}
+    assert any(len(r["selected"]) > 1 for r in audit["rounds"][1:])  # the marginal vote
     for rnd in audit["rounds"][1:]:
-        (author,) = rnd["selected"]
-        credit[author] = credit.get(author, 0) + losses[rnd["round"] - 1] - losses[rnd["round"]]
+        t, authors = rnd["round"], rnd["selected"]
+        before = losses[t - 1]
+        coalition = dict(record.scores[t].coalitions_micro)
+        coalition[(1 << len(authors)) - 1] = losses[t]
+
+        def utility(mask: int, before: int = before, coalition: dict = coalition) -> int:
+            return 0 if mask == 0 else before - coalition[mask]
+
+        orders = list(permutations(range(len(authors))))
+        for i, author in enumerate(authors):
+            total = Fraction(0)
+            for order in orders:
+                mask = sum(1 << j for j in order[:order.index(i)])
+                total += utility(mask | 1 << i) - utility(mask)
+            credit[author] = credit.get(author, Fraction(0)) + total / len(orders)
     positive = {k for k, v in credit.items() if v > 0}
     assert set(audit["reward_payouts"]) == positive
     for author in set(credit) - positive:
@@ -119,7 +140,7 @@ def test_settlement_ignores_the_order_of_unrelated_entries(honest: tuple[Path, d
     result = replay(record, BlobStore.beside(out / "ledger.db"))
     expected = settlement_of(record, result)
     unrelated = [i for i, (_, e) in enumerate(entries)
-                 if e.kind in ("vote", "rejection", "cosignature", "fund", "key")]
+                 if e.kind in ("vote", "ballot", "rejection", "cosignature", "fund", "key")]
     assert len(unrelated) > 10
     rng = random.Random(0)
     for _ in range(5):
