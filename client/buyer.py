@@ -3,7 +3,11 @@
 The buyer keeps its CKKS secret key (it never leaves this process: only the public
 context is sent) and its Ed25519 key (``KEY``, a PEM file created by ``poi buyer fund``).
 Per request it signs a cumulative voucher (``crypto/vouchers.py``): the nonce and the
-running total it agrees to pay. Before trusting the service it checks that the served
+running total it agrees to pay. A :class:`Buyer` may be shared by threads: each
+request takes its nonce and its slice of the running total under a lock, so requests pipeline
+(the service admits them in nonce order and charges each only after the earlier ones);
+after any refusal the next request re-reads the account first. The charged total it
+reports (:attr:`Buyer.charged`) never goes down. Before trusting the service it checks that the served
 model is the one the task's ledger recorded: the ``model`` entry's inclusion proof
 against the checkpoint's root, and the checkpoint's signature by the log key.
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +57,9 @@ class Buyer:
     _contexts: dict[str, Any] = field(default_factory=dict)  # layout -> (ctx, id)
     _model: dict[str, Any] | None = None
     _nonce: int | None = None
-    _cumulative: int = 0
+    _reserved: int = 0  # the running total of the vouchers signed so far
+    _charged: int = 0  # the largest charged total the service confirmed
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         if self.layout not in ("auto", "single", "batch"):
@@ -90,19 +97,38 @@ class Buyer:
     def _context(self, layout: str) -> tuple[Any, str]:
         from crypto.he import buyer_context
 
-        if layout not in self._contexts:
+        with self._lock:
+            if layout in self._contexts:
+                return self._contexts[layout]
             ctx = buyer_context(layout)
-            reply = self._call("POST", "/contexts", content=ctx.public_bytes(),
-                               headers={"X-Poi-Layout": layout,
-                                        "Content-Type": "application/octet-stream"}).json()
+            public = ctx.public_bytes()
+            digest = hashlib.sha256(public).hexdigest()
+            signature = self.signer.sign(vouchers.context_message(
+                self.model()["task_id"], layout, digest))
+            reply = self._call("POST", "/contexts", content=public, headers={
+                "X-Poi-Layout": layout, "X-Poi-Buyer": self.signer.key_id,
+                "X-Poi-Context-Sha256": digest,
+                "X-Poi-Signature": base64.b64encode(signature).decode(),
+                "Content-Type": "application/octet-stream"}).json()
             self._contexts[layout] = (ctx, str(reply["context_id"]))
-        return self._contexts[layout]
+            return self._contexts[layout]
 
-    def _sync(self) -> None:
-        if self._nonce is None:
-            account = self.account()
-            self._nonce = int(account["next_nonce"])
-            self._cumulative = int(account["charged"])
+    @property
+    def charged(self) -> int:
+        """What the service confirmed this buyer has been charged (never decreases)."""
+        return self._charged
+
+    def _next_voucher(self, price: int) -> tuple[int, int]:
+        """(nonce, cumulative) for the next request, taken under the lock."""
+        with self._lock:
+            if self._nonce is None:
+                account = self.account()
+                self._nonce = int(account["next_nonce"])
+                self._reserved = int(account["reserved"])
+                self._charged = max(self._charged, int(account["charged"]))
+            nonce, self._nonce = self._nonce, self._nonce + 1
+            self._reserved += price
+            return nonce, self._reserved
 
     # ---------------------------------------------------------------- predictions
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -126,23 +152,28 @@ class Buyer:
 
     def _request(self, layout: str, rows: np.ndarray) -> np.ndarray:
         ctx, context_id = self._context(layout)
-        self._sync()
-        assert self._nonce is not None
         body = ctx.encrypt(rows[0] if layout == "single" else rows)
         fee = int(self.model()["fee"]["per_prediction"])
+        nonce, cumulative = self._next_voucher(fee * len(rows))
         voucher = {"v": 1, "task_id": self.model()["task_id"], "buyer": self.signer.key_id,
-                   "context_id": context_id, "nonce": self._nonce, "count": len(rows),
-                   "cumulative": self._cumulative + fee * len(rows),
-                   "body_sha256": hashlib.sha256(body).hexdigest()}
+                   "context_id": context_id, "nonce": nonce, "count": len(rows),
+                   "cumulative": cumulative, "body_sha256": hashlib.sha256(body).hexdigest()}
         signature = self.signer.sign(vouchers.message(voucher))
         headers = {
             "X-Poi-Voucher": base64.b64encode(json.dumps(voucher).encode()).decode(),
             "X-Poi-Signature": base64.b64encode(signature).decode(),
             "Content-Type": "application/octet-stream",
         }
-        self._nonce += 1  # a nonce is spent even when the request is refused
-        response = self._call("POST", "/predict", content=body, headers=headers)
-        self._cumulative = int(response.headers["x-poi-cumulative"])
+        try:
+            response = self._call("POST", "/predict", content=body, headers=headers)
+        except BuyerError as exc:
+            with self._lock:
+                self._nonce = None  # re-read the account before the next request
+                if exc.status == 404:
+                    self._contexts.pop(layout, None)  # evicted or expired: register again
+            raise
+        with self._lock:
+            self._charged = max(self._charged, int(response.headers["x-poi-cumulative"]))
         return np.asarray(ctx.decrypt(response.content, len(rows)), dtype=np.float64)
 
 

@@ -113,6 +113,16 @@ def _signed_headers(signer: Signer, voucher: dict[str, Any]) -> dict[str, str]:
             "X-Poi-Signature": base64.b64encode(signer.sign(vouchers.message(voucher))).decode()}
 
 
+def context_headers(signer: Signer, task_id: str, layout: str, data: bytes
+                    ) -> dict[str, str]:
+    """The signed headers of a context registration."""
+    digest = hashlib.sha256(data).hexdigest()
+    signature = signer.sign(vouchers.context_message(task_id, layout, digest))
+    return {"X-Poi-Layout": layout, "X-Poi-Buyer": signer.key_id,
+            "X-Poi-Context-Sha256": digest, "Content-Type": "application/octet-stream",
+            "X-Poi-Signature": base64.b64encode(signature).decode()}
+
+
 def _raw_signed(signer: Signer, voucher: dict[str, Any]) -> dict[str, str]:
     """Signed over whatever the voucher holds (the SDK would refuse to sign it)."""
     import rfc8785
@@ -176,7 +186,8 @@ def test_hostile_requests_get_4xx_and_the_service_keeps_serving(
     assert replay.status_code == 409 and "nonce" in replay.json()["error"]
     # an oversize body is refused before it is read
     big = service.post("/v1/predict", content=b"\0" * (65 << 20),
-                       headers={**_signed_headers(buyer.signer, voucher())})
+                       headers={**_signed_headers(buyer.signer, voucher()),
+                                "Content-Type": "application/octet-stream"})
     assert big.status_code == 413
     # a context that keeps its secret key, and garbage contexts
     from crypto.he import buyer_context
@@ -185,9 +196,11 @@ def test_hostile_requests_get_4xx_and_the_service_keeps_serving(
     private.save(tmp_path / "leaky.ctx", include_secret=True)
     leaked = (tmp_path / "leaky.ctx").read_bytes()  # a context that still holds its secret
     for data in (leaked, b"garbage", b""):
-        response = service.post("/v1/contexts", content=data, headers={"X-Poi-Layout": "batch"})
+        response = service.post("/v1/contexts", content=data, headers=context_headers(
+            buyer.signer, task_id, "batch", data))
         assert response.status_code == 422, response.text
-    assert service.post("/v1/contexts", content=b"x", headers={"X-Poi-Layout": "nope"}
+    assert service.post("/v1/contexts", content=b"x", headers={
+        **context_headers(buyer.signer, task_id, "batch", b"x"), "X-Poi-Layout": "nope"}
                         ).status_code == 400
     # ...and a valid request still works
     buyer._nonce = None
@@ -289,9 +302,9 @@ def test_a_settlement_records_the_snapshot_not_charges_that_land_meanwhile(
     svc = service.app.state.service
     buyer = _buyer(run_dir, tmp_path, service, FEE * 50, layout="batch")
     buyer.predict(digits_split().test.x[:3])
-    snapshot = service.portal.call(_pending, svc)
+    snapshot = svc.pending()
     key = buyer.signer.key_id
-    charged = snapshot[key].cumulative
+    charged = snapshot[key][0]
     buyer.predict(digits_split().test.x[:2])  # lands while the settlement is "written"
     svc._write_settlements({key: snapshot[key]})
     assert svc.view.settled[key] == charged == 3 * FEE
@@ -303,11 +316,6 @@ def test_a_settlement_records_the_snapshot_not_charges_that_land_meanwhile(
     assert [(m["amount"], m["cumulative"]) for m in mine] == [(3 * FEE, 3 * FEE),
                                                               (3 * FEE, 6 * FEE)]
     assert audit_run(run_dir).ok
-
-
-async def _pending(svc: Any) -> Any:
-    async with svc.lock:
-        return svc.pending()
 
 
 def test_nothing_the_buyer_sends_holds_its_secret_key(

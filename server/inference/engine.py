@@ -1,0 +1,357 @@
+"""The service's endpoints as plain async methods (the HTTP wiring is ``service.py``):
+the model's description, context registration, account look-ups, paid predictions and
+the periodic fee settlements on the ledger.
+
+A prediction is checked in the order that keeps the cost of a refusal lowest: headers
+and the voucher (400), the buyer's key from the ledger index (403), the voucher's
+signature (401), the buyer's context (404), ``count``, a used nonce (409), the balance
+(402) — all before a byte of the body is read — then the body, bounded and timed
+(413/408/429), its hash (400), the atomic reservation (409/402, ``accounts``), the HE
+work (422 releases the reservation) and the charge, in nonce order. Every amount is in
+minor units; the charged total of a buyer is always the cumulative of a voucher it
+signed, which the operator copies into the ``fee_settlement`` entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures.process import BrokenProcessPool
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.common import log
+from starlette.requests import Request
+
+from crypto import vouchers
+from ledger import LogReader
+from ledger.blobs import BlobStore
+from ledger.entries import sign_entry
+from ledger.errors import LedgerError
+from ledger.keys import Signer
+from server.inference.accounts import Account, Accounts, LedgerIndex, Reservation
+from server.inference.funding import open_writer
+from server.inference.requests import (
+    KEY_ID,
+    MAX_BODY_BYTES,
+    MAX_CONTEXT_BYTES,
+    SHA256_HEX,
+    Body,
+    ServiceError,
+    UploadGate,
+    b64,
+    header,
+    parse_voucher,
+    require_binary,
+)
+from server.inference.store import Store
+from server.inference.workers import WorkerPool
+from server.market.fees import split_fee
+
+API = "/v1"
+SETTLE_EVERY = 1000  # unsettled predictions per buyer before a fee settlement
+SETTLE_SECONDS = 30.0  # and at least this often while anything is unsettled
+
+Compute = Callable[[str, str, "bytes | str", int], Awaitable[bytes]]
+
+
+class InferenceService:
+    def __init__(self, run_dir: Path, *, workers: int = 2, settle_every: int = SETTLE_EVERY,
+                 settle_seconds: float = SETTLE_SECONDS, pipeline_wait: float | None = None,
+                 store: Store | None = None) -> None:
+        from crypto.he import LAYOUTS, PARAMS, max_batch
+
+        self.run_dir = Path(run_dir)
+        self.db = self.run_dir / "ledger.db"
+        if not self.db.is_file():
+            raise ServiceError(503, f"expected a ledger at {self.db}, found none")
+        self.index = LedgerIndex(self.db)
+        self.layouts = {name: {**PARAMS[name].to_json(), "max_batch": max_batch(name)}
+                        for name in LAYOUTS}
+        self.max_batch = {name: max_batch(name) for name in LAYOUTS}
+        self.store = store or Store(self.run_dir / "inference")
+        extra = {} if pipeline_wait is None else {"pipeline_wait": pipeline_wait}
+        self.accounts = Accounts(self.store.buyers(), self._persist, **extra)
+        self.gate = UploadGate()
+        self.settle_every = settle_every
+        self.settle_seconds = settle_seconds
+        self.settle_lock = asyncio.Lock()
+        self.predictions = 0
+        self.model_blob = BlobStore.beside(self.db).get(self.view.model_digest)
+        self.pool = WorkerPool(workers, self.model_blob, self.view.activation,
+                               self.store.contexts_dir, MAX_CONTEXT_BYTES)
+        self.compute: Compute = self.pool.predict  # tests swap in a fake
+        self.check_context: Callable[[bytes | str, str], Awaitable[None]] = \
+            self.pool.check_context
+
+    @property
+    def view(self) -> Any:
+        return self.index.view
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.pool.start()
+
+    async def stop(self) -> None:
+        """Settle, then end the workers whatever the settlement did."""
+        try:
+            await self.settle()
+        except Exception as exc:  # noqa: BLE001 - the workers must end regardless
+            log(WARNING, "poi serve: final fee settlement failed: %s", exc)
+        finally:
+            self.pool.stop()
+            with contextlib.suppress(Exception):  # the run folder may be gone
+                self.store.expire()
+            self.store.close()
+
+    async def _persist(self, buyer: str, account: Account) -> None:
+        await asyncio.to_thread(self.store.save_buyer, buyer, account.charged,
+                                account.last_nonce, account.voucher, account.signature)
+
+    # ------------------------------------------------------------------ look-ups
+    def _key(self, buyer: str) -> bytes:
+        raw = self.view.keys.get(buyer)
+        if raw is None and self.index.refresh():
+            raw = self.view.keys.get(buyer)
+        if raw is None:
+            raise ServiceError(403, f"buyer {buyer[:16]} has no key on the ledger: fund the "
+                                    "account first (poi buyer fund)")
+        return bytes(raw)
+
+    def _funded(self, buyer: str, needed: int = 0) -> int:
+        funded = int(self.view.funded.get(buyer, 0))
+        if funded < needed and self.index.refresh():
+            funded = int(self.view.funded.get(buyer, 0))
+        return funded
+
+    def account(self, buyer: str) -> dict[str, Any]:
+        if not KEY_ID.fullmatch(buyer):
+            raise ServiceError(400, f"expected a key id (32 lowercase hex digits), "
+                                    f"got {buyer[:80]!r}")
+        funded = self._funded(buyer, 1) if buyer not in self.view.funded else self._funded(buyer)
+        state = self.accounts.peek(buyer) or Account()
+        return {"buyer": buyer, "funded": funded, "charged": state.charged,
+                "reserved": state.reserved, "settled": self.view.settled.get(buyer, 0),
+                "balance": funded - state.charged, "next_nonce": state.last_nonce + 1,
+                "fee": self.view.buyer_fee}
+
+    def model_info(self) -> dict[str, Any]:
+        try:
+            with LogReader.open(self.db) as reader:
+                checkpoint = reader.checkpoint()
+                size = int(checkpoint.split("\n")[1])
+                proof = reader.inclusion_proof(self.view.model_index, size)
+                root = reader.root(size).hex()
+                leaf = reader.entry(self.view.model_index)
+                log_key = reader.log_key
+        except LedgerError as exc:
+            raise ServiceError(503, f"the ledger cannot be read: {exc}",
+                               {"Retry-After": "5"}) from None
+        return {
+            "task_id": self.view.task_id,
+            "model_digest": self.view.model_digest,
+            "ledger": {"index": self.view.model_index, "size": size, "root": root,
+                       "entry": base64.b64encode(leaf).decode(),
+                       "inclusion_proof": [base64.b64encode(h).decode() for h in proof],
+                       "checkpoint": checkpoint, "log_key": log_key},
+            "architecture": {"kind": "PolyMLP", "layers": [64, self.view.hidden_units, 10],
+                             "activation": self.view.activation},
+            "input": {"shape": [64], "dtype": "float32", "range": [0.0, 1.0],
+                      "encoding": "8x8 digit image, row-major, pixel / 16"},
+            "output": {"shape": [10], "meaning": "logits of classes 0..9"},
+            "layouts": self.layouts,
+            "fee": {"per_prediction": self.view.buyer_fee, "unit": "minor units",
+                    "scientist_share_ppm": self.view.share_ppm},
+            "limits": {"context_bytes": MAX_CONTEXT_BYTES, "body_bytes": MAX_BODY_BYTES,
+                       "contexts_per_buyer": self.store.contexts_per_buyer,
+                       "context_idle_seconds": int(self.store.context_ttl)},
+        }
+
+    # ------------------------------------------------------------------ contexts
+    async def register_context(self, request: Request) -> dict[str, Any]:
+        headers = request.headers
+        require_binary(headers)
+        layout = header(headers, "Layout")
+        if layout not in self.layouts:
+            raise ServiceError(400, f"expected X-Poi-Layout in {sorted(self.layouts)}, "
+                                    f"got {layout[:40]!r}")
+        buyer = header(headers, "Buyer")
+        if not KEY_ID.fullmatch(buyer):
+            raise ServiceError(400, f"expected X-Poi-Buyer as a key id (32 lowercase hex "
+                                    f"digits), got {buyer[:80]!r}")
+        declared = header(headers, "Context-Sha256")
+        if not SHA256_HEX.fullmatch(declared):
+            raise ServiceError(400, f"expected X-Poi-Context-Sha256 as 64 lowercase hex "
+                                    f"digits, got {declared[:80]!r}")
+        signature = b64(header(headers, "Signature"), "X-Poi-Signature")
+        raw = self._key(buyer)
+        try:
+            vouchers.verify_message(raw, vouchers.context_message(
+                self.view.task_id, layout, declared), signature)
+        except vouchers.VoucherError as exc:
+            raise ServiceError(401, f"context registration: {exc}") from None
+        body = await self.gate.read(request, MAX_CONTEXT_BYTES[layout], self.store.spool_dir,
+                                    spool=True)
+        try:
+            if body.sha256 != declared:
+                raise ServiceError(400, f"expected a body with SHA-256 {declared} "
+                                        f"(X-Poi-Context-Sha256), got {body.sha256}")
+            if self.store.known_layout(declared) != layout:
+                from crypto.he import HEError
+
+                try:
+                    await self.check_context(body.payload, layout)
+                except HEError as exc:
+                    raise ServiceError(422, f"context refused: {exc}") from None
+            assert body.path is not None
+            evicted = self.store.add(buyer, declared, layout, body.path, body.size)
+        finally:
+            body.discard()
+        return {"context_id": declared, "layout": layout, "evicted": evicted}
+
+    # ---------------------------------------------------------------- predictions
+    async def predict(self, request: Request) -> tuple[bytes, dict[str, str]]:
+        headers = request.headers
+        require_binary(headers)
+        voucher, signature = parse_voucher(headers)
+        if voucher["task_id"] != self.view.task_id:
+            raise ServiceError(400, f"voucher: expected task {self.view.task_id}, "
+                                    f"got {voucher['task_id'][:80]!r}")
+        buyer, count = voucher["buyer"], voucher["count"]
+        raw = self._key(buyer)
+        try:
+            vouchers.verify(raw, voucher, signature)
+        except vouchers.VoucherError as exc:
+            raise ServiceError(401, str(exc)) from None
+        context_id = voucher["context_id"]
+        layout = self.store.layout(buyer, context_id)
+        if layout is None:
+            raise ServiceError(404, f"unknown context id {context_id[:64]!r} for buyer "
+                                    f"{buyer[:16]}: register it with POST {API}/contexts "
+                                    "(contexts expire and are evicted: see limits)")
+        if not 1 <= count <= self.max_batch[layout]:
+            raise ServiceError(400, f"expected 1 <= count <= {self.max_batch[layout]} for the "
+                                    f"{layout} layout, got {count}")
+        self.accounts.precheck(buyer, voucher)
+        price = count * self.view.buyer_fee
+        funded = self._funded(buyer, voucher["cumulative"])
+        if funded < voucher["cumulative"]:
+            raise ServiceError(402, f"insufficient balance: funded {funded}, the voucher's "
+                                    f"cumulative is {voucher['cumulative']}")
+        body = await self.gate.read(request, MAX_BODY_BYTES[layout], self.store.spool_dir)
+        handed_over = False
+        try:
+            if body.sha256 != voucher["body_sha256"]:
+                raise ServiceError(400, "voucher: body_sha256 does not match the request body")
+            reservation = await self.accounts.admit(
+                buyer, voucher, base64.b64encode(signature).decode(), price,
+                lambda needed: self._funded(buyer, needed))
+            # From here the reservation is resolved whatever happens to this request
+            # (a client that goes away does not leave its chain hanging).
+            handed_over = True
+            served = asyncio.ensure_future(self._serve(reservation, layout, body, count))
+            return await asyncio.shield(served)
+        finally:
+            if not handed_over:
+                body.discard()
+
+    async def _serve(self, reservation: Reservation, layout: str, body: Body, count: int
+                     ) -> tuple[bytes, dict[str, str]]:
+        from crypto.he import HEError
+
+        failure: ServiceError | None = None
+        reply = b""
+        try:
+            reply = await self.compute(reservation.voucher["context_id"], layout,
+                                       body.payload, count)
+        except HEError as exc:
+            failure = ServiceError(422, f"ciphertext refused: {exc}; nothing charged")
+        except FileNotFoundError:
+            failure = ServiceError(404, "the context was evicted or expired meanwhile: "
+                                        "register it again; nothing charged")
+        except (BrokenProcessPool, RuntimeError, OSError) as exc:
+            log(WARNING, "poi serve: HE worker failed: %s", exc)
+            failure = ServiceError(503, "the HE worker failed; nothing charged: retry",
+                                   {"Retry-After": "2"})
+        finally:
+            body.discard()
+            served = await self.accounts.resolve(reservation, failure is None)
+        if failure is not None:
+            raise failure
+        if not served:
+            account = self.accounts.get(reservation.buyer)
+            raise ServiceError(409, f"an earlier request of your pipeline was not served, so "
+                                    f"this one (nonce {reservation.nonce}) was not either; "
+                                    f"nothing charged: continue from cumulative "
+                                    f"{account.reserved} + price with a nonce above "
+                                    f"{account.last_nonce}")
+        self.predictions += count
+        buyer = reservation.buyer
+        funded = self._funded(buyer)
+        if reservation.end - self.view.settled.get(buyer, 0) >= self.settle_every * max(
+                self.view.buyer_fee, 1):
+            asyncio.ensure_future(self.settle())
+        return reply, {"X-Poi-Charged": str(reservation.end - reservation.start),
+                       "X-Poi-Cumulative": str(reservation.end),
+                       "X-Poi-Balance": str(funded - reservation.end)}
+
+    # ------------------------------------------------------------------ settlement
+    def pending(self) -> dict[str, tuple[int, dict[str, Any], str]]:
+        """A snapshot of every buyer with unsettled charges: (charged, voucher,
+        signature); requests that finish while the settlement is written must not
+        change what it records."""
+        return {k: (a.charged, dict(a.voucher), a.signature)
+                for k, a in self.accounts.accounts.items()
+                if a.voucher is not None and a.charged > self.view.settled.get(k, 0)}
+
+    async def settle(self) -> list[int]:
+        """Record a ``fee_settlement`` for every buyer with unsettled charges."""
+        async with self.settle_lock:
+            pending = self.pending()
+            if not pending:
+                return []
+            return await asyncio.to_thread(self._write_settlements, pending)
+
+    def _write_settlements(self, pending: Mapping[str, tuple[int, dict[str, Any], str]]
+                           ) -> list[int]:
+        view = self.view
+        entries = []
+        for buyer, (charged, voucher, signature) in sorted(pending.items()):
+            assert voucher["cumulative"] == charged, "the charge is the signed cumulative"
+            amount = charged - view.settled.get(buyer, 0)
+            entries.append(("fee_settlement", {
+                "task_id": view.task_id, "buyer": buyer, "voucher": voucher,
+                "voucher_signature": signature, "amount": amount, "cumulative": charged,
+                "payouts": split_fee(amount, scientist=view.scientist, share_ppm=view.share_ppm,
+                                     contributions=view.contributions),
+            }))
+        try:
+            writer = open_writer(self.run_dir, view.origin)
+        except LedgerError as exc:
+            log(WARNING, "poi serve: fee settlement postponed: %s", exc)
+            return []
+        try:
+            signer = Signer.load(self.run_dir / "operator.pem")
+            seq = writer.next_seq(signer.key_id)
+            leaves = [sign_entry(signer, kind, seq=seq + i, fields=fields)
+                      for i, (kind, fields) in enumerate(entries)]
+            indexes = writer.append_many(leaves)
+        finally:
+            writer.close()
+        for buyer, (charged, _, _) in pending.items():
+            view.settled[buyer] = max(view.settled.get(buyer, 0), charged)
+        log(INFO, "poi serve: fee settlement for %s buyer(s) at ledger index %s",
+            len(entries), indexes)
+        return indexes
+
+    async def settle_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settle_seconds)
+            try:
+                await self.settle()
+                self.store.expire()
+            except Exception as exc:  # noqa: BLE001 - keep serving; retried next period
+                log(WARNING, "poi serve: fee settlement failed: %s", exc)
