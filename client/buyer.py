@@ -3,13 +3,13 @@
 The buyer keeps its CKKS secret key (it never leaves this process: only the public
 context is sent) and its Ed25519 key (``KEY``, a PEM file created by ``poi buyer fund``).
 Per request it signs a cumulative voucher (``crypto/vouchers.py``): the nonce and the
-running total it agrees to pay. A :class:`Buyer` may be shared by threads: each
-request takes its nonce and its slice of the running total under a lock, so requests pipeline
+running total it agrees to pay. A :class:`Buyer` may be shared by threads: each request
+takes its nonce and its slice of the running total under a lock, so requests pipeline
 (the service admits them in nonce order and charges each only after the earlier ones);
 after any refusal the next request re-reads the account first. The charged total it
-reports (:attr:`Buyer.charged`) never goes down. Before trusting the service it checks that the served
-model is the one the task's ledger recorded: the ``model`` entry's inclusion proof
-against the checkpoint's root, and the checkpoint's signature by the log key.
+reports (:attr:`Buyer.charged`) never goes down. Before trusting the service it checks
+that the served model is the one the task's ledger recorded: the ``model`` entry's
+inclusion proof against the checkpoint's root, and the checkpoint's signature by the log key.
 
     buyer = Buyer("http://127.0.0.1:8000", Signer.load("buyer.pem"))
     logits = buyer.predict(x)  # x: (n, 64) float32 in [0, 1]

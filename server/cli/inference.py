@@ -20,6 +20,8 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="HE worker processes (one per core).")] = 2,
+    body_idle_seconds: Annotated[float, typer.Option(
+        help="Longest pause between two chunks of a request body (then 408).")] = 15.0,
 ) -> None:
     """Serve encrypted predictions of the run's final model (OpenAPI docs at /docs)."""
     import uvicorn
@@ -27,12 +29,15 @@ def serve(
     from server.inference.service import ServiceError, create_app
 
     try:
-        api = create_app(run_dir, workers=workers)
+        api = create_app(run_dir, workers=workers, body_idle_seconds=body_idle_seconds)
     except (ServiceError, OSError) as exc:
         console.print(f"[red]cannot serve {run_dir}:[/red] {exc}")
         raise typer.Exit(2) from None
     console.print(f"serving {run_dir} on http://{host}:{port} (docs: /docs)")
-    uvicorn.run(api, host=host, port=port, log_level="warning")
+    # h11's limit on a request's headers (431 above it); keep-alive connections close
+    # after 5 s idle. Bodies are bounded and timed by the service itself.
+    uvicorn.run(api, host=host, port=port, log_level="warning", timeout_keep_alive=5,
+                h11_max_incomplete_event_size=32 * 1024, timeout_graceful_shutdown=10)
 
 
 @app.command()

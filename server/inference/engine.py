@@ -35,6 +35,7 @@ from ledger.keys import Signer
 from server.inference.accounts import Account, Accounts, LedgerIndex, Reservation
 from server.inference.funding import open_writer
 from server.inference.requests import (
+    BODY_IDLE_SECONDS,
     KEY_ID,
     MAX_BODY_BYTES,
     MAX_CONTEXT_BYTES,
@@ -61,7 +62,8 @@ Compute = Callable[[str, str, "bytes | str", int], Awaitable[bytes]]
 class InferenceService:
     def __init__(self, run_dir: Path, *, workers: int = 2, settle_every: int = SETTLE_EVERY,
                  settle_seconds: float = SETTLE_SECONDS, pipeline_wait: float | None = None,
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, body_idle_seconds: float = BODY_IDLE_SECONDS
+                 ) -> None:
         from crypto.he import LAYOUTS, PARAMS, max_batch
 
         self.run_dir = Path(run_dir)
@@ -75,7 +77,7 @@ class InferenceService:
         self.store = store or Store(self.run_dir / "inference")
         extra = {} if pipeline_wait is None else {"pipeline_wait": pipeline_wait}
         self.accounts = Accounts(self.store.buyers(), self._persist, **extra)
-        self.gate = UploadGate()
+        self.gate = UploadGate(idle_seconds=body_idle_seconds)
         self.settle_every = settle_every
         self.settle_seconds = settle_seconds
         self.settle_lock = asyncio.Lock()

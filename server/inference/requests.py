@@ -144,7 +144,11 @@ class UploadGate:
     within ``wait_seconds`` gets 429 (and a ``Retry-After``)."""
 
     def __init__(self, *, slots: int = UPLOAD_SLOTS, memory_bytes: int = SMALL_BODIES_BYTES,
-                 wait_seconds: float = UPLOAD_WAIT_SECONDS) -> None:
+                 wait_seconds: float = UPLOAD_WAIT_SECONDS,
+                 idle_seconds: float = BODY_IDLE_SECONDS,
+                 total_seconds: float = BODY_SECONDS) -> None:
+        self.idle_seconds = idle_seconds
+        self.total_seconds = total_seconds
         self.slots = asyncio.Semaphore(slots)
         self.memory_free = memory_bytes
         self.memory_changed = asyncio.Condition()
@@ -180,12 +184,14 @@ class UploadGate:
         share = 0 if spool else int(declared or 0)
         await self._acquire(spool, share)
         try:
-            return await _read(request, limit, spool_dir if spool else None)
+            return await _read(request, limit, spool_dir if spool else None,
+                               self.idle_seconds, self.total_seconds)
         finally:
             await self._release(spool, share)
 
 
-async def _read(request: Request, limit: int, spool_dir: Path | None) -> Body:
+async def _read(request: Request, limit: int, spool_dir: Path | None, idle_seconds: float,
+                total_seconds: float) -> Body:
     digest, total = hashlib.sha256(), 0
     chunks: list[bytes] = []
     handle = None
@@ -194,19 +200,19 @@ async def _read(request: Request, limit: int, spool_dir: Path | None) -> Body:
         fd, name = tempfile.mkstemp(dir=spool_dir, prefix="body-")
         handle = os.fdopen(fd, "wb")
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + BODY_SECONDS
+    deadline = loop.time() + total_seconds
     stream = request.stream().__aiter__()
     try:
         while True:
-            wait = min(BODY_IDLE_SECONDS, deadline - loop.time())
+            wait = min(idle_seconds, deadline - loop.time())
             try:
                 chunk = await asyncio.wait_for(stream.__anext__(), max(wait, 0.001))
             except StopAsyncIteration:
                 break
             except TimeoutError:
                 raise ServiceError(408, f"body not received in time: {total} bytes came, "
-                                        f"then nothing for {BODY_IDLE_SECONDS:.0f} s (or the "
-                                        f"whole body took over {BODY_SECONDS:.0f} s)") from None
+                                        f"then nothing for {idle_seconds:g} s (or the "
+                                        f"whole body took over {total_seconds:g} s)") from None
             except ClientDisconnect:
                 raise ServiceError(400, f"the client went away after {total} bytes") from None
             total += len(chunk)

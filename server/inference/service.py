@@ -29,6 +29,7 @@ from server.inference.accounts import TaskView, read_task
 from server.inference.engine import API, SETTLE_EVERY, SETTLE_SECONDS, InferenceService
 from server.inference.funding import fund_account, open_writer
 from server.inference.requests import (
+    BODY_IDLE_SECONDS,
     MAX_BODY_BYTES,
     MAX_CONTEXT_BYTES,
     MAX_HEADER_CHARS,
@@ -40,10 +41,11 @@ __all__ = ["API", "MAX_BODY_BYTES", "MAX_CONTEXT_BYTES", "InferenceService", "Se
 
 
 def create_app(run_dir: Path, *, workers: int = 2, settle_every: int = SETTLE_EVERY,
-               settle_seconds: float = SETTLE_SECONDS, pipeline_wait: float | None = None
-               ) -> FastAPI:
+               settle_seconds: float = SETTLE_SECONDS, pipeline_wait: float | None = None,
+               body_idle_seconds: float = BODY_IDLE_SECONDS) -> FastAPI:
     service = InferenceService(run_dir, workers=workers, settle_every=settle_every,
-                               settle_seconds=settle_seconds, pipeline_wait=pipeline_wait)
+                               settle_seconds=settle_seconds, pipeline_wait=pipeline_wait,
+                               body_idle_seconds=body_idle_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -122,6 +124,7 @@ DESCRIPTION = ("Send CKKS-encrypted inputs, get encrypted logits; pay per predic
                "signed cumulative vouchers. Every error is JSON {\"error\": \"...\"}. Formats, "
                "rules and limits: docs/buyer-api.md.")
 ERROR = {"$ref": "#/components/schemas/Error"}
+MODEL = {"$ref": "#/components/schemas/Model"}
 HEX32 = "^[0-9a-f]{32}$"
 HEX64 = "^[0-9a-f]{64}$"
 B64 = "^[A-Za-z0-9+/]*={0,2}$"
@@ -188,7 +191,7 @@ BINARY_BODY = {"type": "string", "format": "binary"}
 OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
     f"{API}/model": {"get": {"responses": {
         "200": {"description": "the served model",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Model"}}}},
+                "content": {"application/json": {"schema": MODEL}}},
         **_errors({503: "the ledger cannot be read"})}}},
     f"{API}/accounts/{{buyer}}": {"get": {
         "parameters": [{"name": "buyer", "in": "path", "required": True,

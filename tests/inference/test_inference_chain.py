@@ -1,0 +1,373 @@
+"""The voucher chain under concurrency, and hostile requests, in process.
+
+The money test drives the real app (admission, reservation, charge, settlement) from many
+threads with random vouchers; the HE computation is swapped for a fake that is fast and
+fails on demand, because what is under test is the accounting, not CKKS (the CKKS path is
+``test_inference.py``). It asserts, for every buyer: requests served x fee == charged ==
+settled on the ledger, charged never decreases, and charged never exceeds funded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from crypto import vouchers
+from ledger import LogReader, Signer
+from server.inference.requests import ServiceError, UploadGate
+from server.inference.service import create_app, fund_account
+from server.market.audit import audit_run
+from tests.inference.test_inference import FEE, context_headers
+from tests.inference.test_inference import run_dir as run_dir  # noqa: F401 - fixture
+
+THREADS = 16
+REQUESTS = int(os.environ.get("POI_CHAIN_REQUESTS", "1200"))  # more by hand
+
+
+@pytest.fixture(scope="module")
+def fake_service(run_dir: Path) -> Iterator[TestClient]:  # noqa: F811
+    app = create_app(run_dir, workers=1, settle_every=10**9, settle_seconds=3600,
+                     pipeline_wait=0.05)
+    with TestClient(app) as client:
+        svc = app.state.service
+        svc.in_flight = Counter()
+        svc.races = 0
+
+        async def fake_compute(context_id: str, layout: str, payload: bytes | str,
+                               count: int) -> bytes:
+            from crypto.he import HEError
+
+            data = payload if isinstance(payload, bytes) else Path(payload).read_bytes()
+            buyer = data[4:36].decode()
+            svc.in_flight[buyer] += 1
+            if svc.in_flight[buyer] > 1:
+                svc.races += 1
+            try:
+                await asyncio.sleep(0.005 + random.random() * 0.015
+                                    + (0.3 if data.endswith(b"SLOW") else 0))
+                if data.startswith(b"FAIL"):
+                    raise HEError("fake: refused")
+                return b"PHER" + data[:8]
+            finally:
+                svc.in_flight[buyer] -= 1
+
+        svc.compute = fake_compute
+        yield client
+
+
+def _adopt_context(client: TestClient, buyer: str, tmp_path: Path) -> str:
+    """A context id the fake computation accepts, held by ``buyer``."""
+    svc = client.app.state.service  # type: ignore[attr-defined]
+    data = f"fake context of {buyer}".encode()
+    spooled = tmp_path / f"ctx-{buyer}"
+    spooled.write_bytes(data)
+    context_id = hashlib.sha256(data).hexdigest()
+    svc.store.add(buyer, context_id, "batch", spooled, len(data))
+    return context_id
+
+
+def _headers(signer: Signer, voucher: dict[str, Any]) -> dict[str, str]:
+    return {"X-Poi-Voucher": base64.b64encode(json.dumps(voucher).encode()).decode(),
+            "X-Poi-Signature": base64.b64encode(signer.sign(vouchers.message(voucher))).decode(),
+            "Content-Type": "application/octet-stream"}
+
+
+def test_no_interleaving_serves_an_unpaid_prediction(
+        run_dir: Path, fake_service: TestClient, tmp_path: Path) -> None:  # noqa: F811
+    svc = fake_service.app.state.service  # type: ignore[attr-defined]
+    task_id = svc.view.task_id
+    rng = random.Random(12)
+    # four buyers: two rich, one that can pay for ~40 predictions, one for a single one
+    funds = [FEE * 10**6, FEE * 10**6, FEE * 40, FEE]
+    buyers = []
+    for i, amount in enumerate(funds):
+        key = tmp_path / f"chain-{i}.pem"
+        fund_account(run_dir, key, amount)
+        signer = Signer.load(key)
+        buyers.append({"signer": signer, "funded": amount, "lock": threading.Lock(),
+                       "nonce": 0, "reserved": 0,
+                       "context": _adopt_context(fake_service, signer.key_id, tmp_path)})
+    served = Counter()  # buyer -> predictions served (200)
+    statuses: Counter[int] = Counter()
+    unpaid: list[str] = []
+    stop = threading.Event()
+    charged_seen: dict[str, list[int]] = {b["signer"].key_id: [] for b in buyers}
+
+    def monitor() -> None:
+        while not stop.is_set():
+            for key in charged_seen:
+                account = svc.accounts.peek(key)
+                charged_seen[key].append(account.charged if account else 0)
+            time.sleep(0.0005)
+
+    def worker(seed: int) -> None:
+        local = random.Random(seed)
+        for _ in range(REQUESTS // THREADS):
+            b = local.choices(buyers, weights=[5, 5, 1, 1])[0]
+            count = local.randint(1, 3)
+            with b["lock"]:  # like the SDK: take a nonce and a slice of the total
+                nonce, cumulative = b["nonce"], b["reserved"] + count * FEE
+                b["nonce"] += 1
+                b["reserved"] = cumulative
+            roll = local.random()
+            if roll < 0.08:
+                cumulative = local.choice([cumulative - FEE, cumulative + FEE, 0,
+                                           cumulative * 2])  # a voucher that lies
+            elif roll < 0.12:
+                nonce = max(nonce - local.randint(1, 5), 0)  # a replayed nonce
+            fail = local.random() < 0.15
+            key = b["signer"].key_id
+            body = (b"FAIL" if fail else b"GOOD") + key.encode() + local.randbytes(16)
+            voucher = {"v": 1, "task_id": task_id, "buyer": key, "context_id": b["context"],
+                       "nonce": nonce, "count": count, "cumulative": cumulative,
+                       "body_sha256": hashlib.sha256(body).hexdigest()}
+            response = fake_service.post("/v1/predict", content=body,
+                                         headers=_headers(b["signer"], voucher))
+            statuses[response.status_code] += 1
+            if response.status_code == 200:
+                served[key] += count
+                if fail:
+                    unpaid.append(f"a failing computation was served: {voucher}")
+            else:
+                assert 400 <= response.status_code < 500, response.text
+                with b["lock"]:  # resynchronise as the SDK does
+                    account = fake_service.get(f"/v1/accounts/{key}").json()
+                    b["nonce"] = max(b["nonce"], account["next_nonce"])
+                    b["reserved"] = account["reserved"]
+
+    watcher = threading.Thread(target=monitor)
+    watcher.start()
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stop.set()
+    watcher.join()
+
+    assert sum(statuses.values()) == REQUESTS // THREADS * THREADS >= 1000
+    assert not unpaid
+    assert statuses[200] > 100 and statuses[422] > 20 and statuses[409] > 20, statuses
+    assert svc.races > 50, "the buyers' requests should overlap"
+    fake_service.portal.call(svc.settle)
+    with LogReader.open(run_dir / "ledger.db") as reader:
+        settled = {}
+        for _, entry in reader.entries(kind="fee_settlement"):
+            settled[entry.fields["buyer"]] = entry.fields["cumulative"]
+    for b in buyers:
+        key = b["signer"].key_id
+        account = fake_service.get(f"/v1/accounts/{key}").json()
+        assert served[key] * FEE == account["charged"] == settled.get(key, 0), (
+            key, served[key], account)
+        assert account["charged"] <= b["funded"]
+        assert account["reserved"] == account["charged"]  # nothing left in flight
+        seen = charged_seen[key]
+        assert all(a <= b for a, b in zip(seen, seen[1:])), "charged went down"
+    assert served[buyers[3]["signer"].key_id] <= 1
+    print(f"\nchain: {sum(statuses.values())} requests from {THREADS} threads, "
+          f"{svc.races} overlapping computations, statuses {dict(statuses)}, unpaid 0")
+    audit = audit_run(run_dir)
+    assert audit.ok, audit.mismatches
+
+
+def test_a_pipelined_buyer_is_served_in_order_and_a_failure_releases_the_rest(
+        run_dir: Path, fake_service: TestClient, tmp_path: Path) -> None:  # noqa: F811
+    svc = fake_service.app.state.service  # type: ignore[attr-defined]
+    key_path = tmp_path / "pipe.pem"
+    fund_account(run_dir, key_path, FEE * 100)
+    signer = Signer.load(key_path)
+    context = _adopt_context(fake_service, signer.key_id, tmp_path)
+    task_id = svc.view.task_id
+
+    def send(nonce: int, cumulative: int, body: bytes) -> Any:
+        voucher = {"v": 1, "task_id": task_id, "buyer": signer.key_id, "context_id": context,
+                   "nonce": nonce, "count": 1, "cumulative": cumulative,
+                   "body_sha256": hashlib.sha256(body).hexdigest()}
+        return fake_service.post("/v1/predict", content=body, headers=_headers(signer, voucher))
+
+    good = b"GOOD" + signer.key_id.encode()
+    results: dict[int, int] = {}
+
+    def later(nonce: int, cumulative: int, body: bytes) -> None:
+        results[nonce] = send(nonce, cumulative, body).status_code
+
+    # nonces 0..4 sent at once, in reverse order: each waits for its predecessors
+    threads = [threading.Thread(target=later, args=(n, (n + 1) * FEE, good + bytes([n])))
+               for n in reversed(range(5))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.005)
+    for thread in threads:
+        thread.join()
+    assert results == {n: 200 for n in range(5)}, results
+    svc.accounts.pipeline_wait = 1.0
+    # nonce 5 fails: 6 and 7, pipelined behind it, are released; nothing charged for them
+    bad = b"FAIL" + signer.key_id.encode() + b"SLOW"
+    threads = [threading.Thread(target=later, args=(5, 6 * FEE, bad)),
+               threading.Thread(target=later, args=(6, 7 * FEE, good + b"6")),
+               threading.Thread(target=later, args=(7, 8 * FEE, good + b"7"))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.01)
+    for thread in threads:
+        thread.join()
+    svc.accounts.pipeline_wait = 0.05
+    assert results[5] == 422 and results[6] in (409,) and results[7] in (409,), results
+    account = fake_service.get(f"/v1/accounts/{signer.key_id}").json()
+    assert account["charged"] == account["reserved"] == 5 * FEE
+    assert account["next_nonce"] == 8
+    assert send(8, 6 * FEE, good + b"8").status_code == 200
+
+
+# ------------------------------------------------------------------------ hostile input
+def test_hostile_headers_and_routes_get_a_4xx_json_error(
+        run_dir: Path, fake_service: TestClient, tmp_path: Path) -> None:  # noqa: F811
+    key_path = tmp_path / "hostile.pem"
+    fund_account(run_dir, key_path, FEE * 10)
+    signer = Signer.load(key_path)
+    sig = base64.b64encode(b"\0" * 64).decode()
+    deep = base64.b64encode(b"[" * 1000 + b"]" * 1000).decode()
+    deep_obj = base64.b64encode(b'{"a":' * 300 + b"1" + b"}" * 300).decode()
+    binary = {"Content-Type": "application/octet-stream"}
+    cases: list[tuple[str, str, dict[str, str], bytes, int]] = [
+        ("depth-1000 voucher", "/v1/predict",
+         {**binary, "X-Poi-Voucher": deep, "X-Poi-Signature": sig}, b"x", 400),
+        ("depth-300 object voucher", "/v1/predict",
+         {**binary, "X-Poi-Voucher": deep_obj, "X-Poi-Signature": sig}, b"x", 400),
+        ("huge voucher", "/v1/predict",
+         {**binary, "X-Poi-Voucher": "A" * 9000, "X-Poi-Signature": sig}, b"x", 400),
+        ("duplicate keys", "/v1/predict", {**binary, "X-Poi-Voucher": base64.b64encode(
+            b'{"v":1,"v":1}').decode(), "X-Poi-Signature": sig}, b"x", 400),
+        ("NaN", "/v1/predict", {**binary, "X-Poi-Voucher": base64.b64encode(
+            b'{"v":NaN}').decode(), "X-Poi-Signature": sig}, b"x", 400),
+        ("not UTF-8", "/v1/predict", {**binary, "X-Poi-Voucher": base64.b64encode(
+            b'{"v":"\xff"}').decode(), "X-Poi-Signature": sig}, b"x", 400),
+        ("url-safe base64", "/v1/predict", {**binary, "X-Poi-Voucher": "__--",
+                                            "X-Poi-Signature": sig}, b"x", 400),
+        ("no content type", "/v1/predict", {"X-Poi-Voucher": deep, "X-Poi-Signature": sig},
+         b"x", 415),
+        ("json content type", "/v1/contexts", {"Content-Type": "application/json"},
+         b"{}", 415),
+        ("context, no signature", "/v1/contexts", {**binary, "X-Poi-Layout": "batch",
+                                                   "X-Poi-Buyer": signer.key_id,
+                                                   "X-Poi-Context-Sha256": "0" * 64}, b"x", 400),
+        ("context, unknown buyer", "/v1/contexts", context_headers(
+            Signer.generate(), "t", "batch", b"x"), b"x", 403),
+        ("context, bad signature", "/v1/contexts", {**context_headers(
+            signer, "other task", "batch", b"x")}, b"x", 401),
+        ("context, hash mismatch", "/v1/contexts", {**context_headers(
+            signer, fake_service.app.state.service.view.task_id, "batch", b"x")},
+         b"y", 400),
+        ("context, declared too large", "/v1/contexts", {**context_headers(
+            signer, fake_service.app.state.service.view.task_id, "batch", b"x"),
+            "Content-Length": str(9 << 20)}, b"x", 413),
+        ("bad content length", "/v1/contexts", {**context_headers(
+            signer, fake_service.app.state.service.view.task_id, "batch", b"x"),
+            "Content-Length": "-1"}, b"x", 400),
+    ]
+    for name, path, headers, body, status in cases:
+        response = fake_service.post(path, content=body, headers=headers)
+        assert response.status_code == status, (name, response.status_code, response.text)
+        assert set(response.json()) == {"error"}, name
+    for method, path, status in [("GET", "/nope", 404), ("PUT", "/v1/predict", 405),
+                                 ("GET", "/v1/accounts/" + "Z" * 32, 400),
+                                 ("GET", "/v1/accounts/" + "a" * 5000, 400),
+                                 ("GET", "/v1/predict", 405)]:
+        response = fake_service.request(method, path)
+        assert response.status_code == status, (method, path, response.text)
+        assert set(response.json()) == {"error"}
+
+
+def test_contexts_are_signed_bounded_per_buyer_and_expire(
+        run_dir: Path, fake_service: TestClient, tmp_path: Path) -> None:  # noqa: F811
+    svc = fake_service.app.state.service  # type: ignore[attr-defined]
+    key_path = tmp_path / "quota.pem"
+    fund_account(run_dir, key_path, FEE)
+    signer = Signer.load(key_path)
+    ids: list[str] = []
+    store = svc.store
+    for i in range(6):  # only the 4 most recently used are kept
+        data = f"context {i}".encode()
+        spooled = tmp_path / f"q{i}"
+        spooled.write_bytes(data)
+        ids.append(hashlib.sha256(data).hexdigest())
+        store.add(signer.key_id, ids[-1], "batch", spooled, len(data))
+        time.sleep(0.002)
+    held = store.held[signer.key_id]
+    assert sorted(held) == sorted(ids[-4:])
+    assert not (store.contexts_dir / ids[1]).exists()
+    assert store.layout(signer.key_id, ids[-4]) == "batch"
+    gone = store.expire(now=time.time() + store.context_ttl + 1)
+    assert {(signer.key_id, c) for c in ids[-4:]} <= set(gone)
+    assert signer.key_id not in store.held
+    assert all(not (store.contexts_dir / c).exists() for c in ids[-4:])
+
+
+def test_unknown_ids_are_looked_up_from_the_index_not_the_ledger(
+        fake_service: TestClient) -> None:
+    svc = fake_service.app.state.service  # type: ignore[attr-defined]
+    known = next(iter(svc.view.funded))
+    rng = random.Random(3)
+    svc.index.refresh()
+    before = svc.index.refreshes
+    rates = {}
+    for name, ids in (("known", [known] * 400),
+                      ("unknown", [f"{rng.getrandbits(128):032x}" for _ in range(400)])):
+        start = time.perf_counter()
+        for key in ids:
+            assert fake_service.get(f"/v1/accounts/{key}").status_code == 200
+        rates[name] = len(ids) / (time.perf_counter() - start)
+    assert svc.index.refreshes - before <= 1  # 400 unknown ids, the ledger read at most once
+    print(f"\nlook-ups: known {rates['known']:.0f}/s, unknown {rates['unknown']:.0f}/s")
+    assert rates["unknown"] > rates["known"] / 2
+
+
+class _SlowRequest:
+    """Just enough of a Starlette request for :meth:`UploadGate.read`."""
+
+    def __init__(self, chunks: list[bytes], pause: float, length: int | None = None) -> None:
+        self.chunks, self.pause = chunks, pause
+        self.headers = {} if length is None else {"content-length": str(length)}
+
+    async def stream(self) -> Any:
+        for chunk in self.chunks:
+            await asyncio.sleep(self.pause)
+            yield chunk
+
+
+def test_uploads_are_bounded_timed_and_spooled(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        gate = UploadGate(slots=1, wait_seconds=0.1, idle_seconds=0.2)
+        slow = asyncio.create_task(gate.read(_SlowRequest([b"a" * 10] * 3, 0.1),  # type: ignore[arg-type]
+                                             100, tmp_path))
+        await asyncio.sleep(0.02)
+        with pytest.raises(ServiceError) as busy:
+            await gate.read(_SlowRequest([b"b"], 0), 100, tmp_path)  # type: ignore[arg-type]
+        assert busy.value.status == 429 and busy.value.headers["Retry-After"]
+        body = await slow
+        assert body.size == 30 and body.path is not None and body.path.read_bytes() == b"a" * 30
+        body.discard()
+        with pytest.raises(ServiceError) as stalled:
+            await gate.read(_SlowRequest([b"c", b"d"], 0.5), 100, tmp_path)  # type: ignore[arg-type]
+        assert stalled.value.status == 408
+        with pytest.raises(ServiceError) as big:
+            await gate.read(_SlowRequest([b"e" * 60, b"e" * 60], 0), 100, tmp_path)  # type: ignore[arg-type]
+        assert big.value.status == 413
+        small = await gate.read(_SlowRequest([b"f" * 5], 0, 5), 100, tmp_path)  # type: ignore[arg-type]
+        assert small.data == b"fffff" and small.path is None
+        assert not list(tmp_path.iterdir()), "refused bodies leave no spool file"
+
+    asyncio.run(scenario())
