@@ -1,0 +1,223 @@
+"""``poi serve`` as a process: SIGTERM, SIGINT, SIGKILL and a run folder that vanishes
+leave no worker behind; bodies stalled mid-way get 408 and close; eight concurrent
+maximum-size context uploads do not grow the service's memory by their size."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from crypto import vouchers
+from ledger import Signer
+from server.inference.requests import MAX_CONTEXT_BYTES
+from server.inference.service import fund_account
+from tests.inference.test_inference import run_dir as run_dir  # noqa: F401 - fixture
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _children(pid: int) -> set[int]:
+    """Every descendant of ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        out |= frontier
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _rss_kib(pids: set[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Served:
+    def __init__(self, run: Path, *extra: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "poi"), "serve", str(run), "--port", str(self.port),
+             "--workers", "1", *extra], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.stdout.read()  # type: ignore[union-attr]
+            try:
+                if httpx.get(f"{self.url}/v1/model", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.workers = _children(self.process.pid)
+        assert self.workers, "expected HE worker processes"
+
+    def stop(self, sig: int, timeout: float = 60) -> str:
+        self.process.send_signal(sig)
+        out, _ = self.process.communicate(timeout=timeout)
+        return out
+
+
+@pytest.fixture
+def run_copy(run_dir: Path, tmp_path: Path) -> Iterator[Path]:  # noqa: F811
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("inference", "*.lock"))
+    yield run
+
+
+def _gone(pids: set[int], within: float = 10.0) -> set[int]:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        alive = {p for p in pids if _alive(p)}
+        if not alive:
+            return set()
+        time.sleep(0.1)
+    return alive
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "vanished-then-SIGTERM", "SIGKILL"])
+def test_no_worker_outlives_the_service(run_copy: Path, how: str) -> None:
+    served = Served(run_copy)
+    workers = set(served.workers)
+    if how.startswith("vanished"):
+        shutil.rmtree(run_copy)
+    sig = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT, "SIGKILL": signal.SIGKILL,
+           "vanished-then-SIGTERM": signal.SIGTERM}[how]
+    out = served.stop(sig)
+    assert not _gone(workers), f"{how}: workers left behind; service said:\n{out}"
+    assert "Traceback" not in out or how == "SIGKILL", out
+
+
+def test_stalled_bodies_get_408_and_the_service_keeps_serving(run_copy: Path) -> None:
+    signer_path = run_copy / "stall.pem"
+    fund_account(run_copy, signer_path, 100)
+    signer = Signer.load(signer_path)
+    served = Served(run_copy, "--body-idle-seconds", "1")
+    try:
+        task_id = httpx.get(f"{served.url}/v1/model").json()["task_id"]
+        digest = "ab" * 32
+        signature = base64.b64encode(signer.sign(vouchers.context_message(
+            task_id, "batch", digest))).decode()
+        head = (f"POST /v1/contexts HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                f"Content-Type: application/octet-stream\r\nX-Poi-Layout: batch\r\n"
+                f"X-Poi-Buyer: {signer.key_id}\r\nX-Poi-Context-Sha256: {digest}\r\n"
+                f"X-Poi-Signature: {signature}\r\n\r\n").encode()
+        sockets = []
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", served.port))
+            s.sendall(head + b"x" * 1000)  # then nothing
+            s.settimeout(10)
+            sockets.append(s)
+        replies = [_read_reply(s) for s in sockets]
+        assert all(r.startswith(b"HTTP/1.1 408") for r in replies), replies[:2]
+        assert all(b'"error"' in r for r in replies)
+        for s in sockets:
+            s.close()
+        assert httpx.get(f"{served.url}/v1/model").status_code == 200
+    finally:
+        out = served.stop(signal.SIGTERM)
+    assert "Traceback" not in out, out
+
+
+def _read_reply(s: socket.socket) -> bytes:
+    data = b""
+    while b'"error"' not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_memory_stays_bounded_under_eight_maximum_size_uploads(run_copy: Path) -> None:
+    signer_path = run_copy / "big.pem"
+    fund_account(run_copy, signer_path, 100)
+    signer = Signer.load(signer_path)
+    served = Served(run_copy)
+    limit = MAX_CONTEXT_BYTES["single"]
+    try:
+        task_id = httpx.get(f"{served.url}/v1/model").json()["task_id"]
+        pids = {served.process.pid} | _children(served.process.pid)
+        base = _rss_kib(pids)
+        peak = [base]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_kib({served.process.pid}
+                                                | _children(served.process.pid)))
+                time.sleep(0.05)
+
+        statuses: list[int] = []
+
+        def upload(i: int) -> None:
+            chunk = bytes([i]) * (1 << 20)
+            digest = hashlib.sha256(chunk * (limit >> 20)).hexdigest()
+            signature = base64.b64encode(signer.sign(vouchers.context_message(
+                task_id, "single", digest))).decode()
+
+            def body() -> Iterator[bytes]:
+                for _ in range(limit >> 20):
+                    yield chunk
+
+            response = httpx.post(f"{served.url}/v1/contexts", content=body(), timeout=300,
+                                  headers={"Content-Type": "application/octet-stream",
+                                           "Content-Length": str(limit),
+                                           "X-Poi-Layout": "single",
+                                           "X-Poi-Buyer": signer.key_id,
+                                           "X-Poi-Context-Sha256": digest,
+                                           "X-Poi-Signature": signature})
+            statuses.append(response.status_code)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        threads = [threading.Thread(target=upload, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        done.set()
+        sampler.join()
+        growth_mib = (peak[0] - base) / 1024
+        print(f"\nmemory: 8 concurrent {limit >> 20} MiB uploads, service RSS "
+              f"{base / 1024:.0f} MiB -> peak {peak[0] / 1024:.0f} MiB "
+              f"(+{growth_mib:.0f} MiB), statuses {sorted(statuses)}")
+        assert all(400 <= s < 500 for s in statuses), statuses  # garbage contexts: 422
+        assert growth_mib < 2 * (limit >> 20), "uploads must not be held in memory"
+        assert not list((run_copy / "inference" / "tmp").iterdir())
+    finally:
+        served.stop(signal.SIGTERM)
