@@ -127,7 +127,8 @@ ERROR = {"$ref": "#/components/schemas/Error"}
 MODEL = {"$ref": "#/components/schemas/Model"}
 HEX32 = "^[0-9a-f]{32}$"
 HEX64 = "^[0-9a-f]{64}$"
-B64 = "^[A-Za-z0-9+/]*={0,2}$"
+B64 = "^(?:[A-Za-z0-9+/]{4})+(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+B64_SIGNATURE = "^[A-Za-z0-9+/]{86}==$"
 DIGITS = {"type": "string", "pattern": "^[0-9]+$"}
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"], "additionalProperties": False,
@@ -208,7 +209,8 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
             _header("X-Poi-Buyer", "the registering buyer's key id", HEX32),
             _header("X-Poi-Context-Sha256", "SHA-256 of the body, lowercase hex", HEX64),
             _header("X-Poi-Signature", "base64 Ed25519 signature of the buyer over "
-                    "'poi/context/v1\\n' + task_id + '\\n' + layout + '\\n' + sha256 hex", B64),
+                    "'poi/context/v1\\n' + task_id + '\\n' + layout + '\\n' + sha256 hex",
+                    B64_SIGNATURE),
         ],
         "requestBody": {"required": True, "description": (
             "the public context in the PHEC container format of docs/buyer-api.md (not a "
@@ -230,7 +232,7 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
         "parameters": [
             _header("X-Poi-Voucher", "base64 of the voucher JSON (docs/buyer-api.md)", B64),
             _header("X-Poi-Signature", "base64 Ed25519 signature over 'poi/voucher/v1\\n' + "
-                    "RFC 8785 canonical JSON of the voucher", B64),
+                    "RFC 8785 canonical JSON of the voucher", B64_SIGNATURE),
         ],
         "requestBody": {"required": True, "description": (
             "the encrypted input (PHEQ format); at most 2 MiB (single) or 64 MiB (batch)"),
