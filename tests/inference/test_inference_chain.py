@@ -89,7 +89,6 @@ def test_no_interleaving_serves_an_unpaid_prediction(
         run_dir: Path, fake_service: TestClient, tmp_path: Path) -> None:  # noqa: F811
     svc = fake_service.app.state.service  # type: ignore[attr-defined]
     task_id = svc.view.task_id
-    rng = random.Random(12)
     # four buyers: two rich, one that can pay for ~40 predictions, one for a single one
     funds = [FEE * 10**6, FEE * 10**6, FEE * 40, FEE]
     buyers = []
@@ -175,7 +174,7 @@ def test_no_interleaving_serves_an_unpaid_prediction(
         assert account["charged"] <= b["funded"]
         assert account["reserved"] == account["charged"]  # nothing left in flight
         seen = charged_seen[key]
-        assert all(a <= b for a, b in zip(seen, seen[1:])), "charged went down"
+        assert all(a <= b for a, b in zip(seen, seen[1:], strict=False)), "charged went down"
     assert served[buyers[3]["signer"].key_id] <= 1
     print(f"\nchain: {sum(statuses.values())} requests from {THREADS} threads, "
           f"{svc.races} overlapping computations, statuses {dict(statuses)}, unpaid 0")
