@@ -538,7 +538,7 @@ def register(buyer: Any, layout: str) -> float:
     start = time.perf_counter()
     buyer._context(layout)
     seconds = time.perf_counter() - start
-    buyer._sync()
+    buyer.account()
     return seconds
 
 
@@ -723,9 +723,9 @@ def check_ledger(run_dir: Path, size_before: int, buyers: dict[str, Any]) -> dic
     rows = []
     for name, buyer in buyers.items():
         key = buyer.signer.key_id
-        rows.append({"name": name, "key_id": key, "charged": buyer._cumulative,
+        rows.append({"name": name, "key_id": key, "charged": buyer.charged,
                      "settlements": count.get(key, 0), "settled_cumulative": last.get(key),
-                     "match": last.get(key) == buyer._cumulative})
+                     "match": last.get(key) == buyer.charged})
     audit = audit_run(run_dir)
     return {
         "ledger_size_before": size_before, "ledger_size_after": size_after,
