@@ -55,8 +55,12 @@ Layout "batch" (throughput, up to 4,096 samples per request, no rotations)
     ciphertext x scalar products summed at scale 2^38 * q3 and rescaled once; the bias
     is a plaintext added at the exact scale, so the buyer sends 64 ciphertexts, not 65
     with a constant-1 column. Then square, relinearize, rescale; logit k =
-    rescale(sum_j W2[k, j] * a_j) + b2[k]. Ten logit ciphertexts come back. No Galois
-    keys: the public context is the public key and the relinearization key only.
+    rescale(sum_j (W2[k, j] m_n) * a_j) + b2[k], where the plaintext W2[k, j] m_n holds
+    W2[k, j] in slots [0, n) and 0 in slots [n, 4,096): slot s >= n of a logit holds b2[k]
+    alone whatever the buyer put in its input slots, so a request pays for exactly the n
+    predictions it gets (scalar weights would return 4,096 for the price of n). Ten logit
+    ciphertexts come back. No Galois keys: the public context is the public key and the
+    relinearization key only.
 
 Wire formats (integers big-endian; "blob" is a SEAL object as SEAL 4.3 serializes it,
 zstd-compressed, with SEAL's own 16-byte header)

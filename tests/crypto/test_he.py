@@ -352,3 +352,59 @@ def test_bad_arguments(buyers, small, servers, test_x):
     clone = pickle.loads(pickle.dumps(model))  # worker processes get the model by pickle
     got = buyers["batch"].decrypt(clone.predict(servers["batch"], buyers["batch"].encrypt(test_x[:3]), 3), 3)
     np.testing.assert_allclose(got, buyers["batch"].decrypt(reply, 3), atol=1e-4)
+
+
+def _all_slots(buyer: he.BuyerContext, reply: bytes) -> np.ndarray:
+    """Every slot of every reply ciphertext, decrypted with the buyer's secret key: what a
+    buyer can read whatever ``n`` the reply's header says. Shape (ciphertexts, 4096)."""
+    from crypto.he import params, seal, wire
+
+    st = buyer._state
+    _, count = params._ct_count(buyer.layout)
+    n = struct.unpack(">I", reply[6:10])[0]
+    blobs = wire._unpack_cts(reply, params._REP_MAGIC, buyer.layout, n, count, "reply",
+                             params._raw_ct_bytes(buyer.params, 1))
+    out = []
+    for blob in blobs:
+        ct = seal._load(seal._seal.Ciphertext(), st, blob, "reply")
+        plain = seal._seal.Plaintext()
+        buyer._decryptor.decrypt(ct, plain)
+        out.append(np.asarray(st.encoder.decode_double(plain), dtype=np.float64))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("n", [1, 100])
+def test_a_batch_reply_holds_only_the_n_predictions_paid_for(n, buyers, servers, test_x):
+    """A buyer that fills all 4,096 slots but declares (and pays for) n gets n predictions:
+    every slot s >= n of every logit holds the output bias alone (no other model term).
+    Mutation: scalar second-layer weights (the layout before the fix) give 4,096
+    predictions and fail this."""
+    weights = _small_weights(4, seed=7)
+    model = he.EncryptedModel(weights, "square")
+    rng = np.random.default_rng(0)
+    rows = rng.random((4096, 64))
+    full = buyers["batch"].encrypt(rows)
+    cheap = full[:6] + struct.pack(">I", n) + full[10:]  # the PoC's n = 1 header
+    slots = _all_slots(buyers["batch"], model.predict(servers["batch"], cheap, n))
+    reference = _reference(weights, "square", rows)
+    assert np.abs(slots[:, :n].T - reference[:n]).max() <= _bound(reference)
+    beyond = slots[:, n:] - np.asarray(weights["fc2.bias"], dtype=np.float64)[:, None]
+    assert np.abs(beyond).max() < 1e-3  # the bias alone; a prediction differs by ~1
+    assert np.abs(reference[n:] - weights["fc2.bias"]).max() > 0.1  # so it would show
+    # the next size is encoded afresh, a repeated size comes from the cache
+    again = _all_slots(buyers["batch"], model.predict(servers["batch"], cheap, n))
+    assert np.abs(again - slots).max() < 1e-3
+
+
+def test_a_single_reply_holds_ten_logits_and_noise(small, buyers, servers, test_x):
+    """The single layout has no unpaid slot: 64 x 32 input slots feed one prediction, and
+    every reply slot other than 32 k is masked by noise of magnitude ~2^12 (so nothing a
+    buyer packs into its input comes back in the clear)."""
+    weights, model, queries = small
+    query, rows = queries["single"]
+    slots = _all_slots(buyers["single"], model.predict(servers["single"], query, 1))[0]
+    logits = slots[0:320:32]
+    reference = _reference(weights, "poly2", rows)[0]
+    assert np.abs(logits - reference).max() <= _bound(reference[None])
+    others = np.delete(slots, np.arange(0, 320, 32))
+    assert np.median(np.abs(others)) > 100.0
