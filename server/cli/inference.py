@@ -22,10 +22,14 @@ def serve(
     workers: Annotated[int, typer.Option(help="HE worker processes (one per core).")] = 2,
     body_idle_seconds: Annotated[float, typer.Option(
         help="Longest pause between two chunks of a request body (then 408).")] = 15.0,
+    header_seconds: Annotated[float, typer.Option(
+        help="Longest time for a request's headers from their first byte (then closed).")
+    ] = 10.0,
 ) -> None:
     """Serve encrypted predictions of the run's final model (OpenAPI docs at /docs)."""
     import uvicorn
 
+    from server.inference.connections import server_config
     from server.inference.service import ServiceError, create_app
 
     try:
@@ -34,10 +38,11 @@ def serve(
         console.print(f"[red]cannot serve {run_dir}:[/red] {exc}")
         raise typer.Exit(2) from None
     console.print(f"serving {run_dir} on http://{host}:{port} (docs: /docs)")
-    # h11's limit on a request's headers (431 above it); keep-alive connections close
-    # after 5 s idle. Bodies are bounded and timed by the service itself.
-    uvicorn.run(api, host=host, port=port, log_level="warning", timeout_keep_alive=5,
-                h11_max_incomplete_event_size=32 * 1024, timeout_graceful_shutdown=10)
+    # h11 with 32 KiB of headers (431 above) that must arrive in time, keep-alive
+    # connections closed after 5 s idle (server.inference.connections). Bodies are
+    # bounded and timed by the service itself.
+    uvicorn.Server(server_config(api, host=host, port=port, header_seconds=header_seconds,
+                                 timeout_graceful_shutdown=10)).run()
 
 
 @app.command()

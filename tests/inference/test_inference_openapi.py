@@ -27,6 +27,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from server.inference.connections import server_config
 from server.inference.service import create_app
 from tests.inference.test_inference import run_dir as run_dir  # noqa: F401 - fixture
 
@@ -41,8 +42,7 @@ def live_schema(run_dir: Path) -> Iterator[Any]:  # noqa: F811
         port = s.getsockname()[1]
     app = create_app(run_dir, workers=1, settle_every=10**9, settle_seconds=3600,
                      pipeline_wait=0.01)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(app, host="127.0.0.1", port=port, lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120

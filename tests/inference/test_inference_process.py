@@ -221,3 +221,64 @@ def test_memory_stays_bounded_under_eight_maximum_size_uploads(run_copy: Path) -
         assert not list((run_copy / "inference" / "tmp").iterdir())
     finally:
         served.stop(signal.SIGTERM)
+
+
+def _status_line(s: socket.socket) -> bytes:
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_headers_are_bounded_in_size_and_time(run_copy: Path) -> None:
+    """Headers over 32 KiB get 431 from a real ``poi serve`` (before the fix, httptools
+    ignored the limit and buffered them all); 8 connections each pushing 16 MiB of one
+    unfinished header do not grow the service's memory; a connection whose headers do not
+    complete within --header-seconds is answered 408 and closed. Mutation: serving with
+    uvicorn's default HTTP implementation fails all three."""
+    served = Served(run_copy, "--header-seconds", "2")
+    try:
+        big = b"GET /v1/model HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * (40 << 10) + b"\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as s:
+            s.sendall(big)
+            assert _status_line(s) == b"HTTP/1.1 431 Request Header Fields Too Large"
+        pids = {served.process.pid} | served.workers
+        base = _rss_kib(pids)
+        sockets = []
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+            s.sendall(b"GET /v1/model HTTP/1.1\r\nHost: x\r\nX-Junk: ")
+            try:
+                for _ in range(16):
+                    s.sendall(b"a" * (1 << 20))
+            except OSError:  # refused and closed at 32 KiB
+                pass
+            sockets.append(s)
+        growth_mib = (_rss_kib(pids) - base) / 1024
+        assert growth_mib < 16, f"unfinished headers held in memory: +{growth_mib:.0f} MiB"
+        for s in sockets:
+            assert _status_line(s) in (b"", b"HTTP/1.1 431 Request Header Fields Too Large")
+            s.close()
+        slow = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        started = time.monotonic()
+        slow.sendall(b"GET /v1/model HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(3):  # a line now and then: before the fix this kept it open
+            time.sleep(0.5)
+            slow.sendall(b"X-Slow: 1\r\n")
+        assert _status_line(slow) == b"HTTP/1.1 408 Request Timeout"
+        assert time.monotonic() - started < 8
+        assert slow.recv(100) == b""  # closed
+        slow.close()
+        idle = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        assert idle.recv(100) == b""  # a connection that sends nothing is closed too
+        idle.close()
+        assert httpx.get(f"{served.url}/v1/model").status_code == 200
+    finally:
+        out = served.stop(signal.SIGTERM)
+    assert "Traceback" not in out, out
