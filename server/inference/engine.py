@@ -196,7 +196,7 @@ class InferenceService:
         except vouchers.VoucherError as exc:
             raise ServiceError(401, f"context registration: {exc}") from None
         body = await self.gate.read(request, MAX_CONTEXT_BYTES[layout], self.store.spool_dir,
-                                    spool=True)
+                                    buyer=buyer, spool=True)
         try:
             if body.sha256 != declared:
                 raise ServiceError(400, f"expected a body with SHA-256 {declared} "
@@ -243,7 +243,8 @@ class InferenceService:
         if funded < voucher["cumulative"]:
             raise ServiceError(402, f"insufficient balance: funded {funded}, the voucher's "
                                     f"cumulative is {voucher['cumulative']}")
-        body = await self.gate.read(request, MAX_BODY_BYTES[layout], self.store.spool_dir)
+        body = await self.gate.read(request, MAX_BODY_BYTES[layout], self.store.spool_dir,
+                                    buyer=buyer)
         handed_over = False
         try:
             if body.sha256 != voucher["body_sha256"]:

@@ -6,10 +6,16 @@ ledger and never costs the service more than a bounded amount of memory, disk an
 the voucher header is size- and depth-checked before JSON parsing
 (``crypto.vouchers.parse_json``); ``Content-Type`` must be ``application/octet-stream``;
 a body is read in chunks against its limit (declared ``Content-Length`` first, then the
-running total), each chunk within :data:`BODY_IDLE_SECONDS` and the whole body within
-:data:`BODY_SECONDS` (408 otherwise); bodies above :data:`SPOOL_BYTES` go to a file under
-the run's ``inference/tmp`` instead of memory, and at most :data:`UPLOAD_SLOTS` such
-uploads run at once (:class:`UploadGate`; 429 after :data:`UPLOAD_WAIT_SECONDS`).
+running total), each chunk within :data:`BODY_IDLE_SECONDS`, at least
+:data:`MIN_BODY_BYTES_PER_SECOND` on average once :data:`BODY_GRACE_SECONDS` have passed,
+and the whole body within :data:`BODY_SECONDS` (408 otherwise); bodies above
+:data:`SPOOL_BYTES` go to a file under the run's ``inference/tmp`` instead of memory.
+:class:`UploadGate` bounds what bodies hold: at most :data:`UPLOAD_SLOTS` spooled bodies
+and :data:`SMALL_BODIES_BYTES` of in-memory ones, from the first byte read until the
+body is discarded (so bodies waiting for admission or being computed count too; 429
+after :data:`UPLOAD_WAIT_SECONDS`), and at most :data:`UPLOADS_PER_BUYER` uploads of one
+buyer at once (429 at once above): one barely funded buyer trickling bytes into every
+slot held them all for 300 s before.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,9 @@ UPLOAD_WAIT_SECONDS = 10.0  # a spooled upload waits this long for a slot, then 
 SMALL_BODIES_BYTES = 64 << 20  # total in-memory bodies at once (each <= SPOOL_BYTES)
 BODY_IDLE_SECONDS = 15.0  # longest pause between two chunks of a body
 BODY_SECONDS = 300.0  # longest time for a whole body (96 MiB at >= 330 KB/s)
+BODY_GRACE_SECONDS = 10.0  # then a body must average MIN_BODY_BYTES_PER_SECOND
+MIN_BODY_BYTES_PER_SECOND = 32 * 1024  # 256 kbit/s since the body's first wait
+UPLOADS_PER_BUYER = 2  # bodies of one buyer being read at once
 BINARY = "application/octet-stream"
 KEY_ID = re.compile(r"[0-9a-f]{32}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -126,6 +135,7 @@ class Body:
     size: int
     data: bytes | None = None
     path: Path | None = None
+    release: Callable[[], None] | None = None  # gives the body's share back to the gate
 
     @property
     def payload(self) -> bytes | str:
@@ -133,26 +143,50 @@ class Body:
         return self.data if self.data is not None else str(self.path)
 
     def discard(self) -> None:
+        """Delete the spool file and give the body's share back (idempotent)."""
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
+        self.data = None
+        release, self.release = self.release, None
+        if release is not None:
+            release()
+
+
+@dataclass(frozen=True)
+class BodyTimes:
+    """How fast a body must come: a chunk every ``idle_seconds``, on average at least
+    ``min_bytes_per_second`` once ``grace_seconds`` have passed, all within
+    ``total_seconds``."""
+
+    idle_seconds: float = BODY_IDLE_SECONDS
+    total_seconds: float = BODY_SECONDS
+    grace_seconds: float = BODY_GRACE_SECONDS
+    min_bytes_per_second: float = MIN_BODY_BYTES_PER_SECOND
 
 
 class UploadGate:
-    """Bounds what bodies cost while they are read: at most ``slots`` spooled uploads and
-    ``memory_bytes`` of in-memory bodies at once; a request that cannot get its share
-    within ``wait_seconds`` gets 429 (and a ``Retry-After``)."""
+    """Bounds what bodies cost: at most ``slots`` spooled bodies and ``memory_bytes`` of
+    in-memory ones held at once, from the start of their upload until
+    :meth:`Body.discard` (a request that cannot get its share within ``wait_seconds`` gets
+    429 and a ``Retry-After``), and at most ``per_buyer`` uploads of one buyer being read
+    at once (429 at once above)."""
 
     def __init__(self, *, slots: int = UPLOAD_SLOTS, memory_bytes: int = SMALL_BODIES_BYTES,
                  wait_seconds: float = UPLOAD_WAIT_SECONDS,
                  idle_seconds: float = BODY_IDLE_SECONDS,
-                 total_seconds: float = BODY_SECONDS) -> None:
-        self.idle_seconds = idle_seconds
-        self.total_seconds = total_seconds
+                 total_seconds: float = BODY_SECONDS,
+                 grace_seconds: float = BODY_GRACE_SECONDS,
+                 min_bytes_per_second: float = MIN_BODY_BYTES_PER_SECOND,
+                 per_buyer: int = UPLOADS_PER_BUYER) -> None:
+        self.times = BodyTimes(idle_seconds, total_seconds, grace_seconds,
+                               min_bytes_per_second)
         self.slots = asyncio.Semaphore(slots)
         self.memory_free = memory_bytes
         self.memory_changed = asyncio.Condition()
         self.wait_seconds = wait_seconds
+        self.per_buyer = per_buyer
+        self.reading: dict[str, int] = {}  # buyer -> uploads being read
 
     async def _acquire(self, spool: bool, size: int) -> None:
         try:
@@ -167,31 +201,47 @@ class UploadGate:
             raise ServiceError(429, "too many uploads at once: retry later",
                                {"Retry-After": "2"}) from None
 
-    async def _release(self, spool: bool, size: int) -> None:
+    def _release(self, spool: bool, size: int) -> None:
         if spool:
             self.slots.release()
             return
+        self.memory_free += size
+        asyncio.ensure_future(self._notify())
+
+    async def _notify(self) -> None:
         async with self.memory_changed:
-            self.memory_free += size
             self.memory_changed.notify_all()
 
-    async def read(self, request: Request, limit: int, spool_dir: Path, *,
+    async def read(self, request: Request, limit: int, spool_dir: Path, *, buyer: str,
                    spool: bool = False) -> Body:
-        """The whole body of ``request``, at most ``limit`` bytes (in a file when
-        ``spool``, when its length is not declared, or when it is above SPOOL_BYTES)."""
+        """The whole body of ``buyer``'s ``request``, at most ``limit`` bytes (in a file
+        when ``spool``, when its length is not declared, or when it is above SPOOL_BYTES).
+        The body holds its share of the gate until :meth:`Body.discard`."""
         declared = declared_length(request.headers, limit)
-        spool = spool or declared is None or declared > SPOOL_BYTES
-        share = 0 if spool else int(declared or 0)
-        await self._acquire(spool, share)
+        if self.reading.get(buyer, 0) >= self.per_buyer:
+            raise ServiceError(429, f"buyer {buyer[:16]} already has {self.per_buyer} "
+                                    f"uploads in progress: at most {self.per_buyer} at once",
+                               {"Retry-After": "1"})
+        self.reading[buyer] = self.reading.get(buyer, 0) + 1
         try:
-            return await _read(request, limit, spool_dir if spool else None,
-                               self.idle_seconds, self.total_seconds)
+            spool = spool or declared is None or declared > SPOOL_BYTES
+            share = 0 if spool else int(declared or 0)
+            await self._acquire(spool, share)
+            try:
+                body = await _read(request, limit, spool_dir if spool else None, self.times)
+            except BaseException:
+                self._release(spool, share)
+                raise
+            body.release = lambda: self._release(spool, share)
+            return body
         finally:
-            await self._release(spool, share)
+            self.reading[buyer] -= 1
+            if not self.reading[buyer]:
+                del self.reading[buyer]
 
 
-async def _read(request: Request, limit: int, spool_dir: Path | None, idle_seconds: float,
-                total_seconds: float) -> Body:
+async def _read(request: Request, limit: int, spool_dir: Path | None, times: BodyTimes
+                ) -> Body:
     digest, total = hashlib.sha256(), 0
     chunks: list[bytes] = []
     handle = None
@@ -200,19 +250,26 @@ async def _read(request: Request, limit: int, spool_dir: Path | None, idle_secon
         fd, name = tempfile.mkstemp(dir=spool_dir, prefix="body-")
         handle = os.fdopen(fd, "wb")
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + total_seconds
+    start = loop.time()
+    deadline = start + times.total_seconds
     stream = request.stream().__aiter__()
     try:
         while True:
-            wait = min(idle_seconds, deadline - loop.time())
+            # the moment the bytes so far fall below the minimum average rate
+            slow = start + max(times.grace_seconds, total / times.min_bytes_per_second)
+            now = loop.time()
+            wait = min(times.idle_seconds, deadline - now, slow - now)
             try:
                 chunk = await asyncio.wait_for(stream.__anext__(), max(wait, 0.001))
             except StopAsyncIteration:
                 break
             except TimeoutError:
-                raise ServiceError(408, f"body not received in time: {total} bytes came, "
-                                        f"then nothing for {idle_seconds:g} s (or the "
-                                        f"whole body took over {total_seconds:g} s)") from None
+                raise ServiceError(408, f"body not received in time: {total} bytes came in "
+                                        f"{loop.time() - start:.1f} s (expected a chunk at "
+                                        f"least every {times.idle_seconds:g} s, on average "
+                                        f"{times.min_bytes_per_second:g} bytes/s after "
+                                        f"{times.grace_seconds:g} s, the whole body within "
+                                        f"{times.total_seconds:g} s)") from None
             except ClientDisconnect:
                 raise ServiceError(400, f"the client went away after {total} bytes") from None
             total += len(chunk)

@@ -183,10 +183,12 @@ def _errors(statuses: dict[int, str]) -> dict[str, Any]:
 
 CONTENT_TYPE = "body sent with another Content-Type than application/octet-stream (415)"
 BODY_ERRORS = {
-    408: "the body did not arrive in time (15 s without a byte, or 300 s in all)",
+    408: "the body did not arrive in time (15 s without a byte, under 32 KiB/s on average "
+         "after 10 s, or 300 s in all)",
     413: "the body (declared Content-Length or bytes sent) is over the layout's limit",
     415: "Content-Type is not application/octet-stream",
-    429: "too many uploads at once; retry after Retry-After seconds",
+    429: "too many uploads at once (yours: at most 2; everyone's: 8 spooled bodies and "
+         "64 MiB of small ones held); retry after Retry-After seconds",
 }
 BINARY_BODY = {"type": "string", "format": "binary"}
 OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {

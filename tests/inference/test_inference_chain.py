@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import random
+import shutil
 import threading
 import time
 from collections import Counter
@@ -351,22 +353,180 @@ def test_uploads_are_bounded_timed_and_spooled(tmp_path: Path) -> None:
     async def scenario() -> None:
         gate = UploadGate(slots=1, wait_seconds=0.1, idle_seconds=0.2)
         slow = asyncio.create_task(gate.read(_SlowRequest([b"a" * 10] * 3, 0.1),  # type: ignore[arg-type]
-                                             100, tmp_path))
+                                             100, tmp_path, buyer="a"))
         await asyncio.sleep(0.02)
         with pytest.raises(ServiceError) as busy:
-            await gate.read(_SlowRequest([b"b"], 0), 100, tmp_path)  # type: ignore[arg-type]
+            await gate.read(_SlowRequest([b"b"], 0), 100, tmp_path, buyer="a")  # type: ignore[arg-type]
         assert busy.value.status == 429 and busy.value.headers["Retry-After"]
         body = await slow
         assert body.size == 30 and body.path is not None and body.path.read_bytes() == b"a" * 30
         body.discard()
         with pytest.raises(ServiceError) as stalled:
-            await gate.read(_SlowRequest([b"c", b"d"], 0.5), 100, tmp_path)  # type: ignore[arg-type]
+            await gate.read(_SlowRequest([b"c", b"d"], 0.5), 100, tmp_path, buyer="a")  # type: ignore[arg-type]
         assert stalled.value.status == 408
         with pytest.raises(ServiceError) as big:
-            await gate.read(_SlowRequest([b"e" * 60, b"e" * 60], 0), 100, tmp_path)  # type: ignore[arg-type]
+            await gate.read(_SlowRequest([b"e" * 60, b"e" * 60], 0), 100, tmp_path, buyer="a")  # type: ignore[arg-type]
         assert big.value.status == 413
-        small = await gate.read(_SlowRequest([b"f" * 5], 0, 5), 100, tmp_path)  # type: ignore[arg-type]
+        small = await gate.read(_SlowRequest([b"f" * 5], 0, 5), 100, tmp_path, buyer="a")  # type: ignore[arg-type]
         assert small.data == b"fffff" and small.path is None
         assert not list(tmp_path.iterdir()), "refused bodies leave no spool file"
 
     asyncio.run(scenario())
+
+
+def test_one_buyer_cannot_hold_the_upload_slots(tmp_path: Path) -> None:
+    """The gate against its attacks (shortened timings): a buyer's third concurrent upload
+    gets 429 at once while another buyer's goes through; a body trickled one byte at a time
+    gets 408 once the grace period is over, not after the 15 s idle limit; a body read but
+    not yet discarded (waiting for admission, computing) still holds its share.
+    Mutations: no per-buyer cap, no minimum rate, or the share released at the end of the
+    read each fail one of these."""
+    async def scenario() -> None:
+        gate = UploadGate(slots=8, memory_bytes=100, wait_seconds=0.3, idle_seconds=5,
+                          grace_seconds=0.3, min_bytes_per_second=200, per_buyer=2)
+        trickles = [asyncio.create_task(gate.read(
+            _SlowRequest([b"a"] * 50, 0.1), 100, tmp_path, buyer="attacker"))  # type: ignore[arg-type]
+            for _ in range(2)]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(ServiceError) as third:
+            await gate.read(_SlowRequest([b"b"], 0), 100, tmp_path, buyer="attacker")  # type: ignore[arg-type]
+        assert third.value.status == 429 and "at most 2" in third.value.message
+        assert time.monotonic() - started < 0.1  # at once, not after wait_seconds
+        other = await gate.read(_SlowRequest([b"c" * 10], 0.01), 100, tmp_path, buyer="victim")  # type: ignore[arg-type]
+        assert other.size == 10
+        other.discard()
+        for task in trickles:
+            with pytest.raises(ServiceError) as slow:
+                await task
+            assert slow.value.status == 408 and "on average" in slow.value.message
+        assert time.monotonic() - started < 1.5  # the grace period, not the idle limit
+        assert not gate.reading, "every upload is counted out again"
+        # in-memory bodies hold their share until discarded: 60 + 60 > 100
+        held = await gate.read(_SlowRequest([b"d" * 60], 0, 60), 100, tmp_path, buyer="x")  # type: ignore[arg-type]
+        with pytest.raises(ServiceError) as full:
+            await gate.read(_SlowRequest([b"e" * 60], 0, 60), 100, tmp_path, buyer="y")  # type: ignore[arg-type]
+        assert full.value.status == 429
+        held.discard()
+        held.discard()  # idempotent: the share is given back once
+        again = await gate.read(_SlowRequest([b"e" * 60], 0, 60), 100, tmp_path, buyer="y")  # type: ignore[arg-type]
+        assert again.data == b"e" * 60 and gate.memory_free == 40
+        again.discard()
+        assert gate.memory_free == 100
+        # spooled bodies hold a slot until discarded
+        spooled = [await gate.read(_SlowRequest([b"f"], 0), 100, tmp_path, buyer=f"s{i}")  # type: ignore[arg-type]
+                   for i in range(8)]
+        with pytest.raises(ServiceError) as no_slot:
+            await gate.read(_SlowRequest([b"g"], 0), 100, tmp_path, buyer="s9")  # type: ignore[arg-type]
+        assert no_slot.value.status == 429
+        for body in spooled:
+            body.discard()
+        assert not list(tmp_path.iterdir())
+
+    asyncio.run(scenario())
+
+
+def test_the_slot_holding_attack_fails_against_a_live_server(
+        run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The review's attack, over real sockets with shortened timings: a buyer funded for
+    one prediction opens 64 in-memory and 8 chunked uploads with one voucher and trickles
+    a byte into each now and then. Two are read (the rest get 429 at once), those two get
+    408 after the grace period, and meanwhile a victim's small and > 1 MiB predictions are
+    served. Before the fix the attacker held every slot and the victim got 429."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    from server.inference.connections import server_config
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("inference", "*.lock"))
+    fund_account(run, run / "a.pem", FEE)
+    fund_account(run, run / "v.pem", FEE * 100)
+    attacker, victim = Signer.load(run / "a.pem"), Signer.load(run / "v.pem")
+    app = create_app(run, workers=1, settle_every=10**9, settle_seconds=3600)
+    svc = app.state.service
+
+    async def fake_compute(context_id: str, layout: str, payload: bytes | str,
+                           count: int) -> bytes:
+        await asyncio.sleep(0.01)
+        return b"PHER-fake"
+
+    svc.compute = fake_compute
+    svc.gate = UploadGate(wait_seconds=1.0, idle_seconds=5, grace_seconds=1.0,
+                          min_bytes_per_second=1000)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(server_config(app, host="127.0.0.1", port=port))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    sockets: list[socket.socket] = []
+    try:
+        task_id = svc.view.task_id
+        contexts = {}
+        for signer in (attacker, victim):
+            data = f"ctx {signer.key_id}".encode()
+            (run / f"c-{signer.key_id}").write_bytes(data)
+            contexts[signer.key_id] = hashlib.sha256(data).hexdigest()
+            svc.store.add(signer.key_id, contexts[signer.key_id], "batch",
+                          run / f"c-{signer.key_id}", len(data))
+        voucher = {"v": 1, "task_id": task_id, "buyer": attacker.key_id,
+                   "context_id": contexts[attacker.key_id], "nonce": 0, "count": 1,
+                   "cumulative": FEE, "body_sha256": "0" * 64}
+        headers = "".join(f"{k}: {v}\r\n" for k, v in _headers(attacker, voucher).items())
+        for i in range(64 + 8):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            length = ("Content-Length: 1048576\r\n" if i < 64
+                      else "Transfer-Encoding: chunked\r\n")
+            s.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: x\r\n{headers}{length}\r\n".encode())
+            if i >= 64:
+                s.sendall(b"1\r\nA\r\n")
+            sockets.append(s)
+        started = time.monotonic()
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.wait(0.3):
+                for i, s in enumerate(sockets):
+                    with contextlib.suppress(OSError):
+                        s.sendall(b"A" if i < 64 else b"1\r\nA\r\n")
+
+        threading.Thread(target=trickle, daemon=True).start()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            for nonce, body in enumerate((b"small body", b"C" * ((1 << 20) + 1))):
+                v = {"v": 1, "task_id": task_id, "buyer": victim.key_id,
+                     "context_id": contexts[victim.key_id], "nonce": nonce, "count": 1,
+                     "cumulative": FEE * (nonce + 1),
+                     "body_sha256": hashlib.sha256(body).hexdigest()}
+                t = time.monotonic()
+                r = client.post("/v1/predict", content=body, headers=_headers(victim, v))
+                assert r.status_code == 200, r.text
+                assert time.monotonic() - t < 2.0
+        statuses: Counter[bytes] = Counter()
+        for s in sockets:
+            data = b""
+            try:
+                while b"\r\n" not in data:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            except OSError:
+                pass
+            statuses[data.split(b" ", 2)[1] if data else b"closed"] += 1
+        stop.set()
+        assert statuses == {b"429": 70, b"408": 2}, statuses
+        assert time.monotonic() - started < 5  # the grace period, not 300 s
+        assert not svc.gate.reading
+        assert svc.gate.memory_free == UploadGate().memory_free  # every share came back
+    finally:
+        for s in sockets:
+            s.close()
+        server.should_exit = True
+        thread.join(30)
