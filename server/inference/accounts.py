@@ -58,6 +58,8 @@ class TaskView:
     keys: dict[str, bytes] = field(default_factory=dict)  # key id -> raw public key
     funded: dict[str, int] = field(default_factory=dict)
     settled: dict[str, int] = field(default_factory=dict)  # buyer -> settled cumulative
+    # buyer -> (nonce, voucher, signature) of the settlement with the highest cumulative
+    settled_voucher: dict[str, tuple[int, dict[str, Any], str]] = field(default_factory=dict)
 
     def apply(self, entry: Entry) -> None:
         """Take one ledger entry into the accounts (entries in log order)."""
@@ -69,7 +71,12 @@ class TaskView:
         elif (entry.kind == "fee_settlement" and entry.author == self.operator
               and entry.fields["task_id"] == self.task_id):
             buyer = str(entry.fields["buyer"])
-            self.settled[buyer] = max(self.settled.get(buyer, 0), int(entry.fields["cumulative"]))
+            cumulative = int(entry.fields["cumulative"])
+            if cumulative >= self.settled.get(buyer, 0):
+                voucher = dict(entry.fields["voucher"])  # type: ignore[call-overload]
+                self.settled_voucher[buyer] = (int(voucher["nonce"]), voucher,
+                                               str(entry.fields["voucher_signature"]))
+            self.settled[buyer] = max(self.settled.get(buyer, 0), cumulative)
 
 
 def read_task(db: Path) -> TaskView:
@@ -180,10 +187,24 @@ class Accounts:
     (called under the buyer's lock, before the request goes on)."""
 
     def __init__(self, saved: dict[str, tuple[int, int, dict[str, Any] | None, str]],
-                 persist: Persist, *, pipeline_wait: float = PIPELINE_WAIT_SECONDS) -> None:
+                 persist: Persist, *, pipeline_wait: float = PIPELINE_WAIT_SECONDS,
+                 settled: dict[str, tuple[int, int, dict[str, Any], str]] | None = None
+                 ) -> None:
+        """``saved``: buyer -> (charged, last nonce, voucher, signature) from the store;
+        ``settled``: buyer -> (cumulative, nonce, voucher, signature) of its latest
+        ``fee_settlement`` on the ledger. The ledger wins where the store is behind it
+        (a lost or restored ``state.db``): charged = reserved = max(saved, settled) and the
+        last nonce at least the settled voucher's, so no settled voucher is admitted
+        again."""
         self.accounts: dict[str, Account] = {}
         for key, (charged, nonce, voucher, signature) in saved.items():
             self.accounts[key] = Account(charged, nonce, voucher, signature, reserved=charged)
+        for key, (cumulative, nonce, voucher, signature) in (settled or {}).items():
+            account = self.get(key)
+            account.last_nonce = max(account.last_nonce, nonce)
+            if cumulative > account.charged:
+                account.charged = account.reserved = cumulative
+                account.voucher, account.signature = voucher, signature
         self.persist = persist
         self.pipeline_wait = pipeline_wait
 

@@ -74,17 +74,25 @@ class InferenceService:
         self.layouts = {name: {**PARAMS[name].to_json(), "max_batch": max_batch(name)}
                         for name in LAYOUTS}
         self.max_batch = {name: max_batch(name) for name in LAYOUTS}
-        self.store = store or Store(self.run_dir / "inference")
-        extra = {} if pipeline_wait is None else {"pipeline_wait": pipeline_wait}
-        self.accounts = Accounts(self.store.buyers(), self._persist, **extra)
-        self.gate = UploadGate(idle_seconds=body_idle_seconds)
-        self.settle_every = settle_every
-        self.settle_seconds = settle_seconds
-        self.settle_lock = asyncio.Lock()
-        self.predictions = 0
-        self.model_blob = BlobStore.beside(self.db).get(self.view.model_digest)
-        self.pool = WorkerPool(workers, self.model_blob, self.view.activation,
-                               self.store.contexts_dir, MAX_CONTEXT_BYTES)
+        self.store = store or Store(self.run_dir / "inference")  # StoreBusy: one service
+        try:
+            extra = {} if pipeline_wait is None else {"pipeline_wait": pipeline_wait}
+            # the ledger's settlements win over a lost or older state.db
+            settled = {buyer: (self.view.settled[buyer], *voucher)
+                       for buyer, voucher in self.view.settled_voucher.items()}
+            self.accounts = Accounts(self.store.buyers(), self._persist, settled=settled,
+                                     **extra)
+            self.gate = UploadGate(idle_seconds=body_idle_seconds)
+            self.settle_every = settle_every
+            self.settle_seconds = settle_seconds
+            self.settle_lock = asyncio.Lock()
+            self.predictions = 0
+            self.model_blob = BlobStore.beside(self.db).get(self.view.model_digest)
+            self.pool = WorkerPool(workers, self.model_blob, self.view.activation,
+                                   self.store.contexts_dir, MAX_CONTEXT_BYTES)
+        except BaseException:
+            self.store.close()  # release the run for the next try
+            raise
         self.compute: Compute = self.pool.predict  # tests swap in a fake
         self.check_context: Callable[[bytes | str, str], Awaitable[None]] = \
             self.pool.check_context
@@ -135,10 +143,11 @@ class InferenceService:
                                     f"got {buyer[:80]!r}")
         funded = self._funded(buyer, 1) if buyer not in self.view.funded else self._funded(buyer)
         state = self.accounts.peek(buyer) or Account()
+        settled = self.view.settled.get(buyer, 0)
         return {"buyer": buyer, "funded": funded, "charged": state.charged,
-                "reserved": state.reserved, "settled": self.view.settled.get(buyer, 0),
-                "balance": funded - state.charged, "next_nonce": state.last_nonce + 1,
-                "fee": self.view.buyer_fee}
+                "reserved": state.reserved, "settled": settled,
+                "balance": funded - max(state.charged, settled),
+                "next_nonce": state.last_nonce + 1, "fee": self.view.buyer_fee}
 
     def model_info(self) -> dict[str, Any]:
         try:

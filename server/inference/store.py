@@ -2,7 +2,10 @@
 total, last nonce and latest served voucher, and the registered public contexts.
 
 SQLite with ``synchronous=FULL`` (a charge is durable before its reply leaves); context
-files named by their SHA-256. Contexts are owned by the buyers who registered them (a
+files named by their SHA-256. One service at a time: the store holds an exclusive
+``flock`` on ``inference/serve.lock`` while it is open (:class:`StoreBusy` otherwise), so
+two ``poi serve`` of one run cannot each admit the same voucher from their own copy of
+the charged totals. Contexts are owned by the buyers who registered them (a
 signed registration, ``crypto.vouchers.context_message``): each buyer keeps at most
 :data:`CONTEXTS_PER_BUYER` (registering one more evicts its least recently used) and a
 context unused for :data:`CONTEXT_TTL_SECONDS` expires; a file goes when no buyer holds
@@ -11,6 +14,7 @@ it any more. So storage is bounded by the funded buyers, not by whoever can conn
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -21,6 +25,10 @@ from typing import Any
 
 CONTEXTS_PER_BUYER = 4
 CONTEXT_TTL_SECONDS = 7 * 24 * 3600.0
+
+
+class StoreBusy(OSError):
+    """Another process (a second ``poi serve`` of the run) holds the store."""
 
 
 @dataclass
@@ -36,6 +44,13 @@ class Store:
                  context_ttl: float = CONTEXT_TTL_SECONDS) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
+        self._lock = os.open(folder / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock)
+            raise StoreBusy(f"{folder} is in use by another poi serve of this run: expected "
+                            "one service per run (stop the other first)") from None
         self.contexts_dir = folder / "contexts"
         self.contexts_dir.mkdir(exist_ok=True)
         self.spool_dir = folder / "tmp"
@@ -134,4 +149,8 @@ class Store:
         return gone
 
     def close(self) -> None:
+        """Close the database and release the run for another service (idempotent)."""
         self.db.close()
+        if self._lock >= 0:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = -1

@@ -530,3 +530,69 @@ def test_the_slot_holding_attack_fails_against_a_live_server(
             s.close()
         server.should_exit = True
         thread.join(30)
+
+
+def _fake_compute_app(run: Path) -> Any:
+    app = create_app(run, workers=1, settle_every=10**9, settle_seconds=3600,
+                     pipeline_wait=0.05)
+
+    async def fake_compute(context_id: str, layout: str, payload: bytes | str,
+                           count: int) -> bytes:
+        return b"PHER-fake"
+
+    app.state.service.compute = fake_compute
+    return app
+
+
+def _copy_run(run_dir: Path, tmp_path: Path) -> Path:  # noqa: F811
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("inference", "*.lock"))
+    return run
+
+
+def test_a_lost_state_db_does_not_let_settled_vouchers_be_replayed(
+        run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The review's replay: three predictions are settled on the ledger, then
+    inference/state.db is lost; the restarted service takes the charged total and the
+    nonce from the ledger's settlement, so replaying the three vouchers gets 409, the next
+    voucher continues from the settled total, and the balance counts it. A second service
+    on the same run refuses to start while the first holds it. Mutation: starting from
+    state.db alone serves the three replays free (audit: double settlement)."""
+    from server.inference.store import StoreBusy
+
+    run = _copy_run(run_dir, tmp_path)
+    fund_account(run, run / "b.pem", FEE * 100)
+    signer = Signer.load(run / "b.pem")
+    bodies = [b"q%d" % n for n in range(4)]
+
+    def send(client: TestClient, context: str, nonce: int) -> int:
+        voucher = {"v": 1, "task_id": client.app.state.service.view.task_id,  # type: ignore[attr-defined]
+                   "buyer": signer.key_id, "context_id": context, "nonce": nonce, "count": 1,
+                   "cumulative": FEE * (nonce + 1),
+                   "body_sha256": hashlib.sha256(bodies[nonce]).hexdigest()}
+        return client.post("/v1/predict", content=bodies[nonce],
+                           headers=_headers(signer, voucher)).status_code
+
+    with TestClient(_fake_compute_app(run)) as client:
+        context = _adopt_context(client, signer.key_id, tmp_path)
+        assert [send(client, context, n) for n in range(3)] == [200] * 3
+        with pytest.raises(StoreBusy, match="in use by another poi serve"):
+            create_app(run, workers=1)
+    # the shutdown settled 3 x FEE; now the service's own state is lost
+    for path in (run / "inference").glob("state.db*"):
+        path.unlink()
+    with TestClient(_fake_compute_app(run)) as client:
+        account = client.get(f"/v1/accounts/{signer.key_id}").json()
+        assert account["charged"] == account["reserved"] == account["settled"] == 3 * FEE
+        assert account["next_nonce"] == 3 and account["balance"] == 97 * FEE
+        context = _adopt_context(client, signer.key_id, tmp_path)
+        assert [send(client, context, n) for n in range(3)] == [409] * 3
+        assert send(client, context, 3) == 200
+        account = client.get(f"/v1/accounts/{signer.key_id}").json()
+        assert account["charged"] == 4 * FEE and account["balance"] == 96 * FEE
+    audit = audit_run(run)
+    assert audit.ok, audit.mismatches
+    with LogReader.open(run / "ledger.db") as reader:
+        settled = [e.fields["cumulative"] for _, e in reader.entries(kind="fee_settlement")
+                   if e.fields["buyer"] == signer.key_id]
+    assert settled == [3 * FEE, 4 * FEE]

@@ -282,3 +282,19 @@ def test_headers_are_bounded_in_size_and_time(run_copy: Path) -> None:
     finally:
         out = served.stop(signal.SIGTERM)
     assert "Traceback" not in out, out
+
+
+def test_a_second_service_on_the_same_run_refuses_to_start(run_copy: Path) -> None:
+    """Two ``poi serve`` of one run would each admit the same voucher from their own copy
+    of the charged totals: the second one exits 2 while the first holds the run."""
+    served = Served(run_copy)
+    try:
+        second = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "poi"), "serve", str(run_copy), "--port", "1",
+             "--workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "COLUMNS": "250"})
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "in use by another poi serve" in second.stdout + second.stderr
+        assert httpx.get(f"{served.url}/v1/model").status_code == 200
+    finally:
+        served.stop(signal.SIGTERM)
