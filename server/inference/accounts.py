@@ -26,8 +26,11 @@ import base64
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from logging import WARNING
 from pathlib import Path
 from typing import Any
+
+from flwr.common import log
 
 from ledger import LogReader
 from ledger.entries import Entry, parse_entry
@@ -179,12 +182,15 @@ class Account:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
-Persist = Callable[[str, Account], Awaitable[None]]
+# (buyer, charged, last nonce, latest served voucher, its signature): durable before the
+# account changes in memory; any exception means nothing was recorded
+Persist = Callable[[str, int, int, "dict[str, Any] | None", str], Awaitable[None]]
 
 
 class Accounts:
     """Per-buyer voucher chains; ``persist`` makes an account's nonce and charge durable
-    (called under the buyer's lock, before the request goes on)."""
+    (called under the buyer's lock with the new values, before the account changes in
+    memory: a failed write leaves the account as it was and answers 503)."""
 
     def __init__(self, saved: dict[str, tuple[int, int, dict[str, Any] | None, str]],
                  persist: Persist, *, pipeline_wait: float = PIPELINE_WAIT_SECONDS,
@@ -259,35 +265,60 @@ class Accounts:
             prev = account.tail if account.tail is not None else None
             reservation = Reservation(buyer, nonce, account.reserved, cumulative, account.epoch,
                                       prev, voucher, signature, loop.create_future())
+            await self._durably(buyer, account.charged, nonce, account.voucher,
+                                account.signature, "admitted")
+            # the nonce is spent from here on
             account.reserved, account.last_nonce, account.tail = cumulative, nonce, reservation
-            await self.persist(buyer, account)  # the nonce is spent from here on
             account.changed.notify_all()
         return reservation
 
     async def resolve(self, reservation: Reservation, ok: bool) -> bool:
         """Charge the reservation if its computation succeeded (``ok``) and every earlier
-        request of its chain was served; else release it. Returns whether it is served."""
-        previous_ok = True
-        if reservation.prev is not None:
-            previous_ok = await asyncio.shield(reservation.prev.served)
-        account = self.get(reservation.buyer)
-        async with account.changed:
-            served = ok and previous_ok and reservation.epoch == account.epoch
-            if served:
-                assert account.charged == reservation.start, "chain out of order"
-                account.charged = reservation.end
-                account.voucher, account.signature = reservation.voucher, reservation.signature
-                await self.persist(reservation.buyer, account)
-                if account.tail is reservation:  # nothing in flight any more
-                    account.tail = None
-            elif reservation.epoch == account.epoch:  # the first failure of this chain
-                assert account.charged == reservation.start, "chain out of order"
-                account.reserved = account.charged
-                account.epoch += 1  # every later request of the chain is released too
-                account.tail = None
-            reservation.served.set_result(served)
-            account.changed.notify_all()
+        request of its chain was served; else release it. Returns whether it is served;
+        raises :class:`ServiceError` (503) when the charge cannot be recorded (then it is
+        released like a failed computation). The reservation's ``served`` future is set
+        on every path, so later requests of the chain never wait for ever."""
+        served = False
+        try:
+            previous_ok = True
+            if reservation.prev is not None:
+                previous_ok = await asyncio.shield(reservation.prev.served)
+            account = self.get(reservation.buyer)
+            async with account.changed:
+                try:
+                    if ok and previous_ok and reservation.epoch == account.epoch:
+                        assert account.charged == reservation.start, "chain out of order"
+                        await self._durably(reservation.buyer, reservation.end,
+                                            account.last_nonce, reservation.voucher,
+                                            reservation.signature, "served")
+                        account.charged = reservation.end
+                        account.voucher = reservation.voucher
+                        account.signature = reservation.signature
+                        served = True
+                        if account.tail is reservation:  # nothing in flight any more
+                            account.tail = None
+                finally:
+                    if not served and reservation.epoch == account.epoch:
+                        # the first failure of this chain releases it and every later
+                        # request of it
+                        assert account.charged == reservation.start, "chain out of order"
+                        account.reserved = account.charged
+                        account.epoch += 1
+                        account.tail = None
+                    account.changed.notify_all()
+        finally:
+            if not reservation.served.done():
+                reservation.served.set_result(served)
         return served
+
+    async def _durably(self, buyer: str, charged: int, last_nonce: int,
+                       voucher: dict[str, Any] | None, signature: str, what: str) -> None:
+        try:
+            await self.persist(buyer, charged, last_nonce, voucher, signature)
+        except Exception as exc:  # noqa: BLE001 - any failure to record: nothing happened
+            log(WARNING, "poi serve: could not record buyer %s: %s", buyer[:16], exc)
+            raise ServiceError(503, f"the service could not record this request ({what}); "
+                                    "nothing charged: retry", {"Retry-After": "2"}) from None
 
 
 def _chain_message(account: Account, price: int, cumulative: int) -> str:

@@ -117,9 +117,10 @@ class InferenceService:
                 self.store.expire()
             self.store.close()
 
-    async def _persist(self, buyer: str, account: Account) -> None:
-        await asyncio.to_thread(self.store.save_buyer, buyer, account.charged,
-                                account.last_nonce, account.voucher, account.signature)
+    async def _persist(self, buyer: str, charged: int, last_nonce: int,
+                       voucher: dict[str, Any] | None, signature: str) -> None:
+        await asyncio.to_thread(self.store.save_buyer, buyer, charged, last_nonce, voucher,
+                                signature)
 
     # ------------------------------------------------------------------ look-ups
     def _key(self, buyer: str) -> bytes:
@@ -275,10 +276,11 @@ class InferenceService:
         from crypto.he import HEError
 
         failure: ServiceError | None = None
-        reply = b""
+        reply, computed = b"", False
         try:
             reply = await self.compute(reservation.voucher["context_id"], layout,
                                        body.payload, count)
+            computed = True
         except HEError as exc:
             failure = ServiceError(422, f"ciphertext refused: {exc}; nothing charged")
         except FileNotFoundError:
@@ -288,9 +290,14 @@ class InferenceService:
             log(WARNING, "poi serve: HE worker failed: %s", exc)
             failure = ServiceError(503, "the HE worker failed; nothing charged: retry",
                                    {"Retry-After": "2"})
+        except Exception as exc:  # noqa: BLE001 - a fault of ours: released, not charged
+            log(WARNING, "poi serve: prediction failed: %r", exc)
+            failure = ServiceError(503, "the prediction failed; nothing charged: retry",
+                                   {"Retry-After": "2"})
         finally:
             body.discard()
-            served = await self.accounts.resolve(reservation, failure is None)
+            # only a computed reply is charged (also when this task is cancelled)
+            served = await self.accounts.resolve(reservation, computed)
         if failure is not None:
             raise failure
         if not served:

@@ -490,9 +490,11 @@ def test_the_slot_holding_attack_fails_against_a_live_server(
             sockets.append(s)
         started = time.monotonic()
         stop = threading.Event()
+        most_read = [0]
 
         def trickle() -> None:
             while not stop.wait(0.3):
+                most_read[0] = max(most_read[0], svc.gate.reading.get(attacker.key_id, 0))
                 for i, s in enumerate(sockets):
                     with contextlib.suppress(OSError):
                         s.sendall(b"A" if i < 64 else b"1\r\nA\r\n")
@@ -507,7 +509,7 @@ def test_the_slot_holding_attack_fails_against_a_live_server(
                 t = time.monotonic()
                 r = client.post("/v1/predict", content=body, headers=_headers(victim, v))
                 assert r.status_code == 200, r.text
-                assert time.monotonic() - t < 2.0
+                assert time.monotonic() - t < 5.0  # (the attacker held it for 300 s)
         statuses: Counter[bytes] = Counter()
         for s in sockets:
             data = b""
@@ -521,8 +523,12 @@ def test_the_slot_holding_attack_fails_against_a_live_server(
                 pass
             statuses[data.split(b" ", 2)[1] if data else b"closed"] += 1
         stop.set()
-        assert statuses == {b"429": 70, b"408": 2}, statuses
-        assert time.monotonic() - started < 5  # the grace period, not 300 s
+        # two are read at a time (more if the first two time out before the server got to
+        # the last connections); none is served, none outlives the grace period by much
+        assert sum(statuses.values()) == 72 and set(statuses) <= {b"429", b"408"}, statuses
+        assert statuses[b"408"] >= 2 and statuses[b"429"] >= 60, statuses
+        assert most_read[0] <= 2
+        assert time.monotonic() - started < 10  # the grace period, not 300 s
         assert not svc.gate.reading
         assert svc.gate.memory_free == UploadGate().memory_free  # every share came back
     finally:
@@ -596,3 +602,69 @@ def test_a_lost_state_db_does_not_let_settled_vouchers_be_replayed(
         settled = [e.fields["cumulative"] for _, e in reader.entries(kind="fee_settlement")
                    if e.fields["buyer"] == signer.key_id]
     assert settled == [3 * FEE, 4 * FEE]
+
+
+def test_a_failed_state_write_answers_503_and_neither_hangs_nor_charges(
+        run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The review's poc_c: state.db refuses one write. At admission: 503, the nonce is not
+    spent and nothing is reserved (the same voucher then goes through). At the charge:
+    503, nothing charged, the reservation released, and the buyer's next request is
+    served at once instead of waiting for ever on an unresolved predecessor. A computation
+    that raises something unexpected is released too. Mutation: persisting after the
+    in-memory update (as before) leaves the chain hanging and fails this."""
+    import sqlite3
+
+    run = _copy_run(run_dir, tmp_path)
+    fund_account(run, run / "b.pem", FEE * 100)
+    signer = Signer.load(run / "b.pem")
+    app = _fake_compute_app(run)
+    svc = app.state.service
+    with TestClient(app, raise_server_exceptions=False) as client:
+        context = _adopt_context(client, signer.key_id, tmp_path)
+        original = svc.store.save_buyer
+        fail_on: set[int] = set()
+        calls = [0]
+
+        def flaky(*args: Any) -> None:
+            calls[0] += 1
+            if calls[0] in fail_on:
+                raise sqlite3.OperationalError("disk I/O error (injected)")
+            original(*args)
+
+        svc.store.save_buyer = flaky
+
+        def send(nonce: int, cumulative: int, body: bytes) -> Any:
+            voucher = {"v": 1, "task_id": svc.view.task_id, "buyer": signer.key_id,
+                       "context_id": context, "nonce": nonce, "count": 1,
+                       "cumulative": cumulative, "body_sha256": hashlib.sha256(body).hexdigest()}
+            return client.post("/v1/predict", content=body, headers=_headers(signer, voucher),
+                               timeout=10)
+
+        def account() -> dict[str, Any]:
+            return client.get(f"/v1/accounts/{signer.key_id}").json()  # type: ignore[no-any-return]
+
+        fail_on.add(1)  # the admission's write
+        r = send(0, FEE, b"a")
+        assert r.status_code == 503 and r.headers["Retry-After"] and "nothing charged" in r.text
+        assert (account()["charged"], account()["reserved"], account()["next_nonce"]) == (0, 0, 0)
+        assert send(0, FEE, b"a").status_code == 200  # calls 2 and 3
+        fail_on.add(5)  # the charge's write of the next request (admission is call 4)
+        r = send(1, 2 * FEE, b"b")
+        assert r.status_code == 503, r.text
+        state = account()
+        assert (state["charged"], state["reserved"], state["next_nonce"]) == (FEE, FEE, 2)
+        started = time.monotonic()
+        r = send(2, 2 * FEE, b"c")
+        assert r.status_code == 200 and time.monotonic() - started < 5, r.text
+        assert account()["charged"] == 2 * FEE
+
+        async def broken(*args: Any) -> bytes:
+            raise ValueError("a fault of ours")
+
+        svc.compute = broken
+        r = send(3, 3 * FEE, b"d")
+        assert r.status_code == 503 and "nothing charged" in r.text
+        assert (account()["charged"], account()["reserved"]) == (2 * FEE, 2 * FEE)
+        svc.store.save_buyer = original
+    audit = audit_run(run)
+    assert audit.ok, audit.mismatches
