@@ -32,7 +32,7 @@ from client.attacks import (
 )
 from client.collusion import CHANNEL, ChannelKey, HonestUpdate, extend_history
 from client.config import ConfigError, RunConfig
-from client.marginal import BallotError, marginal_ballot
+from client.marginal import BallotError, marginal_ballot, trusted_digest
 from client.privacy import (
     HistoryEntry,
     PrivacyBudgetExceeded,
@@ -573,13 +573,22 @@ def _marginal_vote(msg: Message, config: ConfigRecord, subscriber: Subscriber,
     try:
         trusted_mean = _arrays_to_numpy(msg.content[P.TRUSTED_MEAN])
         trusted_size = int(_num(config[P.TRUSTED_SIZE]))
-        flags = [bool(int(_num(f))) for f in config.get(P.TRUSTED_FLAGS, [])]  # type: ignore[union-attr]
+        trusted_ids = [str(c) for c in config.get(P.TRUSTED_IDS, [])]  # type: ignore[union-attr]
     except (KeyError, TypeError, ValueError) as exc:
         return _error(msg, P.ERROR_REQUEST, f"marginal vote request: malformed trusted set ({exc})")
+    if len(trusted_ids) != trusted_size or len(set(trusted_ids)) != trusted_size:
+        return _error(msg, P.ERROR_REQUEST, f"marginal vote request: trusted-size {trusted_size}, "
+                      f"but {len(set(trusted_ids))} distinct trusted ids")
+    trusted_set = set(trusted_ids)
+    flags = [c in trusted_set for c in candidate_ids]
     aggregate_digest = tensors_digest(trusted_mean)
+    base_digest = tensors_digest(base)
     if duty is not None and aggregate_digest != str(config.get(P.AGGREGATE_DIGEST, "")):
         return _error(msg, P.ERROR_REQUEST, "aggregate-digest is not the digest of the trusted "
                       "mean received: refusing to sign a ballot on it")
+    if duty is not None and base_digest != str(config.get(P.BASE_DIGEST, "")):
+        return _error(msg, P.ERROR_REQUEST, "base-digest is not the digest of the model "
+                      "received: refusing to sign a ballot on it")
     try:
         server_round = int(_num(config[P.SERVER_ROUND]))
         marginals = marginal_ballot(model, base, trusted_mean, trusted_size, deltas, flags,
@@ -600,6 +609,7 @@ def _marginal_vote(msg: Message, config: ConfigRecord, subscriber: Subscriber,
         seq = _first_seq(duty, entries)
         entries.append(sign_entry(duty.signer, "ballot", seq=seq, fields={  # type: ignore[arg-type]
             "task_id": duty.task_id, "round": int(_num(config[P.SERVER_ROUND])),
+            "base_digest": base_digest, "trusted_digest": trusted_digest(trusted_ids),
             "aggregate_digest": aggregate_digest, "trusted_size": trusted_size,
             "marginals_micro": {c: to_micro(m)
                                 for c, m in zip(candidate_ids, marginals, strict=True)},
