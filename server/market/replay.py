@@ -503,6 +503,10 @@ def replay_vote(record: MarketRecord, blobs: BlobStore,
                 out.append(f"round {rnd}: the selection entry names no sorted candidate list")
                 break
             continue  # a round with no valid candidate
+        if not candidates:
+            if selection.selected:
+                out.append(f"round {rnd}: updates applied in a round with no candidates")
+            continue  # nothing to vote on: no ballots, no numbers, nothing applied
         published = record.marginals.get(rnd)
         if published is None or published.malformed or \
                 sorted(published.marginals_micro) != candidates:
