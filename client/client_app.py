@@ -14,6 +14,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -289,10 +290,37 @@ def _round_noise(cfg: RunConfig, config: ConfigRecord, num_examples: int) -> flo
     )
 
 
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"
+
+
+def _array_to_numpy(array: Any) -> np.ndarray:
+    """Decode one Flower ``Array``: a read-only view of its ``.npy`` bytes when the header
+    is the plain version-1 header ``np.save`` writes for the dtype and shape the Array
+    declares (byte-for-byte), else Flower's own decoder. ``np.load`` parses every header
+    with ``ast.literal_eval``: with 84 arrays per ballot request that was half of a
+    vote's time. Whatever decodes, the caller checks digests before signing anything."""
+    data = bytes(array.data)
+    try:
+        dtype = np.dtype(str(array.dtype))
+        shape = tuple(int(s) for s in array.shape)
+        if array.stype == "numpy.ndarray" and data[:8] == _NPY_MAGIC and dtype.hasobject is False:
+            header_len = int.from_bytes(data[8:10], "little")
+            header = data[10:10 + header_len]
+            expected = repr({"descr": dtype.str, "fortran_order": False, "shape": shape})
+            count = int(np.prod(shape, dtype=np.int64))
+            if header.rstrip(b" \n").decode("latin1") == expected[:-1] + ", }" and \
+                    len(data) == 10 + header_len + count * dtype.itemsize:
+                return np.frombuffer(data, dtype=dtype, count=count,
+                                     offset=10 + header_len).reshape(shape)
+    except (TypeError, ValueError):
+        pass
+    return array.numpy()  # type: ignore[no-any-return]
+
+
 def _arrays_to_numpy(record: object) -> dict[str, np.ndarray]:
     if not isinstance(record, ArrayRecord):
         raise TypeError(f"expected an ArrayRecord, got {type(record).__name__}")
-    return {name: array.numpy() for name, array in record.items()}
+    return {name: _array_to_numpy(array) for name, array in record.items()}
 
 
 def _num(value: object) -> float:
