@@ -12,12 +12,28 @@ All K + 1 distinct models are evaluated in one batched pass
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from torch import nn
 
 from client.task import Dataset, candidate_losses
+
+MAX_MARGINAL = 100.0  # nats: ballots and the Scientist's numbers are clamped to +-this
+
+
+def clamp_marginal(value: float) -> float:
+    """Clamp to +-MAX_MARGINAL: one crafted update within the norm bound can move a mean
+    cross-entropy by hundreds of nats, and an unbounded number would let it push honest
+    ballots out of range or the Scientist's entry out of the ledger's bounds."""
+    return max(-MAX_MARGINAL, min(MAX_MARGINAL, value))
+
+
+def trusted_digest(trusted_ids: Sequence[str]) -> str:
+    """SHA-256 (hex) of the sorted trusted candidate ids, one per line: what a ballot and
+    the Scientist's entry sign, so the trusted set they were computed for is on record."""
+    return hashlib.sha256("\n".join(sorted(trusted_ids)).encode("utf-8")).hexdigest()
 
 
 class BallotError(ValueError):
@@ -75,5 +91,5 @@ def marginal_ballot(model: nn.Module, base: Mapping[str, np.ndarray],
     _, losses = candidate_losses(model, base, [dict(trusted_mean), *variants], data)
     mean_loss = float(losses[0])
     # member: loss(without c) - loss(T); non-member: loss(T) - loss(with c)
-    return [float(variant) - mean_loss if member else mean_loss - float(variant)
+    return [clamp_marginal(float(variant) - mean_loss if member else mean_loss - float(variant))
             for variant, member in zip(losses[1:], members, strict=True)]

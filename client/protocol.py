@@ -35,7 +35,7 @@ LOSSES = "losses"
 VOTE_RULE = "vote-rule"  # "marginal" or "single"
 TRUSTED_MEAN = "trusted-mean"  # ArrayRecord: the float64 mean of the trusted set's updates
 TRUSTED_SIZE = "trusted-size"
-TRUSTED_FLAGS = "trusted-flags"  # per ballot candidate: 1 if in the trusted set
+TRUSTED_IDS = "trusted-ids"  # the trusted set's candidate ids (the voter derives membership)
 AGGREGATE_DIGEST = "aggregate-digest"  # digest of the trusted mean the voter was sent
 MARGINALS = "marginals"  # per ballot candidate: loss without it - loss with it
 

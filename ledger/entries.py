@@ -133,9 +133,11 @@ register_kind(
     required={**_ROUND, "candidate": str, "base_loss_micro": int, "candidate_loss_micro": int},
 )
 # the marginal vote: one ballot per voter and round, then the Scientist's numbers
-register_kind("ballot", required={**_ROUND, "aggregate_digest": str, "trusted_size": int,
+register_kind("ballot", required={**_ROUND, "base_digest": str, "trusted_digest": str,
+                                  "aggregate_digest": str, "trusted_size": int,
                                   "marginals_micro": dict})
-register_kind("validation_marginals", required={**_ROUND, "aggregate_digest": str,
+register_kind("validation_marginals", required={**_ROUND, "base_digest": str,
+                                                "trusted_digest": str, "aggregate_digest": str,
                                                 "marginals_micro": dict})
 register_kind("rejection", required={**_ROUND, "reason": str})
 register_kind("selection", required={**_ROUND, "selected": list})

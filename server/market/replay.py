@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from client.config import ACTIVATIONS
+from client.marginal import BallotError, trusted_digest
 from client.task import NUM_CLASSES, NUM_FEATURES, Dataset
 from client.witness import to_micro
 from crypto.commitments import (
@@ -75,6 +76,9 @@ class SelectionRecord:
 class BallotRecord:
     """A voter's signed marginal ballot (vote-rule marginal)."""
 
+    index: int
+    base_digest: str
+    trusted_digest: str
     aggregate_digest: str
     trusted_size: int
     marginals_micro: dict[str, int]
@@ -82,11 +86,15 @@ class BallotRecord:
 
 @dataclass
 class MarginalsRecord:
-    """The Scientist's signed validation marginals for a round."""
+    """The Scientist's signed validation marginals for a round (``malformed``: an entry
+    whose numbers no replay can use; it counts as withheld)."""
 
     index: int
+    base_digest: str
+    trusted_digest: str
     aggregate_digest: str
     marginals_micro: dict[str, int]
+    malformed: bool = False
 
 
 @dataclass
@@ -173,6 +181,8 @@ def _read_ballot(record: MarketRecord, index: int, author: str, f: Mapping[str, 
                                f"{rnd}, ignored")
     else:
         record.ballots.setdefault(rnd, {})[author] = BallotRecord(
+            index=index, base_digest=str(f["base_digest"]),
+            trusted_digest=str(f["trusted_digest"]),
             aggregate_digest=str(f["aggregate_digest"]), trusted_size=int(trusted_size),
             marginals_micro=values)
 
@@ -268,16 +278,18 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
         elif kind == "validation_marginals" and author == record.scientist and record.scientist:
             rnd = int(f["round"])
             values = _micro_map(f["marginals_micro"])
-            if values is None:
-                record.problems.append(f"entry {index}: malformed validation marginals")
-            elif rnd in record.marginals:
+            if rnd in record.marginals:
                 conflicting.add(rnd)
                 record.problems.append(f"entry {index}: second validation marginals for round "
                                        f"{rnd}")
             else:
+                if values is None:
+                    record.problems.append(f"entry {index}: malformed validation marginals")
                 record.marginals[rnd] = MarginalsRecord(
-                    index=index, aggregate_digest=str(f["aggregate_digest"]),
-                    marginals_micro=values)
+                    index=index, base_digest=str(f["base_digest"]),
+                    trusted_digest=str(f["trusted_digest"]),
+                    aggregate_digest=str(f["aggregate_digest"]),
+                    marginals_micro=values or {}, malformed=values is None)
         elif kind == "close" and by_operator and record.close_round is None:
             record.close_round, record.close_reason = int(f["round"]), str(f["reason"])
         elif kind == "reveal" and author == record.scientist and record.reveal_index is None:
@@ -461,72 +473,116 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
 # ------------------------------------------------------------------- the marginal vote
 def replay_vote(record: MarketRecord, blobs: BlobStore,
                 rounds_out: dict[int, VoteRound] | None = None) -> list[str]:
-    """Recompute the marginal vote from the ledger (``server.round.marginal``): every
-    round's trusted set and its mean (from the update blobs), the reputation weights,
-    the author scores and the accepted set, from the signed ballots and the Scientist's
-    signed validation marginals, and compare them with the operator's ``selection``
-    entries. Returns the mismatches (the operator's), empty when all agree. A round with
-    ballots but no validation marginals is the Scientist's fault: :func:`replay` reports
-    it as a missing score."""
+    """Recompute the marginal vote from the ledger (``server.round.marginal``) and return
+    the operator's mismatches (empty when all agree): per round, the candidate list the
+    ``selection`` entry names; the trusted set from the author scores so far and its
+    mean (from the update blobs); every ballot must come from a key that submitted a
+    candidate this round, before the Scientist's numbers, on the round's base model,
+    trusted set and trusted mean, and (``votes_per_candidate`` 0) cover every candidate
+    but the voter's own; then the tally, whose accepted set, scores, weights and author
+    scores must equal the ``selection`` entry's. A round without usable Scientist's
+    numbers must apply nothing and end the task (the Scientist's fault: :func:`replay`
+    reports it as a missing score)."""
     vote = record.offer.get("vote")
     if not vote:
         return []
     config = MarginalConfig.from_terms(vote)
     state = VoteState()
     out: list[str] = []
+    halted = False
     for rnd in range(1, record.last_round + 1):
         selection = record.selections.get(rnd)
         if selection is None:
             break
-        published = record.marginals.get(rnd)
-        if published is None:
-            if selection.selected:
-                out.append(f"round {rnd}: updates applied without the Scientist's validation "
-                           "marginals")
-            continue
-        candidates = sorted(published.marginals_micro)
-        authors = {c: record.author_of(rnd, c) for c in candidates}
-        unsigned = [c[:16] for c, a in authors.items() if not a]
-        if unsigned:
-            out.append(f"round {rnd}: validation marginals for unsigned candidates {unsigned}")
+        if halted:
+            out.append(f"round {rnd}: rounds ran after the Scientist withheld its numbers")
             break
-        trusted = trusted_set(authors, state.author_scores, min_trusted=config.min_trusted)
-        if selection.fields.get("trusted") != trusted:
-            out.append(f"round {rnd}: trusted set {len(trusted)} candidates by the replay, the "
-                       f"selection entry says {len(selection.fields.get('trusted') or [])}")
-        mean = mean_update([_tensors(blobs, c, f"round {rnd} update {c[:16]}") for c in trusted])
-        digest = tensors_digest(mean)
-        if published.aggregate_digest != digest:
-            out.append(f"round {rnd}: the validation marginals are for trusted mean "
-                       f"{published.aggregate_digest[:16]}, the replay gives {digest[:16]}")
-        ballots = record.ballots.get(rnd, {})
-        for voter, ballot in sorted(ballots.items()):
-            if ballot.aggregate_digest != digest or ballot.trusted_size != len(trusted):
-                out.append(f"round {rnd}: ballot of {voter[:16]} is on trusted mean "
-                           f"{ballot.aggregate_digest[:16]} of {ballot.trusted_size}, the "
-                           f"replay gives {digest[:16]} of {len(trusted)}")
+        candidates = selection.fields.get("candidates")
+        if not isinstance(candidates, list) or candidates != sorted(set(map(str, candidates))):
+            if selection.selected or record.ballots.get(rnd):
+                out.append(f"round {rnd}: the selection entry names no sorted candidate list")
+                break
+            continue  # a round with no valid candidate
+        if not candidates:
+            if selection.selected:
+                out.append(f"round {rnd}: updates applied in a round with no candidates")
+            continue  # nothing to vote on: no ballots, no numbers, nothing applied
+        published = record.marginals.get(rnd)
+        if published is None or published.malformed or \
+                sorted(published.marginals_micro) != candidates:
+            if selection.selected:
+                out.append(f"round {rnd}: updates applied without the Scientist's usable "
+                           "validation marginals")
+            halted = True
+            continue
         try:
-            tally = tally_round(state, authors=authors,
-                                ballots={v: b.marginals_micro for v, b in ballots.items()},
-                                validation_micro=published.marginals_micro, config=config)
-        except TallyError as exc:
+            state = _replay_vote_round(out, record, blobs, rnd, candidates, published, state,
+                                       config, rounds_out)
+        except (MarketError, BallotError, TallyError) as exc:
             out.append(f"round {rnd}: {exc}")
             break
-        if tally.accepted != selection.selected:
-            out.append(f"round {rnd}: the tally accepts {[c[:12] for c in tally.accepted]}, "
-                       f"the selection applied {[c[:12] for c in selection.selected]}")
-        for name, replayed in (
-                ("voter_weights_micro", {v: to_micro(w) for v, w in tally.weights.items()}),
-                ("author_scores_micro", {a: to_micro(s) for a, s in
-                                         sorted(tally.state.author_scores.items())})):
-            if selection.fields.get(name) != replayed:
-                out.append(f"round {rnd}: {name} in the selection entry differ from the replay")
-        state = tally.state
-        if rounds_out is not None:
-            rounds_out[rnd] = VoteRound(candidates=candidates, trusted=trusted,
-                                        trusted_mean=mean, aggregate_digest=digest,
-                                        tally=tally)
     return out
+
+
+def _replay_vote_round(out: list[str], record: MarketRecord, blobs: BlobStore, rnd: int,
+                       candidates: list[str], published: MarginalsRecord, state: VoteState,
+                       config: MarginalConfig, rounds_out: dict[int, VoteRound] | None
+                       ) -> VoteState:
+    selection = record.selections[rnd]
+    authors = {c: record.author_of(rnd, c) for c in candidates}
+    unsigned = [c[:16] for c, a in authors.items() if not a]
+    if unsigned:
+        raise MarketError(f"candidates without a signed candidate entry {unsigned}")
+    trusted = trusted_set(authors, state.author_scores, min_trusted=config.min_trusted)
+    if selection.fields.get("trusted") != trusted:
+        out.append(f"round {rnd}: trusted set {len(trusted)} candidates by the replay, the "
+                   f"selection entry says {len(selection.fields.get('trusted') or [])}")
+    mean = mean_update([_tensors(blobs, c, f"round {rnd} update {c[:16]}") for c in trusted])
+    expected = {"base": record.models.get(rnd - 1, record.initial_model_digest)
+                if rnd > 1 else record.initial_model_digest,
+                "trusted": trusted_digest(trusted), "aggregate": tensors_digest(mean)}
+    signed = (published.base_digest, published.trusted_digest, published.aggregate_digest)
+    if signed != (expected["base"], expected["trusted"], expected["aggregate"]):
+        out.append(f"round {rnd}: the Scientist's numbers are for base/trusted/mean "
+                   f"{[s[:12] for s in signed]}, the replay gives "
+                   f"{[s[:12] for s in expected.values()]}")
+    submitters = {a for (r, _), a in record.candidates.items() if r == rnd}
+    ballots: dict[str, dict[str, int]] = {}
+    for voter, ballot in sorted(record.ballots.get(rnd, {}).items()):
+        where = f"round {rnd}: ballot of {voter[:16]}"
+        if voter not in submitters:
+            out.append(f"{where}: the key submitted no candidate this round")
+            continue
+        if ballot.index > published.index:
+            out.append(f"{where}: comes after the Scientist's numbers (entry "
+                       f"{ballot.index} > {published.index})")
+            continue
+        if (ballot.base_digest, ballot.trusted_digest, ballot.aggregate_digest,
+                ballot.trusted_size) != (expected["base"], expected["trusted"],
+                                         expected["aggregate"], len(trusted)):
+            out.append(f"{where}: is on another base model, trusted set or trusted mean")
+            continue
+        own = {c for c, a in authors.items() if a == voter}
+        if config.votes_per_candidate == 0 and set(ballot.marginals_micro) != set(authors) - own:
+            out.append(f"{where}: scores {len(ballot.marginals_micro)} candidates, expected "
+                       f"every candidate but its own ({len(set(authors) - own)})")
+        ballots[voter] = ballot.marginals_micro
+    tally = tally_round(state, authors=authors, ballots=ballots,
+                       validation_micro=published.marginals_micro, config=config)
+    if tally.accepted != selection.selected:
+        out.append(f"round {rnd}: the tally accepts {[c[:12] for c in tally.accepted]}, "
+                   f"the selection applied {[c[:12] for c in selection.selected]}")
+    for name, replayed in (
+            ("scores_micro", {c: to_micro(s) for c, s in tally.scores.items()}),
+            ("voter_weights_micro", {v: to_micro(w) for v, w in tally.weights.items()}),
+            ("author_scores_micro", {a: to_micro(s) for a, s in
+                                     sorted(tally.state.author_scores.items())})):
+        if selection.fields.get(name) != replayed:
+            out.append(f"round {rnd}: {name} in the selection entry differ from the replay")
+    if rounds_out is not None:
+        rounds_out[rnd] = VoteRound(candidates=candidates, trusted=trusted, trusted_mean=mean,
+                                    aggregate_digest=expected["aggregate"], tally=tally)
+    return tally.state
 
 
 def _replay_rounds(out: Replay, record: MarketRecord, blobs: BlobStore, data: Dataset | None,
@@ -590,6 +646,13 @@ def _check_marginals(out: Replay, record: MarketRecord, blobs: BlobStore, data: 
         if record.ballots.get(server_round):
             out.score_mismatches.append(
                 f"round {server_round}: the Scientist published no validation marginals")
+        return
+    named = (record.selections.get(server_round) or SelectionRecord([], [])).fields.get(
+        "candidates")
+    if published.malformed or sorted(published.marginals_micro) != named:
+        out.score_mismatches.append(
+            f"round {server_round}: the Scientist's validation marginals are malformed or do "
+            "not cover the round's candidates")
         return
     plan = out.vote_rounds.get(server_round)
     if plan is None:

@@ -236,6 +236,7 @@ class Scientist:
 
     def marginal_fields(self, server_round: int, base: Mapping[str, np.ndarray], *,
                         trusted_mean: Mapping[str, np.ndarray], trusted_size: int,
+                        base_digest: str, trusted_digest: str,
                         aggregate_digest: str, candidate_ids: Sequence[str],
                         deltas: Sequence[Mapping[str, np.ndarray]], members: Sequence[bool]
                         ) -> dict[str, Any] | None:
@@ -250,6 +251,7 @@ class Scientist:
         if self.behaviour == "false-marginals":
             values = [-v for v in values]
         return {"task_id": self.task_id, "round": server_round,
+                "base_digest": base_digest, "trusted_digest": trusted_digest,
                 "aggregate_digest": aggregate_digest,
                 "marginals_micro": dict(zip(candidate_ids, values, strict=True))}
 

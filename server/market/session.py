@@ -85,6 +85,7 @@ class MarketSession:
 
     def publish_marginals(self, server_round: int, base: Mapping[str, np.ndarray], *,
                           trusted_mean: Mapping[str, np.ndarray], trusted_size: int,
+                          base_digest: str, trusted_digest: str,
                           aggregate_digest: str, candidate_ids: Sequence[str],
                           deltas: Sequence[Mapping[str, np.ndarray]], members: Sequence[bool]
                           ) -> dict[str, int] | None:
@@ -92,6 +93,7 @@ class MarketSession:
         published after the ballots are on the ledger; None when it withholds them."""
         fields = self.scientist.marginal_fields(
             server_round, base, trusted_mean=trusted_mean, trusted_size=trusted_size,
+            base_digest=base_digest, trusted_digest=trusted_digest,
             aggregate_digest=aggregate_digest, candidate_ids=candidate_ids, deltas=deltas,
             members=members)
         if fields is None:

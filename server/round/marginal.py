@@ -61,6 +61,7 @@ class MarginalConfig:
     reputation_floor: float = 0.0  # weights never fall below floor * the largest
     center_author_scores: bool = True  # steps measured from the round's median score
     validation_first_rounds: int = 1  # author steps from the Scientist's numbers alone
+    votes_per_candidate: int = 0  # committee size (0: every voter scores every candidate)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.reputation_rate) and self.reputation_rate >= 0):
@@ -88,7 +89,8 @@ class MarginalConfig:
                 "min_trusted": self.min_trusted, "max_accepted": self.max_accepted,
                 "reputation_floor_micro": round(self.reputation_floor * MICRO),
                 "center_author_scores": int(self.center_author_scores),
-                "validation_first_rounds": self.validation_first_rounds}
+                "validation_first_rounds": self.validation_first_rounds,
+                "votes_per_candidate": self.votes_per_candidate}
 
     @classmethod
     def from_terms(cls, terms: Mapping[str, object]) -> MarginalConfig:
@@ -96,7 +98,7 @@ class MarginalConfig:
         values: dict[str, int] = {}
         for name in ("reputation_rate_micro", "author_score_clip_micro", "min_trusted",
                      "max_accepted", "reputation_floor_micro", "center_author_scores",
-                     "validation_first_rounds"):
+                     "validation_first_rounds", "votes_per_candidate"):
             value = terms.get(name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**12:
                 raise TallyError(f"vote.{name}: expected an integer in 0..10^12, got {value!r}")
@@ -106,7 +108,8 @@ class MarginalConfig:
                    min_trusted=values["min_trusted"], max_accepted=values["max_accepted"],
                    reputation_floor=values["reputation_floor_micro"] / MICRO,
                    center_author_scores=bool(values["center_author_scores"]),
-                   validation_first_rounds=values["validation_first_rounds"])
+                   validation_first_rounds=values["validation_first_rounds"],
+                   votes_per_candidate=values["votes_per_candidate"])
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,8 @@ def marginal_config_of(config: RunConfig) -> MarginalConfig:
         min_trusted=config.min_trusted, max_accepted=config.max_accepted,
         reputation_floor=config.reputation_floor,
         center_author_scores=config.center_author_scores,
-        validation_first_rounds=config.validation_first_rounds)
+        validation_first_rounds=config.validation_first_rounds,
+        votes_per_candidate=config.votes_per_candidate)
     return MarginalConfig.from_terms(knobs.to_terms())
 
 

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from client import protocol as P
+from client.marginal import MAX_MARGINAL, trusted_digest
 from client.witness import MICRO, to_micro
 from crypto.digests import canonical_tensor_bytes, tensors_digest
 from server.round import marginal, selection
@@ -57,6 +58,16 @@ class PoIConfig:
     seed: int = 0
     vote_rule: str = "marginal"  # "marginal" (needs the market's Scientist) or "single"
     marginal: MarginalConfig = field(default_factory=MarginalConfig)
+
+
+@dataclass(frozen=True)
+class RoundDigests:
+    """What a marginal ballot and the Scientist's numbers are computed on: the base model,
+    the trusted set (sorted ids) and the trusted mean; all signed, all replayed."""
+
+    base: str
+    trusted: str
+    aggregate: str
 
 
 @dataclass
@@ -347,21 +358,26 @@ class ProofOfIntelligence(FedAvg):
         for c in candidates:
             c.trusted = c.candidate_id in trusted_set
         trusted_mean = marginal.mean_update([deltas[c] for c in trusted])
-        aggregate_digest = tensors_digest(trusted_mean)
+        digests = RoundDigests(base=tensors_digest(weights), trusted=trusted_digest(trusted),
+                               aggregate=tensors_digest(trusted_mean))
         voters = sorted(self._admitted)
         ballots = self._collect_ballots(grid, server_round, arrays, candidates, deltas,
-                                        voters, trusted_set, trusted_mean, aggregate_digest,
-                                        record, timeout)
+                                        voters, trusted, trusted_mean, digests, record, timeout)
         record.phase_seconds["vote"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         ids = [c.candidate_id for c in candidates]
         validation = self.market.publish_marginals(
             server_round, weights, trusted_mean=trusted_mean, trusted_size=len(trusted),
-            aggregate_digest=aggregate_digest, candidate_ids=ids,
+            base_digest=digests.base, trusted_digest=digests.trusted,
+            aggregate_digest=digests.aggregate, candidate_ids=ids,
             deltas=[deltas[c] for c in ids], members=[c in trusted_set for c in ids])
         record.phase_seconds["scientist"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        if validation is not None and (sorted(validation) != sorted(ids) or any(
+                isinstance(v, bool) or not isinstance(v, int) or abs(v) > MAX_MARGINAL * MICRO
+                for v in validation.values())):
+            validation = None  # numbers the audit could not use count as withheld
         if validation is None:
             record.halted = "the Scientist withheld the validation marginals"
             self._record_rejections(server_round, [{
@@ -388,11 +404,17 @@ class ProofOfIntelligence(FedAvg):
         """What the operator's ``selection`` entry adds under the marginal vote, so
         ``poi audit`` can compare its own replay of the tally with it."""
         tally: RoundTally | None = getattr(self, "_last_tally", None)
-        if self.config.vote_rule != "marginal" or tally is None:
+        if self.config.vote_rule != "marginal":
             return {}
+        fields: dict[str, object] = {
+            "vote_rule": "marginal",
+            "candidates": sorted(c.candidate_id for c in candidates),
+        }
+        if tally is None:  # no candidates, or the Scientist withheld its numbers
+            return fields
         self._last_tally = None
         return {
-            "vote_rule": "marginal",
+            **fields,
             "trusted": sorted(c.candidate_id for c in candidates if c.trusted),
             "voter_weights_micro": {v: to_micro(w) for v, w in tally.weights.items()},
             "author_scores_micro": {a: to_micro(s)
@@ -402,8 +424,8 @@ class ProofOfIntelligence(FedAvg):
     def _collect_ballots(self, grid: Grid, server_round: int, arrays: ArrayRecord,
                          candidates: list[CandidateRecord],
                          deltas: dict[str, dict[str, np.ndarray]], voters: list[str],
-                         trusted: set[str], trusted_mean: dict[str, np.ndarray],
-                         aggregate_digest: str, record: RoundRecord, timeout: float
+                         trusted: list[str], trusted_mean: dict[str, np.ndarray],
+                         digests: RoundDigests, record: RoundRecord, timeout: float
                          ) -> dict[str, dict[str, int]]:
         """Send every voter its committee's candidates and the trusted mean; return the
         accepted ballots (voter identity -> candidate -> marginal, micro-units), each
@@ -428,9 +450,8 @@ class ProofOfIntelligence(FedAvg):
                 P.SERVER_ROUND: server_round, P.VOTE_RULE: "marginal",
                 P.CANDIDATE_IDS: list(ballot),
                 P.CANDIDATE_AUTHORS: [by_id[c].author for c in ballot],
-                P.TRUSTED_SIZE: len(trusted),
-                P.TRUSTED_FLAGS: [int(c in trusted) for c in ballot],
-                P.AGGREGATE_DIGEST: aggregate_digest,
+                P.TRUSTED_SIZE: len(trusted), P.TRUSTED_IDS: list(trusted),
+                P.AGGREGATE_DIGEST: digests.aggregate, P.BASE_DIGEST: digests.base,
             })
             vote_config = self.ledger.apply_to(vote_config, voter)
             content = RecordDict({P.ARRAYS: arrays, P.CONFIG: vote_config,
@@ -450,11 +471,12 @@ class ProofOfIntelligence(FedAvg):
                 record.rejected_votes.append({"voter": voter, "reason": "vote from a non-member"})
                 continue
             try:
-                ballot = self._parse_ballot(msg, assigned[voter], aggregate_digest)
+                ballot = self._parse_ballot(msg, assigned[voter], digests.aggregate)
                 pending.append(self.ledger.check_reply(
                     voter, msg.content.get(P.LEDGER), kind="ballot",
                     expected=[{"task_id": self.ledger.task_id, "round": server_round,
-                               "aggregate_digest": aggregate_digest,
+                               "base_digest": digests.base, "trusted_digest": digests.trusted,
+                               "aggregate_digest": digests.aggregate,
                                "trusted_size": len(trusted),
                                "marginals_micro": {c: to_micro(v) for c, v in ballot.items()}}]))
             except Rejected as exc:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from client.marginal import MAX_MARGINAL
+
 # The largest loss the ledger can record exactly as integer micro-units (2**53 - 1).
 MAX_LOSS = (2**53 - 1) / 1_000_000
 
@@ -98,7 +100,6 @@ def validate_vote(
                 losses=dict(zip(assigned, values[1:], strict=True)))
 
 
-MAX_MARGINAL = 100.0  # nats: no update moves a mean cross-entropy by more
 
 
 def validate_ballot(

@@ -171,3 +171,32 @@ def test_a_named_ledger_key_must_exist_and_load(tmp_path) -> None:  # type: igno
         with pytest.raises(ConfigError, match=match):
             Subscriber.from_context(context)
     assert not (tmp_path / "absent.pem").exists()  # never created behind the user's back
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros((64, 32)), np.array(3.0, np.float32),
+    np.zeros((0, 4), np.float32), np.arange(10, dtype=np.int64),
+    np.asfortranarray(np.ones((3, 2), np.float32)),  # not the plain header: Flower decodes
+])
+def test_fast_array_decoding_equals_flowers(array: np.ndarray) -> None:
+    from flwr.app import Array
+
+    from client.client_app import _array_to_numpy
+
+    wrapped = Array(array)
+    fast = _array_to_numpy(wrapped)
+    reference = wrapped.numpy()
+    assert fast.dtype == reference.dtype and fast.shape == reference.shape
+    np.testing.assert_array_equal(fast, reference)
+
+
+def test_metadata_that_lies_about_the_shape_is_not_trusted() -> None:
+    from flwr.app import Array
+
+    from client.client_app import _array_to_numpy
+
+    wrapped = Array(np.arange(6, dtype=np.float32).reshape(2, 3))
+    wrapped.shape = [3, 2]  # the metadata disagrees with the .npy header
+    decoded = _array_to_numpy(wrapped)
+    assert decoded.shape == (2, 3)  # what the bytes say, as Flower's own decoder
+    np.testing.assert_array_equal(decoded, wrapped.numpy())

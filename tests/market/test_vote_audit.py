@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord
 
@@ -21,6 +22,7 @@ from ledger.blobs import BlobStore
 from server.market.audit import audit_run
 from server.market.replay import read_market, replay, replay_vote, settlement_of
 from server.market.settlement import FORFEIT_SCORE
+from server.round.strategy import arrays_to_numpy, numpy_to_arrays
 from server.server_app import run_task
 from tests.conftest import InProcessGrid, make_contexts, set_task_identity
 
@@ -82,8 +84,10 @@ def _first_ballot(record):  # type: ignore[no-untyped-def]
     return rnd, voter, record.ballots[rnd][voter]
 
 
-@pytest.mark.parametrize("mutation", ["ballot", "accepted", "trusted", "author-scores",
-                                      "ballot-aggregate", "dropped-ballot"])
+@pytest.mark.parametrize("mutation", [
+    "ballot", "accepted", "trusted", "author-scores", "scores", "ballot-aggregate",
+    "ballot-base", "ballot-trusted-set", "dropped-ballot", "late-ballot", "sybil-ballot",
+    "partial-ballot", "candidate-list"])
 def test_one_changed_number_fails_the_vote_replay(bloc, mutation: str) -> None:  # type: ignore[no-untyped-def]
     out, _ = bloc
     record = copy.deepcopy(_record(out))
@@ -102,8 +106,24 @@ def test_one_changed_number_fails_the_vote_replay(bloc, mutation: str) -> None: 
         scores = record.selections[rnd].fields["author_scores_micro"]
         first = sorted(scores)[0]
         scores[first] += 1
+    elif mutation == "scores":  # moves fees: the scored set sizes the fee pool
+        scores = record.selections[rnd].fields["scores_micro"]
+        del scores[sorted(scores)[0]]
     elif mutation == "ballot-aggregate":
         ballot.aggregate_digest = "00" * 32
+    elif mutation == "ballot-base":  # a voter sent another model to make it look wrong
+        ballot.base_digest = "11" * 32
+    elif mutation == "ballot-trusted-set":  # or told the wrong members of the trusted set
+        ballot.trusted_digest = "22" * 32
+    elif mutation == "late-ballot":  # signed after seeing the Scientist's numbers
+        ballot.index = record.marginals[rnd].index + 1
+    elif mutation == "sybil-ballot":  # a key that submitted no candidate votes
+        record.ballots[rnd]["f" * 32] = copy.deepcopy(ballot)
+    elif mutation == "partial-ballot":  # the operator chose what this voter scored
+        del ballot.marginals_micro[sorted(ballot.marginals_micro)[0]]
+    elif mutation == "candidate-list":
+        record.selections[rnd].fields["candidates"] = \
+            record.selections[rnd].fields["candidates"][1:]
     else:
         del record.ballots[rnd][voter]
     assert replay_vote(record, blobs) != []
@@ -121,6 +141,69 @@ def test_one_changed_scientist_number_forfeits(bloc) -> None:  # type: ignore[no
     assert any("validation marginal" in m for m in result.score_mismatches)
     settlement, _ = settlement_of(record, result)
     assert settlement.forfeited and settlement.reason == FORFEIT_SCORE
+
+
+def test_scientist_numbers_that_skip_a_candidate_forfeit(bloc) -> None:  # type: ignore[no-untyped-def]
+    out, _ = bloc
+    record = copy.deepcopy(_record(out))
+    rnd = max(record.marginals)
+    marginals = record.marginals[rnd].marginals_micro
+    del marginals[sorted(marginals)[0]]
+    result = replay(record, BlobStore.beside(out / "ledger.db"))
+    assert any("do not cover the round's candidates" in m for m in result.score_mismatches)
+    # the operator applied updates on numbers that do not cover the round: its mismatch
+    assert any("usable validation marginals" in m for m in result.mismatches)
+
+
+def _resign(out: Path, node: int, reply: Message, update: dict[str, np.ndarray]) -> None:
+    """Replace a train reply's update and re-sign its candidate entry with the
+    subscriber's own key, as a hostile subscriber would."""
+    from crypto.digests import tensors_digest
+    from ledger.entries import ENVELOPE_FIELDS, parse_entry, sign_entry
+    from ledger.keys import Signer
+
+    signer = Signer.load(out / "keys" / f"partition-{node - 1000}.pem")
+    record = reply.content[P.LEDGER]
+    leaves = [bytes(e) for e in record[P.LEDGER_ENTRIES]]
+    candidate = parse_entry(leaves[-1])
+    fields = {k: v for k, v in candidate.fields.items() if k not in ENVELOPE_FIELDS}
+    fields["update_digest"] = tensors_digest(update)
+    leaves[-1] = sign_entry(signer, "candidate", seq=candidate.seq, fields=fields)
+    record[P.LEDGER_ENTRIES] = leaves
+    reply.content[P.ARRAYS] = numpy_to_arrays(update)
+
+
+def _crafted_update(shapes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Within the update norm bound (9.94 < 10), yet it moves a square-activation
+    model's validation loss by hundreds of nats (found by the attacker review)."""
+    update = {k: np.zeros_like(v) for k, v in shapes.items()}
+    update["fc1.weight"][0, :] = 1.0
+    update["fc2.weight"][3, 0] = 5.9
+    return update
+
+
+def test_marginals_are_clamped_so_one_crafted_update_cannot_block_the_market(
+        tmp_path: Path) -> None:
+    """Three of six subscribers send the crafted update in round 1: every marginal is
+    clamped to +-100 nats, no honest ballot is refused for its size, the Scientist's
+    numbers stay on the ledger, and the task settles with a clean audit."""
+    set_task_identity()
+
+    def tamper(node: int, reply: Message) -> Message:
+        if node in (1001, 1003, 1005) and reply.metadata.message_type == "train" \
+                and not reply.has_error():
+            crafted = _crafted_update(arrays_to_numpy(reply.content[P.ARRAYS]))
+            crafted["fc2.bias"][node % 10] = np.float32(1e-3 * node)  # distinct digests
+            _resign(tmp_path, node, reply, crafted)
+        return reply
+
+    report = marginal_run(tmp_path, tamper=tamper, **{"num-server-rounds": 2})
+    first = report["rounds"][0]
+    assert not [r for r in first["rejected_votes"] if "|m|" in r["reason"]]
+    assert all(abs(c["validation_marginal"]) <= 100.0 for c in first["candidates"])
+    assert max(abs(c["validation_marginal"]) for c in first["candidates"]) == 100.0
+    assert report["market"]["audit_ok"], report["market"]["audit_mismatches"]
+    assert not report["market"]["forfeited"]
 
 
 @pytest.mark.parametrize("behaviour,reason", [
