@@ -3,7 +3,11 @@ that reserves a request's price at admission so nothing is served beyond what is
 
 :class:`LedgerIndex` reads the settled task once and then only the entries appended since
 (keys, funds, fee settlements), when the ledger files' size or mtime changed: a look-up
-of an unknown account costs a ``stat``, not a ledger re-read.
+of an unknown account costs a ``stat``, not a ledger re-read. What a buyer may spend is
+its ledger balance exactly as the audit computes it (``server.market.replay.balances``:
+funds minus escrow and settled fees, plus payouts received), recomputed when entries
+were appended, plus what it already settled to this service: the Scientist's escrowed
+reward, for one, buys nothing.
 
 :class:`Accounts` keeps, per buyer, the charged total (what served requests cost), the
 reserved total (charged + requests admitted and still computing), the last admitted nonce
@@ -35,7 +39,7 @@ from flwr.common import log
 from ledger import LogReader
 from ledger.entries import Entry, parse_entry
 from server.inference.requests import ServiceError
-from server.market.replay import read_market
+from server.market.replay import balances, read_market
 from server.market.scientist import MarketError
 
 PIPELINE_WAIT_SECONDS = 2.0  # a voucher ahead of the chain waits this long for the rest
@@ -63,6 +67,9 @@ class TaskView:
     settled: dict[str, int] = field(default_factory=dict)  # buyer -> settled cumulative
     # buyer -> (nonce, voucher, signature) of the settlement with the highest cumulative
     settled_voucher: dict[str, tuple[int, dict[str, Any], str]] = field(default_factory=dict)
+    # buyer -> the highest cumulative its money covers: ledger balance + settled cumulative
+    # (replaced as a whole by LedgerIndex, never updated in place)
+    spendable: dict[str, int] = field(default_factory=dict)
 
     def apply(self, entry: Entry) -> None:
         """Take one ledger entry into the accounts (entries in log order)."""
@@ -88,7 +95,7 @@ def read_task(db: Path) -> TaskView:
     return _read_task(db)[0]
 
 
-def _read_task(db: Path) -> tuple[TaskView, int]:
+def _read_task(db: Path) -> tuple[TaskView, list[tuple[int, Entry]]]:
     with LogReader.open(db) as reader:
         entries = list(reader.entries())
         origin = reader.checkpoint().split("\n", 1)[0]
@@ -113,7 +120,14 @@ def _read_task(db: Path) -> tuple[TaskView, int]:
     )
     for _, entry in entries:
         view.apply(entry)
-    return view, len(entries)
+    _update_spendable(view, entries)
+    return view, entries
+
+
+def _update_spendable(view: TaskView, entries: list[tuple[int, Entry]]) -> None:
+    balance, _ = balances(entries, operator=view.operator)
+    view.spendable = {account: amount + view.settled.get(account, 0)
+                      for account, amount in balance.items()}
 
 
 class LedgerIndex:
@@ -122,7 +136,8 @@ class LedgerIndex:
     def __init__(self, db: Path) -> None:
         self.db = db
         self._token = self._stat()
-        self.view, self.size = _read_task(db)
+        self.view, self.entries = _read_task(db)
+        self.size = len(self.entries)
         self.refreshes = 0
 
     def _stat(self) -> tuple[int, ...]:
@@ -135,11 +150,11 @@ class LedgerIndex:
                 out += [-1, -1]
         return tuple(out)
 
-    def refresh(self) -> bool:
-        """Read the entries appended since the last read, if the ledger files changed;
-        returns whether any were."""
+    def refresh(self, *, force: bool = False) -> bool:
+        """Read the entries appended since the last read, if the ledger files changed (or
+        ``force``); returns whether any were. Call it from one thread only."""
         token = self._stat()
-        if token == self._token:
+        if token == self._token and not force:
             return False
         self._token = token
         with LogReader.open(self.db) as reader:
@@ -147,8 +162,12 @@ class LedgerIndex:
                 "SELECT idx, CAST(leaf AS BLOB) FROM entries WHERE idx >= ? ORDER BY idx",
                 (self.size,)).fetchall()
         for index, leaf in rows:
-            self.view.apply(parse_entry(bytes(leaf)))
+            entry = parse_entry(bytes(leaf))
+            self.view.apply(entry)
+            self.entries.append((int(index), entry))
             self.size = int(index) + 1
+        if rows:
+            _update_spendable(self.view, self.entries)
         self.refreshes += 1
         return bool(rows)
 

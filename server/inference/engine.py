@@ -132,22 +132,25 @@ class InferenceService:
                                     "account first (poi buyer fund)")
         return bytes(raw)
 
-    def _funded(self, buyer: str, needed: int = 0) -> int:
-        funded = int(self.view.funded.get(buyer, 0))
-        if funded < needed and self.index.refresh():
-            funded = int(self.view.funded.get(buyer, 0))
-        return funded
+    def _spendable(self, buyer: str, needed: int = 0) -> int:
+        """The highest cumulative ``buyer``'s money covers: its ledger balance as the audit
+        computes it (escrow and other debits taken off) plus what it settled here
+        already; the ledger is re-read first if that is below ``needed``."""
+        spendable = int(self.view.spendable.get(buyer, 0))
+        if spendable < needed and self.index.refresh():
+            spendable = int(self.view.spendable.get(buyer, 0))
+        return spendable
 
     def account(self, buyer: str) -> dict[str, Any]:
         if not KEY_ID.fullmatch(buyer):
             raise ServiceError(400, f"expected a key id (32 lowercase hex digits), "
                                     f"got {buyer[:80]!r}")
-        funded = self._funded(buyer, 1) if buyer not in self.view.funded else self._funded(buyer)
+        spendable = self._spendable(buyer, 1)
         state = self.accounts.peek(buyer) or Account()
         settled = self.view.settled.get(buyer, 0)
-        return {"buyer": buyer, "funded": funded, "charged": state.charged,
-                "reserved": state.reserved, "settled": settled,
-                "balance": funded - max(state.charged, settled),
+        return {"buyer": buyer, "funded": int(self.view.funded.get(buyer, 0)),
+                "charged": state.charged, "reserved": state.reserved, "settled": settled,
+                "balance": spendable - max(state.charged, settled),
                 "next_nonce": state.last_nonce + 1, "fee": self.view.buyer_fee}
 
     def model_info(self) -> dict[str, Any]:
@@ -249,10 +252,11 @@ class InferenceService:
                                     f"{layout} layout, got {count}")
         self.accounts.precheck(buyer, voucher)
         price = count * self.view.buyer_fee
-        funded = self._funded(buyer, voucher["cumulative"])
-        if funded < voucher["cumulative"]:
-            raise ServiceError(402, f"insufficient balance: funded {funded}, the voucher's "
-                                    f"cumulative is {voucher['cumulative']}")
+        spendable = self._spendable(buyer, voucher["cumulative"])
+        if spendable < voucher["cumulative"]:
+            raise ServiceError(402, f"insufficient balance: your ledger balance covers a "
+                                    f"cumulative of {spendable}, the voucher's is "
+                                    f"{voucher['cumulative']}")
         body = await self.gate.read(request, MAX_BODY_BYTES[layout], self.store.spool_dir,
                                     buyer=buyer)
         handed_over = False
@@ -261,7 +265,7 @@ class InferenceService:
                 raise ServiceError(400, "voucher: body_sha256 does not match the request body")
             reservation = await self.accounts.admit(
                 buyer, voucher, base64.b64encode(signature).decode(), price,
-                lambda needed: self._funded(buyer, needed))
+                lambda needed: self._spendable(buyer, needed))
             # From here the reservation is resolved whatever happens to this request
             # (a client that goes away does not leave its chain hanging).
             handed_over = True
@@ -309,13 +313,13 @@ class InferenceService:
                                     f"{account.last_nonce}")
         self.predictions += count
         buyer = reservation.buyer
-        funded = self._funded(buyer)
+        spendable = self._spendable(buyer)
         if reservation.end - self.view.settled.get(buyer, 0) >= self.settle_every * max(
                 self.view.buyer_fee, 1):
             asyncio.ensure_future(self.settle())
         return reply, {"X-Poi-Charged": str(reservation.end - reservation.start),
                        "X-Poi-Cumulative": str(reservation.end),
-                       "X-Poi-Balance": str(funded - reservation.end)}
+                       "X-Poi-Balance": str(spendable - reservation.end)}
 
     # ------------------------------------------------------------------ settlement
     def pending(self) -> dict[str, tuple[int, dict[str, Any], str]]:
@@ -332,7 +336,10 @@ class InferenceService:
             pending = self.pending()
             if not pending:
                 return []
-            return await asyncio.to_thread(self._write_settlements, pending)
+            indexes = await asyncio.to_thread(self._write_settlements, pending)
+            if indexes:  # the balances the audit computes now take the fees off
+                self.index.refresh(force=True)
+            return indexes
 
     def _write_settlements(self, pending: Mapping[str, tuple[int, dict[str, Any], str]]
                            ) -> list[int]:

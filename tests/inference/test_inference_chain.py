@@ -205,7 +205,9 @@ def test_a_pipelined_buyer_is_served_in_order_and_a_failure_releases_the_rest(
     def later(nonce: int, cumulative: int, body: bytes) -> None:
         results[nonce] = send(nonce, cumulative, body).status_code
 
-    # nonces 0..4 sent at once, in reverse order: each waits for its predecessors
+    # nonces 0..4 sent at once, in reverse order: each waits for its predecessors (for up
+    # to 1 s: 50 ms was too short on a loaded machine)
+    svc.accounts.pipeline_wait = 1.0
     threads = [threading.Thread(target=later, args=(n, (n + 1) * FEE, good + bytes([n])))
                for n in reversed(range(5))]
     for thread in threads:
@@ -214,7 +216,6 @@ def test_a_pipelined_buyer_is_served_in_order_and_a_failure_releases_the_rest(
     for thread in threads:
         thread.join()
     assert results == {n: 200 for n in range(5)}, results
-    svc.accounts.pipeline_wait = 1.0
     # nonce 5 fails: 6 and 7, pipelined behind it, are released; nothing charged for them
     bad = b"FAIL" + signer.key_id.encode() + b"SLOW"
     threads = [threading.Thread(target=later, args=(5, 6 * FEE, bad)),
@@ -668,3 +669,57 @@ def test_a_failed_state_write_answers_503_and_neither_hangs_nor_charges(
         svc.store.save_buyer = original
     audit = audit_run(run)
     assert audit.ok, audit.mismatches
+
+
+def test_escrowed_and_settled_money_buys_nothing(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The review's poc_money A: the service took a buyer's funds as its balance, so the
+    Scientist bought predictions with money held in the task's escrow. Now what a buyer
+    may spend is its ledger balance as the audit computes it (replay.balances), less its
+    unsettled charges. Mutation: the funded total as before serves the Scientist."""
+    from server.market.replay import balances
+
+    run = _copy_run(run_dir, tmp_path)
+    scientist = Signer.load(run / "scientist.pem")
+    fund_account(run, run / "b.pem", FEE * 5)
+    buyer = Signer.load(run / "b.pem")
+    app = _fake_compute_app(run)
+    svc = app.state.service
+
+    def ledger_balance(key: str) -> int:
+        with LogReader.open(run / "ledger.db") as reader:
+            return balances(list(reader.entries()), operator=svc.view.operator)[0].get(key, 0)
+
+    with TestClient(app) as client:
+        def send(signer: Signer, context: str, nonce: int, count: int,
+                 cumulative: int) -> int:
+            body = b"body %d" % nonce
+            voucher = {"v": 1, "task_id": svc.view.task_id, "buyer": signer.key_id,
+                       "context_id": context, "nonce": nonce, "count": count,
+                       "cumulative": cumulative,
+                       "body_sha256": hashlib.sha256(body).hexdigest()}
+            return client.post("/v1/predict", content=body,
+                               headers=_headers(signer, voucher)).status_code
+
+        account = client.get(f"/v1/accounts/{scientist.key_id}").json()
+        held = ledger_balance(scientist.key_id)
+        assert account["balance"] == held < account["funded"]  # the escrow is not spendable
+        context = _adopt_context(client, scientist.key_id, tmp_path)
+        paid, nonce = 0, 0
+        while held - paid > 4096 * FEE:  # spend the ledger balance, 4,096 at a time
+            assert send(scientist, context, nonce, 4096, paid + 4096 * FEE) == 200
+            paid, nonce = paid + 4096 * FEE, nonce + 1
+        last = (held - paid) // FEE  # what is left pays for this many, not one more
+        assert (paid + (last + 1) * FEE) <= account["funded"]  # the funds would have
+        assert send(scientist, context, nonce, last + 1, paid + (last + 1) * FEE) == 402
+        assert send(scientist, context, nonce, last, paid + last * FEE) == 200
+        # a buyer: 3 of its 5 predictions charged and settled, 1 more charged, unsettled
+        context = _adopt_context(client, buyer.key_id, tmp_path)
+        assert [send(buyer, context, n, 1, FEE * (n + 1)) for n in range(3)] == [200] * 3
+        client.portal.call(svc.settle)
+        assert ledger_balance(buyer.key_id) == 2 * FEE
+        assert send(buyer, context, 3, 1, 4 * FEE) == 200
+        account = client.get(f"/v1/accounts/{buyer.key_id}").json()
+        assert (account["funded"], account["settled"], account["charged"],
+                account["balance"]) == (5 * FEE, 3 * FEE, 4 * FEE, FEE)
+        assert send(buyer, context, 4, 2, 6 * FEE) == 402
+        assert send(buyer, context, 4, 1, 5 * FEE) == 200
