@@ -88,11 +88,15 @@ def _compare_settlement(record: MarketRecord, expected: Mapping[str, Any]) -> li
 def check_fee_settlements(entries: Sequence[tuple[int, Entry]], record: MarketRecord
                           ) -> list[str]:
     """Each ``fee_settlement``: the buyer's voucher verifies with the buyer's key and
-    says the recorded cumulative total; the amount is the increase since the buyer's
-    previous settlement; the split is what ``server.market.fees.split_fee`` gives."""
+    says the recorded cumulative total; its nonce is above that of the buyer's previous
+    settlement (a voucher is settled once: the service admits nonces in rising order, so
+    a repeated or lower nonce is a replayed voucher); the amount is the increase since the
+    buyer's previous settlement; the split is what ``server.market.fees.split_fee``
+    gives."""
     out: list[str] = []
     keys: dict[str, bytes] = {}
     settled: dict[str, int] = {}
+    nonces: dict[str, int] = {}  # buyer -> nonce of its previous settled voucher
     contributions = {str(k): v for k, v in record.settlement.get("payouts", {}).items()
                      if isinstance(v, int)}
     share = int(record.offer["scientist_fee_share_ppm"])
@@ -121,6 +125,13 @@ def check_fee_settlements(entries: Sequence[tuple[int, Entry]], record: MarketRe
             out.append(f"{where}: the voucher is for buyer {voucher['buyer'][:16]}, task "
                        f"{voucher['task_id'][:16]}, cumulative {voucher['cumulative']}, the "
                        f"entry says {buyer[:16]}, {record.task_id[:16]}, {f['cumulative']}")
+            continue
+        previous_nonce = nonces.get(buyer, -1)
+        nonces[buyer] = max(previous_nonce, int(voucher["nonce"]))
+        if voucher["nonce"] <= previous_nonce:
+            out.append(f"{where}: voucher nonce {voucher['nonce']}, expected above "
+                       f"{previous_nonce} (the buyer's previous settlement): a replayed "
+                       "voucher")
             continue
         previous = settled.get(buyer, 0)
         settled[buyer] = int(f["cumulative"])  # the buyer-signed total, whatever follows

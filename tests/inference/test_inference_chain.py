@@ -723,3 +723,52 @@ def test_escrowed_and_settled_money_buys_nothing(run_dir: Path, tmp_path: Path) 
                 account["balance"]) == (5 * FEE, 3 * FEE, 4 * FEE, FEE)
         assert send(buyer, context, 4, 2, 6 * FEE) == 402
         assert send(buyer, context, 4, 1, 5 * FEE) == 200
+
+
+def test_the_audit_refuses_a_voucher_settled_twice(run_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """``poi audit`` requires the voucher nonces of a buyer's settlements to rise strictly:
+    the same voucher settled again (amount 0, what a replay after a lost state.db records)
+    or an older voucher with a higher cumulative is a mismatch. Mutation: without the
+    nonce check both audits pass."""
+    from ledger.entries import sign_entry
+    from server.inference.funding import open_writer
+    from server.market.fees import split_fee
+
+    def settle_with(vouchers_settled: list[tuple[int, int]]) -> Any:
+        run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("inference", "*.lock"))
+        fund_account(run, run / "b.pem", FEE * 100)
+        signer = Signer.load(run / "b.pem")
+        view = create_app(run, workers=1).state.service
+        view.store.close()
+        task = view.view
+        writer = open_writer(run, task.origin)
+        try:
+            operator = Signer.load(run / "operator.pem")
+            seq, previous, leaves = writer.next_seq(operator.key_id), 0, []
+            for nonce, cumulative in vouchers_settled:
+                voucher = {"v": 1, "task_id": task.task_id, "buyer": signer.key_id,
+                           "context_id": "0" * 64, "nonce": nonce, "count": 1,
+                           "cumulative": cumulative, "body_sha256": "0" * 64}
+                amount = cumulative - previous
+                leaves.append(sign_entry(operator, "fee_settlement", seq=seq + len(leaves),
+                                         fields={
+                    "task_id": task.task_id, "buyer": signer.key_id, "voucher": voucher,
+                    "voucher_signature": base64.b64encode(
+                        signer.sign(vouchers.message(voucher))).decode(),
+                    "amount": amount, "cumulative": cumulative,
+                    "payouts": split_fee(amount, scientist=task.scientist,
+                                         share_ppm=task.share_ppm,
+                                         contributions=task.contributions)}))
+                previous = cumulative
+            writer.append_many(leaves)
+        finally:
+            writer.close()
+        return audit_run(run)
+
+    assert settle_with([(0, FEE), (2, 3 * FEE)]).ok
+    twice = settle_with([(1, 2 * FEE), (1, 2 * FEE)])
+    assert not twice.ok and any("voucher nonce 1, expected above 1" in m
+                                for m in twice.mismatches), twice.mismatches
+    older = settle_with([(1, 2 * FEE), (0, 3 * FEE)])
+    assert not older.ok and any("a replayed voucher" in m for m in older.mismatches)
