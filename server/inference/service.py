@@ -121,8 +121,10 @@ def create_app(run_dir: Path, *, workers: int = 2, settle_every: int = SETTLE_EV
 
 # ------------------------------------------------------------------ the OpenAPI document
 DESCRIPTION = ("Send CKKS-encrypted inputs, get encrypted logits; pay per prediction with "
-               "signed cumulative vouchers. Every error is JSON {\"error\": \"...\"}. Formats, "
-               "rules and limits: docs/buyer-api.md.")
+               "signed cumulative vouchers. Every error is JSON {\"error\": \"...\"}, except "
+               "the HTTP layer's plain-text 431 (request line and headers over 32 KiB) and "
+               "408 (headers not complete within 10 s). Formats, rules and limits: "
+               "docs/buyer-api.md.")
 ERROR = {"$ref": "#/components/schemas/Error"}
 MODEL = {"$ref": "#/components/schemas/Model"}
 HEX32 = "^[0-9a-f]{32}$"
@@ -257,11 +259,17 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
                 401: "the signature does not verify with the buyer's ledger key",
                 402: "the balance does not cover the voucher's cumulative",
                 403: "the buyer has no key on the ledger",
-                404: "the context id is not one of this buyer's registered contexts",
-                409: "nonce already used, cumulative not reserved + price, or an earlier "
-                     "pipelined request was not served",
+                404: "the context id is not one of this buyer's registered contexts (before "
+                     "admission: nothing spent), or it was evicted while the request "
+                     "computed (released: the nonce is spent, nothing charged)",
+                409: "nonce already used or cumulative not reserved + price (before "
+                     "admission: nothing spent), or an earlier pipelined request was not "
+                     "served (released: the nonce is spent, nothing charged)",
                 **BODY_ERRORS,
-                422: "the ciphertext is refused (garbage, truncated, other parameters)",
-                503: "an HE worker failed (nothing charged)",
+                422: "the ciphertext is refused (garbage, truncated, other parameters; "
+                     "released: the nonce is spent, nothing charged)",
+                503: "the admission could not be recorded (nothing spent), or an HE worker "
+                     "failed, the prediction failed or the charge could not be recorded "
+                     "(released: the nonce is spent); nothing charged",
             })}}},
 }
