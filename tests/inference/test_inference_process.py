@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,7 +144,9 @@ def test_stalled_bodies_get_408_and_the_service_keeps_serving(run_copy: Path) ->
             s.settimeout(10)
             sockets.append(s)
         replies = [_read_reply(s) for s in sockets]
-        assert all(r.startswith(b"HTTP/1.1 408") for r in replies), replies[:2]
+        # one buyer: two of its uploads are read (and time out), the rest get 429 at once
+        statuses = Counter(r[9:12] for r in replies)
+        assert statuses[b"408"] >= 2 and statuses[b"408"] + statuses[b"429"] == 20, replies[:2]
         assert all(b'"error"' in r for r in replies)
         for s in sockets:
             s.close()
