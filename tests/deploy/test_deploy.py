@@ -399,7 +399,8 @@ def _assert_marginal_acceptance(rnd: dict) -> None:
     noise is not seeded, so how many varies): positive author score and validation
     marginal, best scores first."""
     accepted = [c for c in rnd["candidates"]
-                if c["author_score"] > 0 and c["validation_marginal"] > 0]
+                if c["score"] is not None and c["author_score"] > 0
+                and c["validation_marginal"] > 0]
     accepted.sort(key=lambda c: (-c["score"], c["id"]))
     assert rnd["selected"] == [c["author"] for c in accepted]
 
