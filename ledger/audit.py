@@ -532,28 +532,48 @@ def verify_log(
     """
     reader = LogReader.open(path)
     try:
-        size = reader.size
-        stored = reader.stored_checkpoints()
-        auditor = _Auditor(
-            reader, trusted=trusted_checkpoints, workers=workers or os.cpu_count() or 1, size=size
-        )
-        if log_key is not None and reader.log_key != log_key:
-            auditor.fail(-1, f"expected log key {log_key}, the database holds {reader.log_key}")
-        else:
-            claimed = auditor.check_checkpoints(stored)
-            auditor.check_entries(claimed)
-            auditor.check_nodes()
-            if not auditor.failures:
-                auditor.check_consistency(stored)
-        return AuditReport(
-            path=reader.path,
-            size=size,
-            checkpoints=len(stored),
-            authors=len(auditor.authors_next_seq),
-            failure=min(auditor.failures, default=None),
-        )
+        with reader.snapshot():
+            return _verify_snapshot(
+                reader, log_key=log_key, trusted_checkpoints=trusted_checkpoints, workers=workers
+            )
     except sqlite3.DatabaseError as error:
         failure = AuditFailure(-1, f"database is unreadable: {error}")
         return AuditReport(path=reader.path, size=0, checkpoints=0, authors=0, failure=failure)
     finally:
         reader.close()
+
+
+def _verify_snapshot(
+    reader: LogReader,
+    *,
+    log_key: str | None,
+    trusted_checkpoints: Sequence[str],
+    workers: int | None,
+) -> AuditReport:
+    """:func:`verify_log` inside one read transaction of ``reader``.
+
+    The main connection sees one state of the log throughout. Worker processes read
+    with their own connections, but only entries below the snapshot's size and the
+    subtree hashes of that tree: the tables are append-only, so those rows are the
+    ones the snapshot holds.
+    """
+    size = reader.size
+    stored = reader.stored_checkpoints()
+    auditor = _Auditor(
+        reader, trusted=trusted_checkpoints, workers=workers or os.cpu_count() or 1, size=size
+    )
+    if log_key is not None and reader.log_key != log_key:
+        auditor.fail(-1, f"expected log key {log_key}, the database holds {reader.log_key}")
+    else:
+        claimed = auditor.check_checkpoints(stored)
+        auditor.check_entries(claimed)
+        auditor.check_nodes()
+        if not auditor.failures:
+            auditor.check_consistency(stored)
+    return AuditReport(
+        path=reader.path,
+        size=size,
+        checkpoints=len(stored),
+        authors=len(auditor.authors_next_seq),
+        failure=min(auditor.failures, default=None),
+    )

@@ -19,6 +19,7 @@ database whose recomputed tree does not match its last signed checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -165,6 +166,25 @@ class LogReader:
 
     # -- reads ----------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[LogReader]:
+        """Every read inside sees one committed state of the log (one read transaction).
+
+        Without it, each statement sees the latest commit: size, checkpoints, entries
+        and nodes read one after another while the sequencer appends disagree, and a
+        healthy log fails its audit. SQLite WAL keeps the snapshot from the first read
+        of the transaction until it ends; the writer is not blocked.
+        """
+        if self._db.in_transaction:  # already inside one: nested use shares it
+            yield self
+            return
+        self._db.execute("BEGIN DEFERRED")
+        try:
+            self._db.execute("SELECT COUNT(*) FROM meta").fetchone()  # starts the snapshot
+            yield self
+        finally:
+            self._db.execute("COMMIT")
+
     @property
     def connection(self) -> sqlite3.Connection:
         """The underlying SQLite connection, for the auditor's streaming reads."""
@@ -236,10 +256,16 @@ class LogReader:
         return bytes(row[0])
 
     def entries(
-        self, *, kind: str | None = None, author: str | None = None
+        self, *, kind: str | None = None, author: str | None = None, end: int | None = None
     ) -> Iterator[tuple[int, Entry]]:
-        """Parsed entries in log order, optionally filtered (no signature check)."""
-        query, args = "SELECT idx, CAST(leaf AS BLOB) FROM entries WHERE 1", list[str]()
+        """Parsed entries in log order, optionally filtered (no signature check).
+
+        ``end`` stops before that index: the entries of the tree an audit verified,
+        whatever the sequencer appended since.
+        """
+        query, args = "SELECT idx, CAST(leaf AS BLOB) FROM entries WHERE 1", list[object]()
+        if end is not None:
+            query, args = query + " AND idx < ?", [*args, end]
         if kind is not None:
             query, args = query + " AND kind = ?", [*args, kind]
         if author is not None:

@@ -158,8 +158,8 @@ def _audit(run_dir: Path, audit: MarketAudit) -> MarketAudit:
     if report.failure is not None:
         audit.mismatches.append(f"ledger: {report.failure}")
         return audit
-    with LogReader.open(db) as reader:
-        entries = list(reader.entries())
+    with LogReader.open(db) as reader:  # the tree verify_log checked, not what came since
+        entries = list(reader.entries(end=report.size))
     try:
         record = read_market(entries)
     except MarketError as exc:
