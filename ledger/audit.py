@@ -52,7 +52,8 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger import merkle
-from ledger.checkpoint import parse_checkpoint
+from ledger.checkpoint import parse_checkpoint, verify_cosignature
+from ledger.cosignatures import COSIGNATURE_KIND, check_cosignature_fields, witness_verifier
 from ledger.entries import KEY_KIND, KeyRing, parse_entry
 from ledger.errors import AuditError, LedgerError
 from ledger.keys import key_id, parse_public_key, raw_public_key, verify_signature
@@ -500,6 +501,82 @@ class _Auditor:
             key = self.public_keys[raw] = parse_public_key(raw)
         return verify_signature(key, signature, message)
 
+    # -- witnesses ------------------------------------------------------------------
+
+    def check_cosignatures(self, stored: Sequence[StoredCheckpoint]) -> None:
+        """Every cosignature, in the tree and in the table, against the witness's key.
+
+        Runs after the entries and nodes verified, so the ``kind`` column and the stored
+        subtree hashes can be trusted. A ``cosignature`` entry must be the operator's,
+        name a witness whose ``key`` entry comes before it, carry a note the log signed
+        and the witness cosigned, over a tree no larger than the entry's own index whose
+        root is the tree's. Every row of the ``cosignatures`` table must verify on the
+        checkpoint it is attached to and be recorded by such an entry, and every such
+        entry must have its row: deleting either is a failure.
+        """
+        size, db = self.size, self.db
+        registered: dict[str, int] = {}
+        for index, leaf in db.execute(
+            "SELECT idx, CAST(leaf AS BLOB) FROM entries WHERE kind = ? AND idx < ? ORDER BY idx",
+            (KEY_KIND, size),
+        ):
+            registered.setdefault(parse_entry(bytes(leaf)).author, int(index))
+        operator = key_id(self.reader.verifier.raw_key)
+        recorded: dict[tuple[str, int, bytes, str], int] = {}
+        for index, leaf in db.execute(
+            "SELECT idx, CAST(leaf AS BLOB) FROM entries WHERE kind = ? AND idx < ? ORDER BY idx",
+            (COSIGNATURE_KIND, size),
+        ):
+            entry = parse_entry(bytes(leaf))
+            try:
+                if entry.author != operator:
+                    raise AuditError(f"expected the operator {operator} to record it, got {entry.author}")
+                witnessed = check_cosignature_fields(
+                    entry.fields, log=self.reader.verifier, origin=self.reader.origin
+                )
+                checkpoint = witnessed.checkpoint
+                if registered.get(witnessed.witness_author, size) >= index:
+                    raise AuditError(f"witness {witnessed.witness_author} has no key entry before it")
+                if checkpoint.size > index:
+                    raise AuditError(f"cosigns tree {checkpoint.size}, beyond its own index")
+                if checkpoint.root_hash != self.reader.root(checkpoint.size):
+                    raise AuditError(f"cosigns a root of tree {checkpoint.size} the leaves do not give")
+            except LedgerError as error:
+                self.fail(int(index), f"cosignature entry: {error}")
+                return
+            for line in witnessed.lines:
+                key = (witnessed.witness.vkey(), checkpoint.size, checkpoint.root_hash, line)
+                recorded.setdefault(key, int(index))
+        notes = {row.id: row for row in stored}
+        seen: set[tuple[str, int, bytes, str]] = set()
+        for row_id, checkpoint_id, vkey, line in db.execute(
+            "SELECT id, checkpoint_id, CAST(witness AS TEXT), CAST(line AS TEXT) "
+            "FROM cosignatures ORDER BY id"
+        ):
+            row = notes.get(int(checkpoint_id))
+            where = f"cosignature #{row_id}"
+            if row is None:
+                self.fail(-1, f"{where}: on checkpoint #{checkpoint_id}, which does not exist")
+                return
+            try:
+                witness = witness_verifier(str(vkey))
+                verify_cosignature(row.note + str(line), witness=witness)
+            except LedgerError as error:
+                self.fail(max(row.size - 1, -1), f"{where} (tree {row.size}): {error}")
+                return
+            key = (witness.vkey(), row.size, row.root, str(line))
+            if key not in recorded:
+                self.fail(
+                    max(row.size - 1, -1),
+                    f"{where} (tree {row.size}) is recorded by no cosignature entry in the tree",
+                )
+                return
+            seen.add(key)
+        for key, index in recorded.items():
+            if key not in seen:
+                self.fail(index, "cosignature entry has no stored cosignature row (deleted?)")
+                return
+
     # -- interior nodes -----------------------------------------------------------
 
     def check_nodes(self) -> None:
@@ -570,6 +647,8 @@ def _verify_snapshot(
         auditor.check_nodes()
         if not auditor.failures:
             auditor.check_consistency(stored)
+        if not auditor.failures:
+            auditor.check_cosignatures(stored)
     return AuditReport(
         path=reader.path,
         size=size,

@@ -37,9 +37,10 @@ from ledger.checkpoint import (
     sign_checkpoint,
     verify_cosignature,
 )
-from ledger.entries import KEY_KIND, Entry, KeyRing, parse_entry
+from ledger.cosignatures import COSIGNATURE_KIND, cosignature_fields, witness_verifier
+from ledger.entries import KEY_KIND, Entry, KeyRing, make_key_entry, parse_entry, sign_entry
 from ledger.errors import CheckpointError, EntryError, LedgerError, StoreError
-from ledger.keys import Signer
+from ledger.keys import Signer, key_id
 
 __all__ = ["DB_NAME", "Log", "LogReader", "StoredCheckpoint", "node_id", "resolve_db_path"]
 
@@ -334,13 +335,31 @@ class LogReader:
         return [StoredCheckpoint(int(i), int(s), bytes(r), str(n)) for i, s, r, n in rows]
 
     def _with_cosignatures(self, checkpoint_id: int, note: str) -> str:
-        lines = [
-            str(line)
-            for (line,) in self._db.execute(
-                "SELECT line FROM cosignatures WHERE checkpoint_id = ? ORDER BY id",
-                (checkpoint_id,),
-            )
-        ]
+        """The note with the stored cosignature lines that verify.
+
+        A line is handed out only when its witness key is registered in the log (a
+        ``key`` entry of that key id) and it verifies on this very note: a forged,
+        flipped or re-attached line stays in the table (``verify_log`` reports it) but
+        never leaves through a checkpoint or a proof.
+        """
+        lines = []
+        rows = self._db.execute(
+            "SELECT witness, line FROM cosignatures WHERE checkpoint_id = ? ORDER BY id",
+            (checkpoint_id,),
+        ).fetchall()
+        for vkey, line in rows:
+            try:
+                witness = witness_verifier(str(vkey))
+                registered = self._db.execute(
+                    "SELECT 1 FROM entries WHERE author = ? AND kind = ? LIMIT 1",
+                    (key_id(witness.raw_key), KEY_KIND),
+                ).fetchone()
+                if registered is None:
+                    continue
+                verify_cosignature(note + str(line), witness=witness)
+            except (LedgerError, ValueError):
+                continue
+            lines.append(str(line))
         return note + "".join(lines)
 
     def checkpoint(self) -> str:
@@ -507,6 +526,12 @@ class Log(LogReader):
         different bytes at a used ``seq``, a gap, or any invalid entry raises
         :class:`EntryError` naming its position, and nothing of the batch is stored.
         """
+        return self._append(leaves)
+
+    def _append(
+        self, leaves: Sequence[bytes], cosignature_rows: Sequence[tuple[int, str, str]] = ()
+    ) -> list[int]:
+        """:meth:`append_many`, with cosignature rows stored in the same transaction."""
         indexes: list[int] = []
         rows: list[tuple[int, bytes, str, int, str]] = []
         nodes: list[tuple[int, bytes]] = []
@@ -548,6 +573,10 @@ class Log(LogReader):
             self._db.execute(
                 "INSERT INTO checkpoints (size, root, note) VALUES (?, ?, ?)", (size, root, note)
             )
+            self._db.executemany(
+                "INSERT INTO cosignatures (checkpoint_id, witness, line) VALUES (?, ?, ?)",
+                cosignature_rows,
+            )
             self._db.execute("COMMIT")
         except sqlite3.Error as error:
             if self._db.in_transaction:
@@ -586,33 +615,55 @@ class Log(LogReader):
             )
         return found[0]
 
-    def add_cosignature(self, cosigned_note: str, *, witness: NoteVerifier) -> None:
-        """Verify a witness's cosignature on one of our checkpoints and store its line.
+    def add_cosignature(self, cosigned_note: str, *, witness: NoteVerifier) -> int:
+        """Record one witness cosignature (see :meth:`add_cosignatures`); returns its index."""
+        return self.add_cosignatures([(cosigned_note, witness)])[0]
 
-        ``cosigned_note`` is a checkpoint we signed with the witness's line added
-        (:func:`ledger.checkpoint.cosign_checkpoint`). Raises CheckpointError when the
-        cosignature does not verify, StoreError when the checkpoint is not ours.
+    def add_cosignatures(self, cosigned: Sequence[tuple[str, NoteVerifier]]) -> list[int]:
+        """Verify witnesses' cosignatures on our checkpoints and record them in the tree.
+
+        Each ``(note, witness)`` is a checkpoint we signed with the witness's
+        cosignature/v1 line added (:func:`ledger.checkpoint.cosign_checkpoint`); the
+        witness key must be the key of an author registered in the log. Each becomes an
+        operator-signed ``cosignature`` entry (:mod:`ledger.cosignatures`) and a row of
+        the ``cosignatures`` table, both in one transaction. Returns the entries'
+        indexes. Raises CheckpointError when a cosignature does not verify, StoreError
+        when the checkpoint is not one of ours or the witness is not registered.
         """
-        verify_cosignature(cosigned_note, witness=witness)
-        note = parse_note(cosigned_note)
-        checkpoint = Checkpoint.from_body(note.body)
-        row = self._db.execute(
-            "SELECT id FROM checkpoints WHERE size = ? AND root = ? ORDER BY id DESC LIMIT 1",
-            (checkpoint.size, checkpoint.root_hash),
-        ).fetchone()
-        if row is None or checkpoint.origin != self.origin:
-            raise StoreError(
-                f"expected a checkpoint of this log, got {checkpoint.origin!r} {checkpoint.size}"
+        prepared: list[tuple[dict[str, object], tuple[int, str, str]]] = []
+        for note_text, witness in cosigned:
+            fields = cosignature_fields(
+                note_text, log=self.verifier, witness=witness, origin=self.origin
             )
-        lines = [
-            s.line()
-            for s in note.signatures
-            if (s.name, s.key_id) == (witness.name, witness.key_id)
+            author = key_id(witness.raw_key)
+            if author not in self._keys:
+                raise StoreError(f"expected witness {author} to be a registered author, it is not")
+            checkpoint = Checkpoint.from_body(parse_note(str(fields["note"])).body)
+            row = self._db.execute(
+                "SELECT id FROM checkpoints WHERE size = ? AND root = ? ORDER BY id DESC LIMIT 1",
+                (checkpoint.size, checkpoint.root_hash),
+            ).fetchone()
+            if row is None:
+                raise StoreError(
+                    f"expected a checkpoint of this log, got {checkpoint.origin!r} {checkpoint.size}"
+                )
+            note = parse_note(str(fields["note"]))
+            line = next(
+                s.line() for s in note.signatures if (s.name, s.key_id) == (witness.name, witness.key_id)
+            )
+            prepared.append((fields, (int(row[0]), witness.vkey(), line)))
+        if not prepared:
+            return []
+        operator = self._operator
+        seq = self.next_seq(operator.key_id)
+        leaves = [] if seq > 0 else [make_key_entry(operator)]
+        seq = max(seq, 1)
+        leaves += [
+            sign_entry(operator, COSIGNATURE_KIND, seq=seq + offset, fields=fields)
+            for offset, (fields, _) in enumerate(prepared)
         ]
-        self._db.execute(
-            "INSERT INTO cosignatures (checkpoint_id, witness, line) VALUES (?, ?, ?)",
-            (int(row[0]), witness.vkey(), lines[0]),
-        )
+        indexes = self._append(leaves, [row for _, row in prepared])
+        return indexes[-len(prepared) :]
 
     def _bulk_load_unverified(self, leaves: Sequence[bytes]) -> None:
         """Benchmark fast path: append leaves WITHOUT entry checks. Never use on a real ledger."""

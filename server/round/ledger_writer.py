@@ -26,6 +26,7 @@ from flwr.common import log
 from client import protocol as P
 from ledger.blobs import BlobStore
 from ledger.checkpoint import ALG_COSIGNATURE_V1, Checkpoint, NoteVerifier, parse_note
+from ledger.cosignatures import cosignature_fields
 from ledger.entries import Entry, make_key_entry, parse_entry, sign_entry
 from ledger.errors import LedgerError
 from ledger.keys import Signer, key_id, parse_public_key
@@ -212,24 +213,42 @@ class RoundLedger:
                     refused[item.node_id] = f"ledger refused the entries: {exc}"
         for item in admitted:
             self.node_author[item.node_id] = item.author
-            self._store_cosignature(item)
+        self.store_cosignatures(admitted)
         return refused
 
-    def _store_cosignature(self, item: PendingEntries) -> None:
-        if not item.cosigned or item.witness_key is None:
-            return
-        if key_id(item.witness_key) != item.author:
-            return
+    def store_cosignatures(self, items: Sequence[PendingEntries]) -> None:
+        """Record the subscribers' cosignatures as ``cosignature`` entries (one
+        transaction; one that does not verify is left out with a warning)."""
+        accepted: list[tuple[PendingEntries, str, NoteVerifier]] = []
+        for item in items:
+            if not item.cosigned or item.witness_key is None:
+                continue
+            if key_id(item.witness_key) != item.author:
+                continue
+            try:
+                witness = NoteVerifier.for_key(
+                    f"subscriber-{item.author}", item.witness_key, algorithm=ALG_COSIGNATURE_V1)
+                cosignature_fields(item.cosigned, log=self.log_.verifier, witness=witness,
+                                   origin=self.log_.origin)
+            except (LedgerError, ValueError) as exc:
+                log(WARNING, "cosignature from node %s refused: %s", item.node_id, exc)
+                continue
+            accepted.append((item, item.cosigned, witness))
         try:
-            witness = NoteVerifier.for_key(
-                f"subscriber-{item.author}", item.witness_key, algorithm=ALG_COSIGNATURE_V1)
-            self.log_.add_cosignature(item.cosigned, witness=witness)
-        except (LedgerError, ValueError) as exc:
-            log(WARNING, "cosignature from node %s refused: %s", item.node_id, exc)
-            return
-        size = Checkpoint.from_body(parse_note(item.cosigned).body).size
-        self.node_seen[item.node_id] = max(self.node_seen.get(item.node_id, 0), size)
-        self.cosignatures += 1
+            self.log_.add_cosignatures([(note, witness) for _, note, witness in accepted])
+        except LedgerError:  # one by one, so one bad cosignature costs only itself
+            kept = []
+            for entry in accepted:
+                try:
+                    self.log_.add_cosignature(entry[1], witness=entry[2])
+                    kept.append(entry)
+                except LedgerError as exc:
+                    log(WARNING, "cosignature from node %s refused: %s", entry[0].node_id, exc)
+            accepted = kept
+        for item, note, _ in accepted:
+            size = Checkpoint.from_body(parse_note(note).body).size
+            self.node_seen[item.node_id] = max(self.node_seen.get(item.node_id, 0), size)
+            self.cosignatures += 1
 
     # ---------------------------------------------------------- operator
     def append_operator(self, entries: Sequence[tuple[str, Mapping[str, Any]]]) -> list[int]:
