@@ -324,6 +324,7 @@ class _Auditor:
         self.public_keys: dict[bytes, Ed25519PublicKey] = {}
         self.authors_next_seq: dict[str, int] = {}
         self.first_bad_nodes: list[tuple[int, str] | None] = [None] * (_CHUNK_LEVEL + 1)
+        self.cosigned: dict[str, int] = {}  # witness author -> largest tree it cosigned
 
     def fail(self, index: int, reason: str) -> None:
         self.failures.append(AuditFailure(index, reason))
@@ -511,8 +512,8 @@ class _Auditor:
         name a witness whose ``key`` entry comes before it, carry a note the log signed
         and the witness cosigned, over a tree no larger than the entry's own index whose
         root is the tree's. Every row of the ``cosignatures`` table must verify on the
-        checkpoint it is attached to and be recorded by such an entry, and every such
-        entry must have its row: deleting either is a failure.
+        checkpoint it is attached to and be recorded by such an entry. (An entry
+        without its row loses nothing: the entry holds the whole cosigned note.)
         """
         size, db = self.size, self.db
         registered: dict[str, int] = {}
@@ -530,25 +531,32 @@ class _Auditor:
             entry = parse_entry(bytes(leaf))
             try:
                 if entry.author != operator:
-                    raise AuditError(f"expected the operator {operator} to record it, got {entry.author}")
+                    raise AuditError(
+                        f"expected the operator {operator} to record it, got {entry.author}"
+                    )
                 witnessed = check_cosignature_fields(
                     entry.fields, log=self.reader.verifier, origin=self.reader.origin
                 )
                 checkpoint = witnessed.checkpoint
                 if registered.get(witnessed.witness_author, size) >= index:
-                    raise AuditError(f"witness {witnessed.witness_author} has no key entry before it")
+                    raise AuditError(
+                        f"witness {witnessed.witness_author} has no key entry before it"
+                    )
                 if checkpoint.size > index:
                     raise AuditError(f"cosigns tree {checkpoint.size}, beyond its own index")
                 if checkpoint.root_hash != self.reader.root(checkpoint.size):
-                    raise AuditError(f"cosigns a root of tree {checkpoint.size} the leaves do not give")
+                    raise AuditError(
+                        f"cosigns a root of tree {checkpoint.size} the leaves do not give"
+                    )
             except LedgerError as error:
                 self.fail(int(index), f"cosignature entry: {error}")
                 return
             for line in witnessed.lines:
                 key = (witnessed.witness.vkey(), checkpoint.size, checkpoint.root_hash, line)
                 recorded.setdefault(key, int(index))
+            author = witnessed.witness_author
+            self.cosigned[author] = max(self.cosigned.get(author, 0), checkpoint.size)
         notes = {row.id: row for row in stored}
-        seen: set[tuple[str, int, bytes, str]] = set()
         for row_id, checkpoint_id, vkey, line in db.execute(
             "SELECT id, checkpoint_id, CAST(witness AS TEXT), CAST(line AS TEXT) "
             "FROM cosignatures ORDER BY id"
@@ -571,10 +579,40 @@ class _Auditor:
                     f"{where} (tree {row.size}) is recorded by no cosignature entry in the tree",
                 )
                 return
-            seen.add(key)
-        for key, index in recorded.items():
-            if key not in seen:
-                self.fail(index, "cosignature entry has no stored cosignature row (deleted?)")
+
+    def check_witnessed(self, closing_kind: str, witness_kinds: Sequence[str]) -> None:
+        """Witnessed to the end: once the log holds a ``closing_kind`` entry (the
+        settlement), every author of a ``witness_kinds`` entry before it (every
+        subscriber) must have cosigned a tree that holds it.
+
+        This binds each subscriber's key to the tree: a history rewritten from any entry
+        before the settlement (a subscriber's key entry replaced, votes or scores
+        swapped) and re-signed changes the root of that final tree, so the other
+        subscribers' final cosignatures no longer verify, and the operator cannot make
+        new ones.
+        """
+        rows = self.db.execute(
+            "SELECT MAX(idx) FROM entries WHERE kind = ? AND idx < ?", (closing_kind, self.size)
+        ).fetchone()
+        if rows is None or rows[0] is None:
+            return
+        closing = int(rows[0])
+        marks = ",".join("?" * len(witness_kinds))
+        witnesses = [
+            str(author)
+            for (author,) in self.db.execute(
+                f"SELECT DISTINCT author FROM entries WHERE kind IN ({marks}) AND idx < ? "
+                "ORDER BY author",
+                (*witness_kinds, closing),
+            )
+        ]
+        for author in witnesses:
+            if self.cosigned.get(author, 0) <= closing:
+                self.fail(
+                    closing,
+                    f"not witnessed to the end: subscriber {author} cosigned no tree holding "
+                    f"the {closing_kind} (its largest: {self.cosigned.get(author, 0)} entries)",
+                )
                 return
 
     # -- interior nodes -----------------------------------------------------------
@@ -599,19 +637,24 @@ def verify_log(
     log_key: str | None = None,
     trusted_checkpoints: Sequence[str] = (),
     workers: int | None = None,
+    closing_kind: str | None = "settlement",
+    witness_kinds: Sequence[str] = ("candidate",),
 ) -> AuditReport:
     """Audit the ledger at ``path`` (a database file or a run folder with ``ledger.db``).
 
     ``log_key`` pins the operator's note verifier key (else the stored one is used);
     ``trusted_checkpoints`` are notes held elsewhere (by subscribers) that the
-    leaves must reproduce. Returns the report; its ``failure`` is the first failure.
+    leaves must reproduce. Once the log holds a ``closing_kind`` entry, every author
+    of a ``witness_kinds`` entry must have cosigned a tree holding it (``None``: no
+    such requirement). Returns the report; its ``failure`` is the first failure.
     Raises :class:`ledger.errors.StoreError` only when the file cannot be read at all.
     """
     reader = LogReader.open(path)
     try:
         with reader.snapshot():
             return _verify_snapshot(
-                reader, log_key=log_key, trusted_checkpoints=trusted_checkpoints, workers=workers
+                reader, log_key=log_key, trusted_checkpoints=trusted_checkpoints,
+                workers=workers, closing_kind=closing_kind, witness_kinds=witness_kinds,
             )
     except sqlite3.DatabaseError as error:
         failure = AuditFailure(-1, f"database is unreadable: {error}")
@@ -626,6 +669,8 @@ def _verify_snapshot(
     log_key: str | None,
     trusted_checkpoints: Sequence[str],
     workers: int | None,
+    closing_kind: str | None,
+    witness_kinds: Sequence[str],
 ) -> AuditReport:
     """:func:`verify_log` inside one read transaction of ``reader``.
 
@@ -649,6 +694,8 @@ def _verify_snapshot(
             auditor.check_consistency(stored)
         if not auditor.failures:
             auditor.check_cosignatures(stored)
+        if not auditor.failures and closing_kind is not None:
+            auditor.check_witnessed(closing_kind, witness_kinds)
     return AuditReport(
         path=reader.path,
         size=size,

@@ -20,7 +20,7 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 
 from client import protocol as P
@@ -249,6 +249,46 @@ class RoundLedger:
             size = Checkpoint.from_body(parse_note(note).body).size
             self.node_seen[item.node_id] = max(self.node_seen.get(item.node_id, 0), size)
             self.cosignatures += 1
+
+    # ----------------------------------------------------- witnessed to the end
+    def witness_final(self, grid: Any, *, timeout: float | None = None) -> int:
+        """After the settlement: send every subscriber the final checkpoint with its
+        consistency proofs and the settlement's inclusion proof (``query.witness``);
+        each checks and cosigns it and keeps the note, and the cosignatures are
+        recorded. Returns how many subscribers cosigned."""
+        settlements = [index for index, _ in self.log_.entries(kind="settlement")]
+        if not settlements or not self.node_author:
+            return 0
+        index, size = settlements[-1], self.log_.size
+        proof = [base64.b64encode(h).decode() for h in self.log_.inclusion_proof(index, size)]
+        messages = []
+        for node_id in sorted(self.node_author):
+            config = ConfigRecord(self.message_config(node_id))
+            config[P.LEDGER_SETTLEMENT] = self.log_.entry(index)
+            config[P.LEDGER_SETTLEMENT_INDEX] = index
+            config[P.LEDGER_SETTLEMENT_PROOF] = proof
+            messages.append(Message(content=RecordDict({P.CONFIG: config}),
+                                    message_type=P.WITNESS_MESSAGE_TYPE,
+                                    dst_node_id=int(node_id)))
+        pending = []
+        for reply in grid.send_and_receive(messages=messages, timeout=timeout):
+            node_id = str(reply.metadata.src_node_id)
+            if reply.has_error():
+                log(WARNING, "node %s did not witness the final checkpoint: %s", node_id,
+                    reply.error.reason)
+                continue
+            record = reply.content.get(P.LEDGER)
+            author = self.node_author.get(node_id)
+            if not isinstance(record, ConfigRecord) or author is None:
+                continue
+            cosigned, witness_key = record.get(P.LEDGER_COSIGNED), record.get(P.LEDGER_WITNESS_KEY)
+            pending.append(PendingEntries(
+                node_id=node_id, author=author, leaves=[],
+                cosigned=str(cosigned) if isinstance(cosigned, str) else None,
+                witness_key=witness_key if isinstance(witness_key, bytes) else None))
+        before = self.cosignatures
+        self.store_cosignatures(pending)
+        return self.cosignatures - before
 
     # ---------------------------------------------------------- operator
     def append_operator(self, entries: Sequence[tuple[str, Mapping[str, Any]]]) -> list[int]:

@@ -16,6 +16,7 @@ import pytest
 from crypto.commitments import Revealed, encode_reveal, new_salts
 from ledger import LogReader, Signer, parse_entry
 from ledger.blobs import BlobStore
+from ledger.checkpoint import ALG_COSIGNATURE_V1, NoteVerifier, cosign_checkpoint
 from ledger.entries import sign_entry
 from ledger.log import Log
 from server.market.audit import audit_run
@@ -63,6 +64,15 @@ class Rebuilt:
         return settlement
 
     def close(self) -> None:
+        """Every subscriber witnesses the rebuilt end (the ledger requires it)."""
+        note = self.log.checkpoint()
+        for key in sorted((self.dst / "keys").glob("partition-*.pem")):
+            signer = Signer.load(key)
+            name = f"subscriber-{signer.key_id}"
+            self.log.add_cosignature(
+                cosign_checkpoint(note, signer, name=name, timestamp=1),
+                witness=NoteVerifier.for_key(name, signer.public_key_bytes,
+                                             algorithm=ALG_COSIGNATURE_V1))
         self.log.close()
 
 
