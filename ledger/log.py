@@ -13,7 +13,8 @@ crash or power loss):
 
 Every table is append-only (triggers abort UPDATE and DELETE). ``append_many``
 group-commits many entries and one new signed checkpoint in one transaction. A
-writer holds an exclusive ``flock`` on ``<db>.lock``; :meth:`Log.open` refuses a
+writer holds an exclusive ``flock`` on ``<db>.lock`` and one keyed by the file's
+(device, inode), so another path to the same file meets it; :meth:`Log.open` refuses a
 database whose recomputed tree does not match its last signed checkpoint.
 """
 
@@ -23,6 +24,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,11 +394,11 @@ class Log(LogReader):
     """The sequencer's writable log. Use :meth:`Log.open`; one writer per database."""
 
     def __init__(
-        self, connection: sqlite3.Connection, path: Path, operator: Signer, lock_fd: int
+        self, connection: sqlite3.Connection, path: Path, operator: Signer, lock_fds: list[int]
     ) -> None:
         super().__init__(connection, path)
         self._operator = operator
-        self._lock_fd = lock_fd
+        self._lock_fds = lock_fds
         self._size = 0
         self._frontier: list[bytes] = []
         self._keys = KeyRing()
@@ -420,12 +422,7 @@ class Log(LogReader):
         """
         db_path = resolve_db_path(path)
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            os.close(lock_fd)
-            raise StoreError(f"another writer holds {db_path}.lock") from error
+        lock_fds = _writer_locks(db_path)
         connection: sqlite3.Connection | None = None
         try:
             connection = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
@@ -433,25 +430,23 @@ class Log(LogReader):
             connection.execute("PRAGMA synchronous=FULL")
             connection.execute("PRAGMA foreign_keys=ON")
             _create_if_missing(connection, operator=operator, origin=origin)
-            log = cls(connection, db_path, operator, lock_fd)
+            log = cls(connection, db_path, operator, lock_fds)
             log._load(origin=origin, full_check=full_check)
         except BaseException as error:
             if connection is not None:
                 connection.close()
-            fcntl.flock(lock_fd, fcntl.LOCK_UN)
-            os.close(lock_fd)
+            _release(lock_fds)
             if isinstance(error, sqlite3.DatabaseError):
                 raise StoreError(f"cannot open ledger database {db_path}: {error}") from error
             raise
         return log
 
     def close(self) -> None:
-        if self._lock_fd < 0:
+        if not self._lock_fds:
             return
         self._db.close()
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        os.close(self._lock_fd)
-        self._lock_fd = -1
+        _release(self._lock_fds)
+        self._lock_fds = []
 
     def __enter__(self) -> Log:
         return self
@@ -645,12 +640,12 @@ class Log(LogReader):
             ).fetchone()
             if row is None:
                 raise StoreError(
-                    f"expected a checkpoint of this log, got {checkpoint.origin!r} {checkpoint.size}"
+                    f"expected a checkpoint of this log, got {checkpoint.origin!r} "
+                    f"{checkpoint.size}"
                 )
             note = parse_note(str(fields["note"]))
-            line = next(
-                s.line() for s in note.signatures if (s.name, s.key_id) == (witness.name, witness.key_id)
-            )
+            witness_id = (witness.name, witness.key_id)
+            line = next(s.line() for s in note.signatures if (s.name, s.key_id) == witness_id)
             prepared.append((fields, (int(row[0]), witness.vkey(), line)))
         if not prepared:
             return []
@@ -687,6 +682,50 @@ class Log(LogReader):
         )
         self._db.execute("COMMIT")
         self._frontier, self._size = frontier, size
+
+
+def _writer_locks(db_path: Path) -> list[int]:
+    """Exclusive ``flock`` s held by the single writer; StoreError when another holds one.
+
+    One on ``<db>.lock`` beside the file, and one keyed by the file's identity
+    (device, inode) in ``<tmp>/poi-ledger-locks/``: a second writer reaching the same
+    file through another path (a symlink, a hard link, ``dir/../ledger.db``, a bind
+    mount) takes the same identity lock. The database file is created empty first
+    when missing (an empty file is an empty SQLite database), so it has an inode;
+    nothing opens the database itself, which would disturb SQLite's POSIX locks.
+    """
+    if not db_path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    identity = os.stat(db_path)
+    lock_dir = Path(tempfile.gettempdir()) / "poi-ledger-locks"
+    if not lock_dir.is_dir():
+        with contextlib.suppress(FileExistsError):
+            lock_dir.mkdir()
+            os.chmod(lock_dir, 0o1777)  # shared by every user, like /tmp itself
+    paths = [Path(f"{db_path}.lock"), lock_dir / f"{identity.st_dev}-{identity.st_ino}.lock"]
+    fds: list[int] = []
+    for lock_path in paths:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            _release(fds)
+            raise StoreError(f"cannot create the writer lock {lock_path}: {error}") from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            _release(fds)
+            raise StoreError(f"another writer holds {db_path} (lock {lock_path})") from error
+        fds.append(fd)
+    return fds
+
+
+def _release(fds: Sequence[int]) -> None:
+    """Unlock and close the writer's lock files."""
+    for fd in fds:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _create_if_missing(connection: sqlite3.Connection, *, operator: Signer, origin: str) -> None:

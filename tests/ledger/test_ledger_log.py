@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from pathlib import Path
 
@@ -114,6 +115,20 @@ def test_single_writer(tmp_path: Path, operator: Signer) -> None:
             Log.open(tmp_path / "ledger.db", operator, ORIGIN)
         with LogReader.open(tmp_path) as reader:  # readers need no lock
             assert reader.size == 0
+
+
+def test_single_writer_through_another_path(tmp_path: Path, operator: Signer) -> None:
+    """The lock is keyed by the file's (device, inode), not by the path used (issue 13)."""
+    (tmp_path / "run").mkdir()
+    with Log.open(tmp_path / "run" / "ledger.db", operator, ORIGIN):
+        (tmp_path / "alias").symlink_to(tmp_path / "run")
+        os.link(tmp_path / "run" / "ledger.db", tmp_path / "hardlink.db")
+        for other in (tmp_path / "alias" / "ledger.db", tmp_path / "hardlink.db",
+                      tmp_path / "run" / ".." / "run" / "ledger.db"):
+            with pytest.raises(StoreError, match="another writer holds"):
+                Log.open(other, operator, ORIGIN)
+    with Log.open(tmp_path / "hardlink.db", operator, ORIGIN) as log:  # released on close
+        assert log.size == 0
 
 
 def test_reopen_keeps_state(tmp_path: Path, operator: Signer, authors: list[Signer]) -> None:
