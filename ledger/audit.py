@@ -335,8 +335,10 @@ class _Auditor:
         """Verify every note; returns the roots claimed at each size."""
         claimed: dict[int, set[bytes]] = {}
         previous = 0
-        for row in stored:
+        for position, row in enumerate(stored, 1):
             where = max(row.size - 1, -1)
+            if row.id != position:  # the sequencer numbers them 1, 2, ...; none is deleted
+                self.fail(where, f"expected checkpoint #{position}, found #{row.id} (deleted?)")
             try:
                 checkpoint = parse_checkpoint(
                     row.note, verifier=self.reader.verifier, origin=self.reader.origin
@@ -401,7 +403,11 @@ class _Auditor:
         """
         sizes = sorted(size for size in claimed if size > 0)
         tasks: list[Task] = []
-        for start in range(0, max(self.size, 1), _CHUNK):
+        # A renumbered or deleted row leaves a gap before the row count: the chunks up
+        # to it find the first failure, and a hostile idx near 2**63 costs nothing.
+        (rows,) = self.db.execute("SELECT COUNT(*) FROM entries").fetchone()
+        span = self.size if rows == self.size else min(self.size, int(rows) + 1)
+        for start in range(0, max(span, 1), _CHUNK):
             end = min(start + _CHUNK, self.size)
             tasks.append((start, end, tuple(s for s in sizes if start < s <= end)))
         hints = _key_hints(self.db)
@@ -512,8 +518,9 @@ class _Auditor:
         name a witness whose ``key`` entry comes before it, carry a note the log signed
         and the witness cosigned, over a tree no larger than the entry's own index whose
         root is the tree's. Every row of the ``cosignatures`` table must verify on the
-        checkpoint it is attached to and be recorded by such an entry. (An entry
-        without its row loses nothing: the entry holds the whole cosigned note.)
+        checkpoint it is attached to and be recorded by such an entry, and every such
+        entry must have its row (both are written in one transaction): deleting either
+        is a failure.
         """
         size, db = self.size, self.db
         registered: dict[str, int] = {}
@@ -557,12 +564,16 @@ class _Auditor:
             author = witnessed.witness_author
             self.cosigned[author] = max(self.cosigned.get(author, 0), checkpoint.size)
         notes = {row.id: row for row in stored}
-        for row_id, checkpoint_id, vkey, line in db.execute(
+        seen: set[tuple[str, int, bytes, str]] = set()
+        for position, (row_id, checkpoint_id, vkey, line) in enumerate(db.execute(
             "SELECT id, checkpoint_id, CAST(witness AS TEXT), CAST(line AS TEXT) "
             "FROM cosignatures ORDER BY id"
-        ):
+        ), 1):
             row = notes.get(int(checkpoint_id))
             where = f"cosignature #{row_id}"
+            if row_id != position:
+                self.fail(-1, f"expected cosignature #{position}, found #{row_id} (deleted?)")
+                return
             if row is None:
                 self.fail(-1, f"{where}: on checkpoint #{checkpoint_id}, which does not exist")
                 return
@@ -578,6 +589,11 @@ class _Auditor:
                     max(row.size - 1, -1),
                     f"{where} (tree {row.size}) is recorded by no cosignature entry in the tree",
                 )
+                return
+            seen.add(key)
+        for key, index in recorded.items():
+            if key not in seen:  # both are written in one transaction: a row was deleted
+                self.fail(index, "cosignature entry has no stored cosignature row (deleted?)")
                 return
 
     def check_witnessed(self, closing_kind: str, witness_kinds: Sequence[str]) -> None:

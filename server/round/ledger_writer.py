@@ -251,11 +251,13 @@ class RoundLedger:
             self.cosignatures += 1
 
     # ----------------------------------------------------- witnessed to the end
-    def witness_final(self, grid: Any, *, timeout: float | None = None) -> int:
+    def witness_final(self, grid: Any, *, timeout: float | None = 300.0) -> int:
         """After the settlement: send every subscriber the final checkpoint with its
         consistency proofs and the settlement's inclusion proof (``query.witness``);
         each checks and cosigns it and keeps the note, and the cosignatures are
-        recorded. Returns how many subscribers cosigned."""
+        recorded. A node that does not answer within ``timeout`` seconds is left out
+        (and the log then fails verify: not witnessed to the end). Returns how many
+        subscribers cosigned."""
         settlements = [index for index, _ in self.log_.entries(kind="settlement")]
         if not settlements or not self.node_author:
             return 0

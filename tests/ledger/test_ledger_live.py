@@ -34,8 +34,9 @@ author = seeded_signer("author-0")
 print("ready", flush=True)
 while True:
     start = log.next_seq(author.key_id)
-    log.append_many([candidate(author, seq) for seq in range(start, start + 3)])
-    time.sleep(0.01)  # a steady trickle: the log grows by ~300 entries a second
+    log.append(candidate(author, start))
+    time.sleep(0.02)  # ~50 commits a second: many land inside every check, and the log
+    # stays small enough that a loaded machine's checks keep up with it
 """
 
 
@@ -76,7 +77,7 @@ def test_verify_never_fails_while_another_process_appends(live_log: Path) -> Non
 
     failures, grown = _growth(live_log, CHECKS, check)
     assert failures == [], failures[:3]
-    assert grown > 0  # the writer really was appending during the checks
+    assert grown >= 50  # the writer really was committing all through the checks
 
 
 @pytest.mark.parametrize("live_log", [4100], indirect=True)

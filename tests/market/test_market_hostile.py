@@ -17,6 +17,7 @@ from crypto.commitments import Revealed, encode_reveal, new_salts
 from ledger import LogReader, Signer, parse_entry
 from ledger.blobs import BlobStore
 from ledger.checkpoint import ALG_COSIGNATURE_V1, NoteVerifier, cosign_checkpoint
+from ledger.cosignatures import witness_verifier
 from ledger.entries import sign_entry
 from ledger.log import Log
 from server.market.audit import audit_run
@@ -42,11 +43,19 @@ class Rebuilt:
             cut = next(i for i, e in self.entries if e.kind == cut_kind)
             leaves = [reader.entry(i) for i in range(cut)]
             origin = reader.checkpoint().split("\n", 1)[0]
+            sizes = [c.size for c in reader.stored_checkpoints() if 0 < c.size <= cut]
         self.dst = dst
         self.operator = Signer.load(dst / "operator.pem")
         self.scientist = Signer.load(dst / "scientist.pem")
         self.log = Log.open(dst / "ledger.db", self.operator, origin=origin)
-        self.log.append_many(leaves)
+        for size in sizes:  # the same group commits, cosignatures recorded as such
+            batch = [e for i, e in self.entries[self.log.size:size]]
+            if batch and batch[0].kind == "cosignature":
+                for entry in batch:
+                    self.log.add_cosignature(str(entry.fields["note"]), witness=witness_verifier(
+                        str(entry.fields["witness"])))
+            else:
+                self.log.append_many(leaves[self.log.size:size])
         self.task_id = read_market(self.entries).task_id
 
     def fields(self, kind: str) -> dict[str, Any]:
