@@ -57,12 +57,16 @@ from client.witness import (
     LedgerRefusal,
     SeenTree,
     check_checkpoint,
+    check_settlement,
     cosign,
     load_or_create_key,
+    notes_dir,
+    store_note,
     to_micro,
     unb64,
 )
 from crypto.digests import tensors_digest
+from ledger.checkpoint import Checkpoint
 from ledger.entries import make_key_entry, sign_entry
 from ledger.errors import LedgerError
 
@@ -212,7 +216,9 @@ def _ledger_prelude(msg: Message, context: Context, subscriber: Subscriber) -> L
     context.state[STATE_LEDGER] = ConfigRecord({"log-key": log_key, "size": checkpoint.size,
                                                 "root": checkpoint.root_hash})
     signer = load_or_create_key(subscriber.key_path)
-    return LedgerDuty(signer=signer, cosigned=cosign(note, signer), task_id=task_id,
+    cosigned = cosign(note, signer)
+    store_note(notes_dir(subscriber.key_path), cosigned, task_id=task_id)
+    return LedgerDuty(signer=signer, cosigned=cosigned, task_id=task_id,
                       next_seq=int(config.get(P.LEDGER_NEXT_SEQ, -1)))  # type: ignore[arg-type]
 
 
@@ -526,6 +532,36 @@ def _to_array(value: np.ndarray):  # type: ignore[no-untyped-def]
     from flwr.app import Array
 
     return Array(np.ascontiguousarray(value))
+
+
+# ------------------------------------------------------------------------ witness
+@app.query("witness")
+def witness(msg: Message, context: Context) -> Message:
+    """The final checkpoint, after the settlement: check it extends the last tree this
+    subscriber saw, that the settlement is in it (its payout line is kept beside the
+    notes), cosign it and keep the note. Nothing else is signed."""
+    try:
+        subscriber = Subscriber.from_context(context)
+    except (DataError, ConfigError) as exc:
+        return _error(msg, P.ERROR_DATA, str(exc))
+    config = _config(msg)
+    try:
+        duty = _ledger_prelude(msg, context, subscriber)
+        if duty is None:
+            raise LedgerRefusal("ledger: expected a checkpoint to witness, got none")
+        checkpoint = Checkpoint.from_body(duty.cosigned[: duty.cosigned.rfind("\n\n") + 1])
+        payout = check_settlement(
+            bytes(config[P.LEDGER_SETTLEMENT]),  # type: ignore[arg-type]
+            index=int(_num(config[P.LEDGER_SETTLEMENT_INDEX])),
+            proof=[unb64(str(h)) for h in config[P.LEDGER_SETTLEMENT_PROOF]],  # type: ignore[union-attr]
+            checkpoint=checkpoint, task_id=duty.task_id,
+            author=duty.signer.key_id)  # type: ignore[attr-defined]
+    except LedgerRefusal as exc:
+        return _error(msg, P.ERROR_LEDGER, str(exc))
+    except (KeyError, TypeError, ValueError) as exc:
+        return _error(msg, P.ERROR_LEDGER, f"ledger: malformed witness request ({exc})")
+    (notes_dir(subscriber.key_path) / f"{duty.task_id}.payout").write_text(f"{payout}\n")
+    return Message(RecordDict({P.LEDGER: _ledger_record(duty, [])}), reply_to=msg)
 
 
 # --------------------------------------------------------------------------- vote

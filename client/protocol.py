@@ -56,6 +56,12 @@ LEDGER_PROOF_FROM = "ledger-proof-from"
 LEDGER_ALT_PROOF = "ledger-alt-proof"
 LEDGER_ALT_PROOF_FROM = "ledger-alt-proof-from"
 LEDGER_NEXT_SEQ = "ledger-next-seq"  # -1: the log has no key entry from this subscriber yet
+# the final checkpoint after the settlement (``query.witness``): the settlement entry,
+# its index and inclusion proof in the checkpoint's tree
+WITNESS_MESSAGE_TYPE = "query.witness"
+LEDGER_SETTLEMENT = "ledger-settlement"
+LEDGER_SETTLEMENT_INDEX = "ledger-settlement-index"
+LEDGER_SETTLEMENT_PROOF = "ledger-settlement-proof"
 
 # ledger (subscriber -> server, a ConfigRecord under LEDGER in the reply)
 LEDGER = "ledger"

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.checkpoint import Checkpoint, NoteVerifier, cosign_checkpoint, parse_checkpoint
-from ledger.errors import CheckpointError, ProofError, PublicKeyError
+from ledger.entries import parse_entry
+from ledger.errors import CheckpointError, LedgerError, ProofError, PublicKeyError
 from ledger.keys import Signer
-from ledger.merkle import verify_consistency
+from ledger.merkle import hash_leaf, verify_consistency, verify_inclusion
 
 MICRO = 1_000_000
 
@@ -101,6 +102,52 @@ def cosign(note: str, signer: Signer, *, timestamp: int | None = None) -> str:
     """The checkpoint note with this subscriber's cosignature/v1 line added."""
     return cosign_checkpoint(note, signer, name=witness_name(signer),
                              timestamp=int(time.time()) if timestamp is None else timestamp)
+
+
+def notes_dir(key_path: str | os.PathLike[str]) -> Path:
+    """Where a subscriber keeps every checkpoint it cosigned: beside its key,
+    ``<key name>-notes/`` (in simulation ``<out-dir>/keys/partition-<id>-notes/``)."""
+    key = Path(key_path)
+    return key.with_name(f"{key.stem}-notes")
+
+
+def store_note(directory: Path, cosigned: str, *, task_id: str) -> Path:
+    """Keep a cosigned checkpoint as ``<task id>-<size, 12 digits>.note`` (atomically).
+
+    These are the notes ``poi ledger verify --checkpoint`` and ``poi ledger
+    witness-check --notes`` hold the log to: an operator who rewrites the log and
+    re-signs it cannot match them."""
+    size = Checkpoint.from_body(cosigned[: cosigned.rfind("\n\n") + 1]).size
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{task_id}-{size:012d}.note"
+    temporary = target.with_suffix(f".tmp{os.getpid()}")
+    temporary.write_text(cosigned)
+    os.replace(temporary, target)
+    return target
+
+
+def check_settlement(leaf: bytes, *, index: int, proof: Sequence[bytes],
+                     checkpoint: Checkpoint, task_id: str, author: str) -> int:
+    """Before cosigning the final checkpoint: the settlement is in that tree and is for
+    this task. Returns this subscriber's payout line (0 when it has none: the
+    settlement drops zero amounts), which the subscriber keeps beside its notes.
+
+    Raises :class:`LedgerRefusal` otherwise."""
+    try:
+        verify_inclusion(index=index, size=checkpoint.size, leaf_hash=hash_leaf(leaf),
+                         proof=list(proof), root=checkpoint.root_hash)
+        entry = parse_entry(leaf)
+    except LedgerError as exc:
+        raise LedgerRefusal(f"ledger: settlement: {exc}") from exc
+    payouts = entry.fields.get("payouts")
+    if entry.kind != "settlement" or entry.fields.get("task_id") != task_id \
+            or not isinstance(payouts, dict):
+        raise LedgerRefusal(f"ledger: expected the settlement of task {task_id}, got a "
+                            f"{entry.kind} entry")
+    amount = payouts.get(author, 0)
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+        raise LedgerRefusal(f"ledger: the settlement's payout line for {author} is {amount!r}")
+    return amount
 
 
 @functools.lru_cache(maxsize=64)

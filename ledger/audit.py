@@ -52,7 +52,8 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger import merkle
-from ledger.checkpoint import parse_checkpoint
+from ledger.checkpoint import parse_checkpoint, verify_cosignature
+from ledger.cosignatures import COSIGNATURE_KIND, check_cosignature_fields, witness_verifier
 from ledger.entries import KEY_KIND, KeyRing, parse_entry
 from ledger.errors import AuditError, LedgerError
 from ledger.keys import key_id, parse_public_key, raw_public_key, verify_signature
@@ -323,6 +324,7 @@ class _Auditor:
         self.public_keys: dict[bytes, Ed25519PublicKey] = {}
         self.authors_next_seq: dict[str, int] = {}
         self.first_bad_nodes: list[tuple[int, str] | None] = [None] * (_CHUNK_LEVEL + 1)
+        self.cosigned: dict[str, int] = {}  # witness author -> largest tree it cosigned
 
     def fail(self, index: int, reason: str) -> None:
         self.failures.append(AuditFailure(index, reason))
@@ -333,8 +335,10 @@ class _Auditor:
         """Verify every note; returns the roots claimed at each size."""
         claimed: dict[int, set[bytes]] = {}
         previous = 0
-        for row in stored:
+        for position, row in enumerate(stored, 1):
             where = max(row.size - 1, -1)
+            if row.id != position:  # the sequencer numbers them 1, 2, ...; none is deleted
+                self.fail(where, f"expected checkpoint #{position}, found #{row.id} (deleted?)")
             try:
                 checkpoint = parse_checkpoint(
                     row.note, verifier=self.reader.verifier, origin=self.reader.origin
@@ -399,7 +403,11 @@ class _Auditor:
         """
         sizes = sorted(size for size in claimed if size > 0)
         tasks: list[Task] = []
-        for start in range(0, max(self.size, 1), _CHUNK):
+        # A renumbered or deleted row leaves a gap before the row count: the chunks up
+        # to it find the first failure, and a hostile idx near 2**63 costs nothing.
+        (rows,) = self.db.execute("SELECT COUNT(*) FROM entries").fetchone()
+        span = self.size if rows == self.size else min(self.size, int(rows) + 1)
+        for start in range(0, max(span, 1), _CHUNK):
             end = min(start + _CHUNK, self.size)
             tasks.append((start, end, tuple(s for s in sizes if start < s <= end)))
         hints = _key_hints(self.db)
@@ -500,6 +508,129 @@ class _Auditor:
             key = self.public_keys[raw] = parse_public_key(raw)
         return verify_signature(key, signature, message)
 
+    # -- witnesses ------------------------------------------------------------------
+
+    def check_cosignatures(self, stored: Sequence[StoredCheckpoint]) -> None:
+        """Every cosignature, in the tree and in the table, against the witness's key.
+
+        Runs after the entries and nodes verified, so the ``kind`` column and the stored
+        subtree hashes can be trusted. A ``cosignature`` entry must be the operator's,
+        name a witness whose ``key`` entry comes before it, carry a note the log signed
+        and the witness cosigned, over a tree no larger than the entry's own index whose
+        root is the tree's. Every row of the ``cosignatures`` table must verify on the
+        checkpoint it is attached to and be recorded by such an entry, and every such
+        entry must have its row (both are written in one transaction): deleting either
+        is a failure.
+        """
+        size, db = self.size, self.db
+        registered: dict[str, int] = {}
+        for index, leaf in db.execute(
+            "SELECT idx, CAST(leaf AS BLOB) FROM entries WHERE kind = ? AND idx < ? ORDER BY idx",
+            (KEY_KIND, size),
+        ):
+            registered.setdefault(parse_entry(bytes(leaf)).author, int(index))
+        operator = key_id(self.reader.verifier.raw_key)
+        recorded: dict[tuple[str, int, bytes, str], int] = {}
+        for index, leaf in db.execute(
+            "SELECT idx, CAST(leaf AS BLOB) FROM entries WHERE kind = ? AND idx < ? ORDER BY idx",
+            (COSIGNATURE_KIND, size),
+        ):
+            entry = parse_entry(bytes(leaf))
+            try:
+                if entry.author != operator:
+                    raise AuditError(
+                        f"expected the operator {operator} to record it, got {entry.author}"
+                    )
+                witnessed = check_cosignature_fields(
+                    entry.fields, log=self.reader.verifier, origin=self.reader.origin
+                )
+                checkpoint = witnessed.checkpoint
+                if registered.get(witnessed.witness_author, size) >= index:
+                    raise AuditError(
+                        f"witness {witnessed.witness_author} has no key entry before it"
+                    )
+                if checkpoint.size > index:
+                    raise AuditError(f"cosigns tree {checkpoint.size}, beyond its own index")
+                if checkpoint.root_hash != self.reader.root(checkpoint.size):
+                    raise AuditError(
+                        f"cosigns a root of tree {checkpoint.size} the leaves do not give"
+                    )
+            except LedgerError as error:
+                self.fail(int(index), f"cosignature entry: {error}")
+                return
+            for line in witnessed.lines:
+                key = (witnessed.witness.vkey(), checkpoint.size, checkpoint.root_hash, line)
+                recorded.setdefault(key, int(index))
+            author = witnessed.witness_author
+            self.cosigned[author] = max(self.cosigned.get(author, 0), checkpoint.size)
+        notes = {row.id: row for row in stored}
+        seen: set[tuple[str, int, bytes, str]] = set()
+        for position, (row_id, checkpoint_id, vkey, line) in enumerate(db.execute(
+            "SELECT id, checkpoint_id, CAST(witness AS TEXT), CAST(line AS TEXT) "
+            "FROM cosignatures ORDER BY id"
+        ), 1):
+            row = notes.get(int(checkpoint_id))
+            where = f"cosignature #{row_id}"
+            if row_id != position:
+                self.fail(-1, f"expected cosignature #{position}, found #{row_id} (deleted?)")
+                return
+            if row is None:
+                self.fail(-1, f"{where}: on checkpoint #{checkpoint_id}, which does not exist")
+                return
+            try:
+                witness = witness_verifier(str(vkey))
+                verify_cosignature(row.note + str(line), witness=witness)
+            except LedgerError as error:
+                self.fail(max(row.size - 1, -1), f"{where} (tree {row.size}): {error}")
+                return
+            key = (witness.vkey(), row.size, row.root, str(line))
+            if key not in recorded:
+                self.fail(
+                    max(row.size - 1, -1),
+                    f"{where} (tree {row.size}) is recorded by no cosignature entry in the tree",
+                )
+                return
+            seen.add(key)
+        for key, index in recorded.items():
+            if key not in seen:  # both are written in one transaction: a row was deleted
+                self.fail(index, "cosignature entry has no stored cosignature row (deleted?)")
+                return
+
+    def check_witnessed(self, closing_kind: str, witness_kinds: Sequence[str]) -> None:
+        """Witnessed to the end: once the log holds a ``closing_kind`` entry (the
+        settlement), every author of a ``witness_kinds`` entry before it (every
+        subscriber) must have cosigned a tree that holds it.
+
+        This binds each subscriber's key to the tree: a history rewritten from any entry
+        before the settlement (a subscriber's key entry replaced, votes or scores
+        swapped) and re-signed changes the root of that final tree, so the other
+        subscribers' final cosignatures no longer verify, and the operator cannot make
+        new ones.
+        """
+        rows = self.db.execute(
+            "SELECT MAX(idx) FROM entries WHERE kind = ? AND idx < ?", (closing_kind, self.size)
+        ).fetchone()
+        if rows is None or rows[0] is None:
+            return
+        closing = int(rows[0])
+        marks = ",".join("?" * len(witness_kinds))
+        witnesses = [
+            str(author)
+            for (author,) in self.db.execute(
+                f"SELECT DISTINCT author FROM entries WHERE kind IN ({marks}) AND idx < ? "
+                "ORDER BY author",
+                (*witness_kinds, closing),
+            )
+        ]
+        for author in witnesses:
+            if self.cosigned.get(author, 0) <= closing:
+                self.fail(
+                    closing,
+                    f"not witnessed to the end: subscriber {author} cosigned no tree holding "
+                    f"the {closing_kind} (its largest: {self.cosigned.get(author, 0)} entries)",
+                )
+                return
+
     # -- interior nodes -----------------------------------------------------------
 
     def check_nodes(self) -> None:
@@ -522,38 +653,69 @@ def verify_log(
     log_key: str | None = None,
     trusted_checkpoints: Sequence[str] = (),
     workers: int | None = None,
+    closing_kind: str | None = "settlement",
+    witness_kinds: Sequence[str] = ("candidate",),
 ) -> AuditReport:
     """Audit the ledger at ``path`` (a database file or a run folder with ``ledger.db``).
 
     ``log_key`` pins the operator's note verifier key (else the stored one is used);
     ``trusted_checkpoints`` are notes held elsewhere (by subscribers) that the
-    leaves must reproduce. Returns the report; its ``failure`` is the first failure.
+    leaves must reproduce. Once the log holds a ``closing_kind`` entry, every author
+    of a ``witness_kinds`` entry must have cosigned a tree holding it (``None``: no
+    such requirement). Returns the report; its ``failure`` is the first failure.
     Raises :class:`ledger.errors.StoreError` only when the file cannot be read at all.
     """
     reader = LogReader.open(path)
     try:
-        size = reader.size
-        stored = reader.stored_checkpoints()
-        auditor = _Auditor(
-            reader, trusted=trusted_checkpoints, workers=workers or os.cpu_count() or 1, size=size
-        )
-        if log_key is not None and reader.log_key != log_key:
-            auditor.fail(-1, f"expected log key {log_key}, the database holds {reader.log_key}")
-        else:
-            claimed = auditor.check_checkpoints(stored)
-            auditor.check_entries(claimed)
-            auditor.check_nodes()
-            if not auditor.failures:
-                auditor.check_consistency(stored)
-        return AuditReport(
-            path=reader.path,
-            size=size,
-            checkpoints=len(stored),
-            authors=len(auditor.authors_next_seq),
-            failure=min(auditor.failures, default=None),
-        )
+        with reader.snapshot():
+            return _verify_snapshot(
+                reader, log_key=log_key, trusted_checkpoints=trusted_checkpoints,
+                workers=workers, closing_kind=closing_kind, witness_kinds=witness_kinds,
+            )
     except sqlite3.DatabaseError as error:
         failure = AuditFailure(-1, f"database is unreadable: {error}")
         return AuditReport(path=reader.path, size=0, checkpoints=0, authors=0, failure=failure)
     finally:
         reader.close()
+
+
+def _verify_snapshot(
+    reader: LogReader,
+    *,
+    log_key: str | None,
+    trusted_checkpoints: Sequence[str],
+    workers: int | None,
+    closing_kind: str | None,
+    witness_kinds: Sequence[str],
+) -> AuditReport:
+    """:func:`verify_log` inside one read transaction of ``reader``.
+
+    The main connection sees one state of the log throughout. Worker processes read
+    with their own connections, but only entries below the snapshot's size and the
+    subtree hashes of that tree: the tables are append-only, so those rows are the
+    ones the snapshot holds.
+    """
+    size = reader.size
+    stored = reader.stored_checkpoints()
+    auditor = _Auditor(
+        reader, trusted=trusted_checkpoints, workers=workers or os.cpu_count() or 1, size=size
+    )
+    if log_key is not None and reader.log_key != log_key:
+        auditor.fail(-1, f"expected log key {log_key}, the database holds {reader.log_key}")
+    else:
+        claimed = auditor.check_checkpoints(stored)
+        auditor.check_entries(claimed)
+        auditor.check_nodes()
+        if not auditor.failures:
+            auditor.check_consistency(stored)
+        if not auditor.failures:
+            auditor.check_cosignatures(stored)
+        if not auditor.failures and closing_kind is not None:
+            auditor.check_witnessed(closing_kind, witness_kinds)
+    return AuditReport(
+        path=reader.path,
+        size=size,
+        checkpoints=len(stored),
+        authors=len(auditor.authors_next_seq),
+        failure=min(auditor.failures, default=None),
+    )

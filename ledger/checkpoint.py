@@ -267,7 +267,8 @@ def parse_checkpoint(
 ) -> Checkpoint:
     """Parse a signed checkpoint and verify the log's Ed25519 signature on it.
 
-    Signatures from other keys are ignored, as C2SP signed-note requires; ``origin``,
+    Signatures from other keys are ignored, as C2SP signed-note requires; every line
+    by the log key must verify (a failing one is refused, as C2SP recommends); ``origin``,
     when given, must match the first line. Raises :class:`CheckpointError`.
     """
     if verifier.algorithm != ALG_ED25519:
@@ -279,7 +280,9 @@ def parse_checkpoint(
             f"expected a signature by {verifier.name}+{verifier.key_id.hex()}, got none"
         )
     message = note.body.encode()
-    if not any(verify_signature(verifier.public_key, s.signature, message) for s in matching):
+    # C2SP signed-note: a verifier SHOULD reject a note with a failing signature by a
+    # known key, so every line by the log key must verify, not just one.
+    if not all(verify_signature(verifier.public_key, s.signature, message) for s in matching):
         raise CheckpointError(f"signature by {verifier.name} does not verify on this checkpoint")
     checkpoint = Checkpoint.from_body(note.body)
     if origin is not None and checkpoint.origin != origin:

@@ -13,15 +13,18 @@ crash or power loss):
 
 Every table is append-only (triggers abort UPDATE and DELETE). ``append_many``
 group-commits many entries and one new signed checkpoint in one transaction. A
-writer holds an exclusive ``flock`` on ``<db>.lock``; :meth:`Log.open` refuses a
+writer holds an exclusive ``flock`` on ``<db>.lock`` and one keyed by the file's
+(device, inode), so another path to the same file meets it; :meth:`Log.open` refuses a
 database whose recomputed tree does not match its last signed checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +39,10 @@ from ledger.checkpoint import (
     sign_checkpoint,
     verify_cosignature,
 )
-from ledger.entries import KEY_KIND, Entry, KeyRing, parse_entry
+from ledger.cosignatures import COSIGNATURE_KIND, cosignature_fields, witness_verifier
+from ledger.entries import KEY_KIND, Entry, KeyRing, make_key_entry, parse_entry, sign_entry
 from ledger.errors import CheckpointError, EntryError, LedgerError, StoreError
-from ledger.keys import Signer
+from ledger.keys import Signer, key_id
 
 __all__ = ["DB_NAME", "Log", "LogReader", "StoredCheckpoint", "node_id", "resolve_db_path"]
 
@@ -165,6 +169,25 @@ class LogReader:
 
     # -- reads ----------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[LogReader]:
+        """Every read inside sees one committed state of the log (one read transaction).
+
+        Without it, each statement sees the latest commit: size, checkpoints, entries
+        and nodes read one after another while the sequencer appends disagree, and a
+        healthy log fails its audit. SQLite WAL keeps the snapshot from the first read
+        of the transaction until it ends; the writer is not blocked.
+        """
+        if self._db.in_transaction:  # already inside one: nested use shares it
+            yield self
+            return
+        self._db.execute("BEGIN DEFERRED")
+        try:
+            self._db.execute("SELECT COUNT(*) FROM meta").fetchone()  # starts the snapshot
+            yield self
+        finally:
+            self._db.execute("COMMIT")
+
     @property
     def connection(self) -> sqlite3.Connection:
         """The underlying SQLite connection, for the auditor's streaming reads."""
@@ -236,10 +259,16 @@ class LogReader:
         return bytes(row[0])
 
     def entries(
-        self, *, kind: str | None = None, author: str | None = None
+        self, *, kind: str | None = None, author: str | None = None, end: int | None = None
     ) -> Iterator[tuple[int, Entry]]:
-        """Parsed entries in log order, optionally filtered (no signature check)."""
-        query, args = "SELECT idx, CAST(leaf AS BLOB) FROM entries WHERE 1", list[str]()
+        """Parsed entries in log order, optionally filtered (no signature check).
+
+        ``end`` stops before that index: the entries of the tree an audit verified,
+        whatever the sequencer appended since.
+        """
+        query, args = "SELECT idx, CAST(leaf AS BLOB) FROM entries WHERE 1", list[object]()
+        if end is not None:
+            query, args = query + " AND idx < ?", [*args, end]
         if kind is not None:
             query, args = query + " AND kind = ?", [*args, kind]
         if author is not None:
@@ -308,13 +337,31 @@ class LogReader:
         return [StoredCheckpoint(int(i), int(s), bytes(r), str(n)) for i, s, r, n in rows]
 
     def _with_cosignatures(self, checkpoint_id: int, note: str) -> str:
-        lines = [
-            str(line)
-            for (line,) in self._db.execute(
-                "SELECT line FROM cosignatures WHERE checkpoint_id = ? ORDER BY id",
-                (checkpoint_id,),
-            )
-        ]
+        """The note with the stored cosignature lines that verify.
+
+        A line is handed out only when its witness key is registered in the log (a
+        ``key`` entry of that key id) and it verifies on this very note: a forged,
+        flipped or re-attached line stays in the table (``verify_log`` reports it) but
+        never leaves through a checkpoint or a proof.
+        """
+        lines = []
+        rows = self._db.execute(
+            "SELECT witness, line FROM cosignatures WHERE checkpoint_id = ? ORDER BY id",
+            (checkpoint_id,),
+        ).fetchall()
+        for vkey, line in rows:
+            try:
+                witness = witness_verifier(str(vkey))
+                registered = self._db.execute(
+                    "SELECT 1 FROM entries WHERE author = ? AND kind = ? LIMIT 1",
+                    (key_id(witness.raw_key), KEY_KIND),
+                ).fetchone()
+                if registered is None:
+                    continue
+                verify_cosignature(note + str(line), witness=witness)
+            except (LedgerError, ValueError):
+                continue
+            lines.append(str(line))
         return note + "".join(lines)
 
     def checkpoint(self) -> str:
@@ -347,11 +394,11 @@ class Log(LogReader):
     """The sequencer's writable log. Use :meth:`Log.open`; one writer per database."""
 
     def __init__(
-        self, connection: sqlite3.Connection, path: Path, operator: Signer, lock_fd: int
+        self, connection: sqlite3.Connection, path: Path, operator: Signer, lock_fds: list[int]
     ) -> None:
         super().__init__(connection, path)
         self._operator = operator
-        self._lock_fd = lock_fd
+        self._lock_fds = lock_fds
         self._size = 0
         self._frontier: list[bytes] = []
         self._keys = KeyRing()
@@ -375,12 +422,7 @@ class Log(LogReader):
         """
         db_path = resolve_db_path(path)
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            os.close(lock_fd)
-            raise StoreError(f"another writer holds {db_path}.lock") from error
+        lock_fds = _writer_locks(db_path)
         connection: sqlite3.Connection | None = None
         try:
             connection = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
@@ -388,25 +430,23 @@ class Log(LogReader):
             connection.execute("PRAGMA synchronous=FULL")
             connection.execute("PRAGMA foreign_keys=ON")
             _create_if_missing(connection, operator=operator, origin=origin)
-            log = cls(connection, db_path, operator, lock_fd)
+            log = cls(connection, db_path, operator, lock_fds)
             log._load(origin=origin, full_check=full_check)
         except BaseException as error:
             if connection is not None:
                 connection.close()
-            fcntl.flock(lock_fd, fcntl.LOCK_UN)
-            os.close(lock_fd)
+            _release(lock_fds)
             if isinstance(error, sqlite3.DatabaseError):
                 raise StoreError(f"cannot open ledger database {db_path}: {error}") from error
             raise
         return log
 
     def close(self) -> None:
-        if self._lock_fd < 0:
+        if not self._lock_fds:
             return
         self._db.close()
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        os.close(self._lock_fd)
-        self._lock_fd = -1
+        _release(self._lock_fds)
+        self._lock_fds = []
 
     def __enter__(self) -> Log:
         return self
@@ -481,6 +521,12 @@ class Log(LogReader):
         different bytes at a used ``seq``, a gap, or any invalid entry raises
         :class:`EntryError` naming its position, and nothing of the batch is stored.
         """
+        return self._append(leaves)
+
+    def _append(
+        self, leaves: Sequence[bytes], cosignature_rows: Sequence[tuple[int, str, str]] = ()
+    ) -> list[int]:
+        """:meth:`append_many`, with cosignature rows stored in the same transaction."""
         indexes: list[int] = []
         rows: list[tuple[int, bytes, str, int, str]] = []
         nodes: list[tuple[int, bytes]] = []
@@ -522,6 +568,10 @@ class Log(LogReader):
             self._db.execute(
                 "INSERT INTO checkpoints (size, root, note) VALUES (?, ?, ?)", (size, root, note)
             )
+            self._db.executemany(
+                "INSERT INTO cosignatures (checkpoint_id, witness, line) VALUES (?, ?, ?)",
+                cosignature_rows,
+            )
             self._db.execute("COMMIT")
         except sqlite3.Error as error:
             if self._db.in_transaction:
@@ -560,33 +610,55 @@ class Log(LogReader):
             )
         return found[0]
 
-    def add_cosignature(self, cosigned_note: str, *, witness: NoteVerifier) -> None:
-        """Verify a witness's cosignature on one of our checkpoints and store its line.
+    def add_cosignature(self, cosigned_note: str, *, witness: NoteVerifier) -> int:
+        """Record one witness cosignature (see :meth:`add_cosignatures`); returns its index."""
+        return self.add_cosignatures([(cosigned_note, witness)])[0]
 
-        ``cosigned_note`` is a checkpoint we signed with the witness's line added
-        (:func:`ledger.checkpoint.cosign_checkpoint`). Raises CheckpointError when the
-        cosignature does not verify, StoreError when the checkpoint is not ours.
+    def add_cosignatures(self, cosigned: Sequence[tuple[str, NoteVerifier]]) -> list[int]:
+        """Verify witnesses' cosignatures on our checkpoints and record them in the tree.
+
+        Each ``(note, witness)`` is a checkpoint we signed with the witness's
+        cosignature/v1 line added (:func:`ledger.checkpoint.cosign_checkpoint`); the
+        witness key must be the key of an author registered in the log. Each becomes an
+        operator-signed ``cosignature`` entry (:mod:`ledger.cosignatures`) and a row of
+        the ``cosignatures`` table, both in one transaction. Returns the entries'
+        indexes. Raises CheckpointError when a cosignature does not verify, StoreError
+        when the checkpoint is not one of ours or the witness is not registered.
         """
-        verify_cosignature(cosigned_note, witness=witness)
-        note = parse_note(cosigned_note)
-        checkpoint = Checkpoint.from_body(note.body)
-        row = self._db.execute(
-            "SELECT id FROM checkpoints WHERE size = ? AND root = ? ORDER BY id DESC LIMIT 1",
-            (checkpoint.size, checkpoint.root_hash),
-        ).fetchone()
-        if row is None or checkpoint.origin != self.origin:
-            raise StoreError(
-                f"expected a checkpoint of this log, got {checkpoint.origin!r} {checkpoint.size}"
+        prepared: list[tuple[dict[str, object], tuple[int, str, str]]] = []
+        for note_text, witness in cosigned:
+            fields = cosignature_fields(
+                note_text, log=self.verifier, witness=witness, origin=self.origin
             )
-        lines = [
-            s.line()
-            for s in note.signatures
-            if (s.name, s.key_id) == (witness.name, witness.key_id)
+            author = key_id(witness.raw_key)
+            if author not in self._keys:
+                raise StoreError(f"expected witness {author} to be a registered author, it is not")
+            checkpoint = Checkpoint.from_body(parse_note(str(fields["note"])).body)
+            row = self._db.execute(
+                "SELECT id FROM checkpoints WHERE size = ? AND root = ? ORDER BY id DESC LIMIT 1",
+                (checkpoint.size, checkpoint.root_hash),
+            ).fetchone()
+            if row is None:
+                raise StoreError(
+                    f"expected a checkpoint of this log, got {checkpoint.origin!r} "
+                    f"{checkpoint.size}"
+                )
+            note = parse_note(str(fields["note"]))
+            witness_id = (witness.name, witness.key_id)
+            line = next(s.line() for s in note.signatures if (s.name, s.key_id) == witness_id)
+            prepared.append((fields, (int(row[0]), witness.vkey(), line)))
+        if not prepared:
+            return []
+        operator = self._operator
+        seq = self.next_seq(operator.key_id)
+        leaves = [] if seq > 0 else [make_key_entry(operator)]
+        seq = max(seq, 1)
+        leaves += [
+            sign_entry(operator, COSIGNATURE_KIND, seq=seq + offset, fields=fields)
+            for offset, (fields, _) in enumerate(prepared)
         ]
-        self._db.execute(
-            "INSERT INTO cosignatures (checkpoint_id, witness, line) VALUES (?, ?, ?)",
-            (int(row[0]), witness.vkey(), lines[0]),
-        )
+        indexes = self._append(leaves, [row for _, row in prepared])
+        return indexes[-len(prepared) :]
 
     def _bulk_load_unverified(self, leaves: Sequence[bytes]) -> None:
         """Benchmark fast path: append leaves WITHOUT entry checks. Never use on a real ledger."""
@@ -610,6 +682,50 @@ class Log(LogReader):
         )
         self._db.execute("COMMIT")
         self._frontier, self._size = frontier, size
+
+
+def _writer_locks(db_path: Path) -> list[int]:
+    """Exclusive ``flock`` s held by the single writer; StoreError when another holds one.
+
+    One on ``<db>.lock`` beside the file, and one keyed by the file's identity
+    (device, inode) in ``<tmp>/poi-ledger-locks/``: a second writer reaching the same
+    file through another path (a symlink, a hard link, ``dir/../ledger.db``, a bind
+    mount) takes the same identity lock. The database file is created empty first
+    when missing (an empty file is an empty SQLite database), so it has an inode;
+    nothing opens the database itself, which would disturb SQLite's POSIX locks.
+    """
+    if not db_path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    identity = os.stat(db_path)
+    lock_dir = Path(tempfile.gettempdir()) / "poi-ledger-locks"
+    if not lock_dir.is_dir():
+        with contextlib.suppress(FileExistsError):
+            lock_dir.mkdir()
+            os.chmod(lock_dir, 0o1777)  # shared by every user, like /tmp itself
+    paths = [Path(f"{db_path}.lock"), lock_dir / f"{identity.st_dev}-{identity.st_ino}.lock"]
+    fds: list[int] = []
+    for lock_path in paths:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            _release(fds)
+            raise StoreError(f"cannot create the writer lock {lock_path}: {error}") from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            _release(fds)
+            raise StoreError(f"another writer holds {db_path} (lock {lock_path})") from error
+        fds.append(fd)
+    return fds
+
+
+def _release(fds: Sequence[int]) -> None:
+    """Unlock and close the writer's lock files."""
+    for fd in fds:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _create_if_missing(connection: sqlite3.Connection, *, operator: Signer, origin: str) -> None:

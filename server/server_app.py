@@ -167,7 +167,7 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
             train_config=train_config_for(config), evaluate_fn=evaluate_fn,
         )
         if market is not None and isinstance(strategy, ProofOfIntelligence):
-            closing = market.close(reason=strategy.stop_reason)
+            closing = market.close(reason=strategy.stop_reason, grid=grid)
     finally:
         if ledger is not None:
             ledger.close()

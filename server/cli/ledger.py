@@ -15,7 +15,7 @@ import rich.console
 import rich.table
 import typer
 
-from ledger import LedgerError, LogReader, hash_leaf, verify_log
+from ledger import LedgerError, LogReader, StoreError, hash_leaf, verify_log
 
 __all__ = ["ledger_app"]
 
@@ -48,7 +48,8 @@ def verify(
         str | None, typer.Option(help="pin the operator's note verifier key")
     ] = None,
     checkpoint: Annotated[
-        list[Path] | None, typer.Option(help="a checkpoint note held elsewhere that must match")
+        list[Path] | None,
+        typer.Option(help="a checkpoint note held elsewhere, or a folder of *.note, to match"),
     ] = None,
 ) -> None:
     """Audit signatures, encodings, roots, checkpoints and sequences; exit 1 on a failure."""
@@ -56,7 +57,7 @@ def verify(
         report = verify_log(
             path,
             log_key=log_key,
-            trusted_checkpoints=[note.read_text() for note in checkpoint or []],
+            trusted_checkpoints=_notes(checkpoint or []),
         )
     except LedgerError as error:
         _stderr.print(f"[red]error:[/red] {error}")
@@ -72,6 +73,44 @@ def verify(
     _stdout.print(
         f"[green]OK[/green] {report.path}: {report.size} entries, "
         f"{report.checkpoints} checkpoints, {report.authors} authors, root {root}"
+    )
+
+
+def _notes(paths: list[Path]) -> list[str]:
+    """Note texts from files, or from every ``*.note`` under a directory."""
+    found: list[str] = []
+    for path in paths:
+        files = sorted(path.rglob("*.note")) if path.is_dir() else [path]
+        found.extend(file.read_text() for file in files)
+    return found
+
+
+@ledger_app.command("witness-check")
+def witness_check(
+    path: PathArgument,
+    notes: Annotated[
+        list[Path], typer.Option(help="a folder of notes subscribers cosigned (repeatable)")
+    ],
+) -> None:
+    """Hold the log to the checkpoints subscribers cosigned and kept; exit 1 on a failure.
+
+    Every note must verify with the log key and be reproduced by the leaves (same
+    size, same root), and the log must verify in full (witnessed to the end)."""
+    texts = _notes(notes)
+    if not texts:
+        _stderr.print(f"[red]error:[/red] no *.note files under {', '.join(map(str, notes))}")
+        raise typer.Exit(2)
+    try:
+        report = verify_log(path, trusted_checkpoints=texts)
+    except LedgerError as error:
+        _stderr.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from error
+    if report.failure is not None:
+        _stderr.print(f"[red]FAILED[/red] {report.path}: {report.failure}")
+        raise typer.Exit(1)
+    _stdout.print(
+        f"[green]OK[/green] {report.path}: {report.size} entries agree with "
+        f"{len(texts)} cosigned notes"
     )
 
 
@@ -99,30 +138,48 @@ def show(
 @ledger_app.command()
 def prove(
     path: PathArgument,
-    index: Annotated[int, typer.Option(help="0-based entry index")],
+    index: Annotated[int | None, typer.Option(help="0-based entry index (inclusion proof)")] = None,
+    from_size: Annotated[
+        int | None, typer.Option("--from", help="older tree size (consistency proof)")
+    ] = None,
     size: Annotated[int | None, typer.Option(help="tree size (default: latest)")] = None,
 ) -> None:
-    """Print an RFC 9162 inclusion proof of one entry, with the signed checkpoint, as JSON."""
-    with _open(path) as reader:
+    """Print an RFC 9162 inclusion proof of one entry (``--index``) or a consistency
+    proof from an older tree (``--from``), with the signed checkpoints, as JSON."""
+    if (index is None) == (from_size is None):
+        _stderr.print("[red]error:[/red] expected exactly one of --index and --from")
+        raise typer.Exit(2)
+    with _open(path) as reader, reader.snapshot():
         try:
             tree_size = reader.size if size is None else size
-            leaf = reader.entry(index)
-            proof = reader.inclusion_proof(index, tree_size)
             note = reader.checkpoint_at(tree_size)
             root = reader.root(tree_size)
+            if index is not None:
+                leaf = reader.entry(index)
+                document = {
+                    "index": index,
+                    "tree_size": tree_size,
+                    "leaf": _b64(leaf),
+                    "leaf_hash": _b64(hash_leaf(leaf)),
+                    "proof": [_b64(node) for node in reader.inclusion_proof(index, tree_size)],
+                }
+            else:
+                assert from_size is not None
+                if not 0 < from_size <= tree_size:
+                    raise StoreError(f"expected 0 < --from <= {tree_size}, got {from_size}")
+                document = {
+                    "old_size": from_size,
+                    "tree_size": tree_size,
+                    "old_root": _b64(reader.root(from_size)),
+                    "old_checkpoint": reader.checkpoint_at(from_size),
+                    "proof": [
+                        _b64(node) for node in reader.consistency_proof(from_size, tree_size)
+                    ],
+                }
         except LedgerError as error:
             _stderr.print(f"[red]error:[/red] {error}")
             raise typer.Exit(1) from error
-        document = {
-            "index": index,
-            "tree_size": tree_size,
-            "leaf": _b64(leaf),
-            "leaf_hash": _b64(hash_leaf(leaf)),
-            "proof": [_b64(node) for node in proof],
-            "root": _b64(root),
-            "checkpoint": note,
-            "log_key": reader.log_key,
-        }
+        document.update({"root": _b64(root), "checkpoint": note, "log_key": reader.log_key})
     typer.echo(json.dumps(document, indent=2))
 
 

@@ -106,9 +106,10 @@ class MarketSession:
         return self.scientist.patience_exhausted
 
     # ------------------------------------------------------------------- close
-    def close(self, *, reason: str) -> Closing:
+    def close(self, *, reason: str, grid: Any = None) -> Closing:
         """Close training, let the Scientist reveal (or not), record the deadline when
-        no reveal came, then compute and record the settlement."""
+        no reveal came, then compute and record the settlement; with ``grid``, every
+        subscriber then witnesses the final checkpoint (``RoundLedger.witness_final``)."""
         ledger = self.ledger
         ledger.append_operator([("close", {"task_id": ledger.task_id, "round": self.last_round,
                                            "reason": reason})])
@@ -131,6 +132,10 @@ class MarketSession:
                                  settlement_fields(ledger.task_id, settlement, losses))])
         if settlement.forfeited:
             log(WARNING, "poi market: the Scientist forfeits (%s)", settlement.reason)
+        if grid is not None:
+            witnesses = ledger.witness_final(grid)
+            log(INFO, "poi market: %s of %s subscribers cosigned the final checkpoint",
+                witnesses, len(ledger.node_author))
         return Closing(settlement=settlement, record=record, replay=result)
 
     def read(self) -> tuple[MarketRecord, Replay]:

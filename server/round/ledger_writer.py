@@ -20,12 +20,13 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 
 from client import protocol as P
 from ledger.blobs import BlobStore
 from ledger.checkpoint import ALG_COSIGNATURE_V1, Checkpoint, NoteVerifier, parse_note
+from ledger.cosignatures import cosignature_fields
 from ledger.entries import Entry, make_key_entry, parse_entry, sign_entry
 from ledger.errors import LedgerError
 from ledger.keys import Signer, key_id, parse_public_key
@@ -212,24 +213,84 @@ class RoundLedger:
                     refused[item.node_id] = f"ledger refused the entries: {exc}"
         for item in admitted:
             self.node_author[item.node_id] = item.author
-            self._store_cosignature(item)
+        self.store_cosignatures(admitted)
         return refused
 
-    def _store_cosignature(self, item: PendingEntries) -> None:
-        if not item.cosigned or item.witness_key is None:
-            return
-        if key_id(item.witness_key) != item.author:
-            return
+    def store_cosignatures(self, items: Sequence[PendingEntries]) -> None:
+        """Record the subscribers' cosignatures as ``cosignature`` entries (one
+        transaction; one that does not verify is left out with a warning)."""
+        accepted: list[tuple[PendingEntries, str, NoteVerifier]] = []
+        for item in items:
+            if not item.cosigned or item.witness_key is None:
+                continue
+            if key_id(item.witness_key) != item.author:
+                continue
+            try:
+                witness = NoteVerifier.for_key(
+                    f"subscriber-{item.author}", item.witness_key, algorithm=ALG_COSIGNATURE_V1)
+                cosignature_fields(item.cosigned, log=self.log_.verifier, witness=witness,
+                                   origin=self.log_.origin)
+            except (LedgerError, ValueError) as exc:
+                log(WARNING, "cosignature from node %s refused: %s", item.node_id, exc)
+                continue
+            accepted.append((item, item.cosigned, witness))
         try:
-            witness = NoteVerifier.for_key(
-                f"subscriber-{item.author}", item.witness_key, algorithm=ALG_COSIGNATURE_V1)
-            self.log_.add_cosignature(item.cosigned, witness=witness)
-        except (LedgerError, ValueError) as exc:
-            log(WARNING, "cosignature from node %s refused: %s", item.node_id, exc)
-            return
-        size = Checkpoint.from_body(parse_note(item.cosigned).body).size
-        self.node_seen[item.node_id] = max(self.node_seen.get(item.node_id, 0), size)
-        self.cosignatures += 1
+            self.log_.add_cosignatures([(note, witness) for _, note, witness in accepted])
+        except LedgerError:  # one by one, so one bad cosignature costs only itself
+            kept = []
+            for entry in accepted:
+                try:
+                    self.log_.add_cosignature(entry[1], witness=entry[2])
+                    kept.append(entry)
+                except LedgerError as exc:
+                    log(WARNING, "cosignature from node %s refused: %s", entry[0].node_id, exc)
+            accepted = kept
+        for item, note, _ in accepted:
+            size = Checkpoint.from_body(parse_note(note).body).size
+            self.node_seen[item.node_id] = max(self.node_seen.get(item.node_id, 0), size)
+            self.cosignatures += 1
+
+    # ----------------------------------------------------- witnessed to the end
+    def witness_final(self, grid: Any, *, timeout: float | None = 300.0) -> int:
+        """After the settlement: send every subscriber the final checkpoint with its
+        consistency proofs and the settlement's inclusion proof (``query.witness``);
+        each checks and cosigns it and keeps the note, and the cosignatures are
+        recorded. A node that does not answer within ``timeout`` seconds is left out
+        (and the log then fails verify: not witnessed to the end). Returns how many
+        subscribers cosigned."""
+        settlements = [index for index, _ in self.log_.entries(kind="settlement")]
+        if not settlements or not self.node_author:
+            return 0
+        index, size = settlements[-1], self.log_.size
+        proof = [base64.b64encode(h).decode() for h in self.log_.inclusion_proof(index, size)]
+        messages = []
+        for node_id in sorted(self.node_author):
+            config = ConfigRecord(self.message_config(node_id))
+            config[P.LEDGER_SETTLEMENT] = self.log_.entry(index)
+            config[P.LEDGER_SETTLEMENT_INDEX] = index
+            config[P.LEDGER_SETTLEMENT_PROOF] = proof
+            messages.append(Message(content=RecordDict({P.CONFIG: config}),
+                                    message_type=P.WITNESS_MESSAGE_TYPE,
+                                    dst_node_id=int(node_id)))
+        pending = []
+        for reply in grid.send_and_receive(messages=messages, timeout=timeout):
+            node_id = str(reply.metadata.src_node_id)
+            if reply.has_error():
+                log(WARNING, "node %s did not witness the final checkpoint: %s", node_id,
+                    reply.error.reason)
+                continue
+            record = reply.content.get(P.LEDGER)
+            author = self.node_author.get(node_id)
+            if not isinstance(record, ConfigRecord) or author is None:
+                continue
+            cosigned, witness_key = record.get(P.LEDGER_COSIGNED), record.get(P.LEDGER_WITNESS_KEY)
+            pending.append(PendingEntries(
+                node_id=node_id, author=author, leaves=[],
+                cosigned=str(cosigned) if isinstance(cosigned, str) else None,
+                witness_key=witness_key if isinstance(witness_key, bytes) else None))
+        before = self.cosignatures
+        self.store_cosignatures(pending)
+        return self.cosignatures - before
 
     # ---------------------------------------------------------- operator
     def append_operator(self, entries: Sequence[tuple[str, Mapping[str, Any]]]) -> list[int]:

@@ -81,3 +81,23 @@ def test_prove_prints_a_verifiable_proof(run_dir: Path) -> None:
     )
     result = runner.invoke(ledger_app, ["prove", str(run_dir), "--index", "5", "--size", "7"])
     assert result.exit_code == 1 and "checkpoint of size 7" in result.output
+
+
+def test_prove_from_prints_a_verifiable_consistency_proof(run_dir: Path) -> None:
+    result = runner.invoke(ledger_app, ["prove", str(run_dir), "--from", "2", "--size", "8"])
+    assert result.exit_code == 0, result.output
+    proof = json.loads(result.stdout)
+    assert set(proof) == {
+        "old_size", "tree_size", "old_root", "old_checkpoint", "proof", "root", "checkpoint",
+        "log_key",
+    }  # fmt: skip
+    verifier = NoteVerifier.from_vkey(proof["log_key"])
+    old = parse_checkpoint(proof["old_checkpoint"], verifier=verifier, origin=ORIGIN)
+    new = parse_checkpoint(proof["checkpoint"], verifier=verifier, origin=ORIGIN)
+    merkle.verify_consistency(
+        size1=old.size, size2=new.size, root1=old.root_hash, root2=new.root_hash,
+        proof=[base64.b64decode(node) for node in proof["proof"]],
+    )
+    for bad in (["--from", "9", "--size", "8"], ["--from", "0"], ["--index", "1", "--from", "2"]):
+        result = runner.invoke(ledger_app, ["prove", str(run_dir), *bad])
+        assert result.exit_code in (1, 2) and "error" in result.output

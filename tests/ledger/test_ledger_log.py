@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from pathlib import Path
 
@@ -116,6 +117,20 @@ def test_single_writer(tmp_path: Path, operator: Signer) -> None:
             assert reader.size == 0
 
 
+def test_single_writer_through_another_path(tmp_path: Path, operator: Signer) -> None:
+    """The lock is keyed by the file's (device, inode), not by the path used (issue 13)."""
+    (tmp_path / "run").mkdir()
+    with Log.open(tmp_path / "run" / "ledger.db", operator, ORIGIN):
+        (tmp_path / "alias").symlink_to(tmp_path / "run")
+        os.link(tmp_path / "run" / "ledger.db", tmp_path / "hardlink.db")
+        for other in (tmp_path / "alias" / "ledger.db", tmp_path / "hardlink.db",
+                      tmp_path / "run" / ".." / "run" / "ledger.db"):
+            with pytest.raises(StoreError, match="another writer holds"):
+                Log.open(other, operator, ORIGIN)
+    with Log.open(tmp_path / "hardlink.db", operator, ORIGIN) as log:  # released on close
+        assert log.size == 0
+
+
 def test_reopen_keeps_state(tmp_path: Path, operator: Signer, authors: list[Signer]) -> None:
     with Log.open(tmp_path / "ledger.db", operator, ORIGIN) as log:
         populate(log, authors, batches=2)
@@ -169,14 +184,15 @@ def test_refuses_to_open_a_tampered_store(
 
 def test_cosignatures_are_verified_and_stored(log: Log, authors: list[Signer]) -> None:
     populate(log, authors, batches=1)
-    witness = Signer.from_seed(b"w" * 32)
+    witness = authors[0]  # a witness is a registered author (its key entry is in the log)
     verifier = NoteVerifier.for_key(
         "w.example", witness.public_key_bytes, algorithm=ALG_COSIGNATURE_V1
     )
+    size = log.size
     cosigned = cosign_checkpoint(log.checkpoint(), witness, name="w.example", timestamp=7)
-    log.add_cosignature(cosigned, witness=verifier)
-    assert verify_cosignature(log.checkpoint(), witness=verifier) == 7
-    assert verify_cosignature(log.checkpoint_at(log.size), witness=verifier) == 7
+    index = log.add_cosignature(cosigned, witness=verifier)
+    assert index == log.size - 1 > size  # recorded in the tree (after the operator's key)
+    assert verify_cosignature(log.checkpoint_at(size), witness=verifier) == 7
     impostor = Signer.from_seed(b"i" * 32)
     plain = log.stored_checkpoints()[-1].note
     forged = cosign_checkpoint(plain, impostor, name="w.example", timestamp=8)
@@ -184,8 +200,17 @@ def test_cosignatures_are_verified_and_stored(log: Log, authors: list[Signer]) -
         log.add_cosignature(forged, witness=verifier)
     foreign = sign_checkpoint(Checkpoint(ORIGIN, 1, bytes(32)), Signer.from_seed(b"f" * 32))
     foreign = cosign_checkpoint(foreign, witness, name="w.example", timestamp=9)
-    with pytest.raises(StoreError, match="expected a checkpoint of this log"):
+    with pytest.raises(CheckpointError, match="expected a signature by"):
         log.add_cosignature(foreign, witness=verifier)
+    unsigned_tree = sign_checkpoint(Checkpoint(ORIGIN, 1, bytes(32)), log._operator)
+    unsigned_tree = cosign_checkpoint(unsigned_tree, witness, name="w.example", timestamp=9)
+    with pytest.raises(StoreError, match="expected a checkpoint of this log"):
+        log.add_cosignature(unsigned_tree, witness=verifier)
+    stranger = NoteVerifier.for_key("s.example", impostor.public_key_bytes,
+                                    algorithm=ALG_COSIGNATURE_V1)
+    by_stranger = cosign_checkpoint(plain, impostor, name="s.example", timestamp=9)
+    with pytest.raises(StoreError, match="to be a registered author"):
+        log.add_cosignature(by_stranger, witness=stranger)
 
 
 def test_blob_store(tmp_path: Path) -> None:
