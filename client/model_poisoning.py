@@ -35,8 +35,7 @@ PERTURBATIONS = frozenset({"unit", "std", "sign"})
 
 def flatten(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str]) -> np.ndarray:
     """Stack updates into an ``(n, d)`` float64 matrix, each row its arrays in ``keys``
-    order, raveled and concatenated. (``client/`` never imports ``server/``: this and
-    ``unflatten`` are local twins of those in ``server.round.robust``.)
+    order, raveled and concatenated (``server.round.robust`` uses this one too).
 
     Raises ValueError for no updates, no keys, a missing key or unequal shapes."""
     if not updates or not keys:

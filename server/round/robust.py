@@ -21,47 +21,15 @@ order); ``nearest_neighbor_mixing`` vs ``NNM``, 0.0; ``centered_clipping`` vs
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+# One implementation of the update <-> vector mapping; it lives in the client because
+# client/ never imports server/ and the colluders need it too.
+from client.model_poisoning import flatten, unflatten
 
-def flatten(updates: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str]) -> np.ndarray:
-    """Stack updates into an ``(n, d)`` float64 matrix, each row its arrays in ``keys``
-    order, raveled and concatenated.
-
-    Raises ValueError for no updates, no keys, a missing key or unequal shapes."""
-    if not updates or not keys:
-        raise ValueError(
-            f"expected at least one update and one key, got {len(updates)} and {len(keys)}"
-        )
-    shapes = {key: np.shape(updates[0][key]) if key in updates[0] else None for key in keys}
-    for index, update in enumerate(updates):
-        got = {key: np.shape(update[key]) if key in update else None for key in keys}
-        if got != shapes or None in got.values():
-            raise ValueError(f"expected update {index} to have shapes {shapes}, got {got}")
-    return np.stack([
-        np.concatenate([np.asarray(update[key], dtype=np.float64).ravel() for key in keys])
-        for update in updates
-    ])
-
-
-def unflatten(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Cut a flat vector back into ``like``'s arrays (its key order, shapes, dtypes): the
-    inverse of ``flatten(..., keys=list(like))``.
-
-    Raises ValueError when the sizes differ."""
-    flat = np.asarray(vector).ravel()
-    sizes = [int(np.size(value)) for value in like.values()]
-    if flat.size != sum(sizes):
-        raise ValueError(
-            f"expected a vector of {sum(sizes)} values for keys {list(like)}, got {flat.size}"
-        )
-    pieces = np.split(flat, np.cumsum(sizes)[:-1]) if sizes else []
-    return {
-        key: piece.reshape(np.shape(value)).astype(np.asarray(value).dtype)
-        for (key, value), piece in zip(like.items(), pieces, strict=True)
-    }
+__all__ = ["centered_clipping", "coordinate_trimmed_mean", "flatten", "nearest_neighbor_mixing",
+           "nnm_trimmed_mean", "unflatten"]
 
 
 # --------------------------------------------------------------------------
