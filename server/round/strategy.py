@@ -444,6 +444,7 @@ class ProofOfIntelligence(FedAvg):
             by_id[candidate_id].voters = list(members)
         assigned = selection.ballots(committees)
         mean_record = numpy_to_arrays(trusted_mean)
+        encoded = {c: numpy_to_arrays(deltas[c]) for c in by_id}  # once, not per voter
         messages = []
         for voter, ballot in assigned.items():
             vote_config = ConfigRecord({
@@ -457,7 +458,7 @@ class ProofOfIntelligence(FedAvg):
             content = RecordDict({P.ARRAYS: arrays, P.CONFIG: vote_config,
                                   P.TRUSTED_MEAN: mean_record})
             for candidate_id in ballot:
-                content[P.CANDIDATE_PREFIX + candidate_id] = numpy_to_arrays(deltas[candidate_id])
+                content[P.CANDIDATE_PREFIX + candidate_id] = encoded[candidate_id]
             messages.append(Message(content=content, message_type=P.VOTE_MESSAGE_TYPE,
                                     dst_node_id=int(voter)))
         replies = grid.send_and_receive(messages=messages, timeout=timeout)
@@ -704,6 +705,7 @@ class ProofOfIntelligence(FedAvg):
         for candidate_id, members in committees.items():
             by_id[candidate_id].voters = list(members)
         assigned = selection.ballots(committees)
+        encoded = {c: numpy_to_arrays(deltas[c]) for c in by_id}  # once, not per voter
         messages = []
         for voter, ballot in assigned.items():
             vote_config = ConfigRecord({
@@ -716,7 +718,7 @@ class ProofOfIntelligence(FedAvg):
                 vote_config = self.ledger.apply_to(vote_config, voter)
             content = RecordDict({P.ARRAYS: arrays, P.CONFIG: vote_config})
             for candidate_id in ballot:
-                content[P.CANDIDATE_PREFIX + candidate_id] = numpy_to_arrays(deltas[candidate_id])
+                content[P.CANDIDATE_PREFIX + candidate_id] = encoded[candidate_id]
             messages.append(Message(content=content, message_type=P.VOTE_MESSAGE_TYPE,
                                     dst_node_id=int(voter)))
         replies = grid.send_and_receive(messages=messages, timeout=timeout)
