@@ -23,6 +23,7 @@ MODEL_POISONING_ATTACKS = ("alie", "ipm", "min-max", "min-sum")  # client.model_
 PARTITIONERS = ("iid", "dirichlet")
 VOTE_AGGREGATIONS = ("median", "trimmed-mean", "rank-median")
 VOTE_RULES = ("marginal", "single")
+PAYOUT_GAMES = ("fixed-k", "mean")
 MAX_ACCEPTED = 16  # exact Shapley in the settlement costs 2^k evaluations
 ACTIVATIONS = ("square", "poly2")
 ACCOUNTANTS = ("prv", "rdp")
@@ -92,6 +93,12 @@ class RunConfig:
     patience: int = 0
     scientist: str = "honest"
     validation_path: str = ""
+    # --- the payout rule (server.market.settlement.PayoutRule, docs/market.md)
+    payout_game: str = "fixed-k"  # "mean": rule v1, Shapley over the mean of a coalition
+    shapley_permutations: int = 32  # sampled orderings beyond 12 applied updates
+    payout_loss_rise: bool = True
+    payout_vote_gate: bool = True
+    target_loss_micro: int = 0  # L*: the loss at which the task counts as converged
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -178,6 +185,11 @@ class RunConfig:
         _at_least("reveal-deadline-rounds", self.reveal_deadline_rounds, 1)
         _at_least("score-tolerance-micro", self.score_tolerance_micro, 0)
         _at_least("patience", self.patience, 0)
+        _one_of("payout-game", self.payout_game, PAYOUT_GAMES)
+        if not 2 <= self.shapley_permutations <= 4096:
+            raise ConfigError(f"shapley-permutations: expected 2..4096, got "
+                              f"{self.shapley_permutations}")
+        _at_least("target-loss-micro", self.target_loss_micro, 0)
         if self.top_k > 16:
             raise ConfigError(f"top-k: expected at most 16 (exact Shapley in the settlement "
                               f"costs 2^k evaluations), got {self.top_k}")

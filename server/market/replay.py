@@ -27,7 +27,14 @@ from crypto.digests import TensorEncodingError, parse_canonical_tensor_bytes, te
 from ledger.blobs import BlobStore
 from ledger.entries import Entry
 from ledger.errors import LedgerError
-from ledger.merkle import hash_leaf, root_from_leaf_hashes
+from ledger.merkle import frontier_append, hash_leaf, root_from_frontier, root_from_leaf_hashes
+from server.market.attribution import (
+    AttributionError,
+    draw_permutations,
+    fixed_k_coalition_losses,
+    permutation_seed,
+    prefix_losses,
+)
 from server.market.scientist import (
     MAX_TOLERANCE_MICRO,
     MarketError,
@@ -40,8 +47,10 @@ from server.market.settlement import (
     FORFEIT_MISMATCH,
     FORFEIT_NO_REVEAL,
     FORFEIT_SCORE,
+    PayoutRule,
     RoundOutcome,
     Settlement,
+    SettlementError,
     settle,
 )
 from server.round.marginal import (
@@ -63,6 +72,8 @@ class ScoreRecord:
     loss_micro: int
     model_digest: str
     coalitions_micro: dict[int, int]
+    shapley_root: str = ""  # hex; rounds beyond the rule's exact_max updates
+    prefix_losses_micro: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -123,10 +134,15 @@ class MarketRecord:
     conflicting_scores: set[int] = field(default_factory=set)
     ballots: dict[int, dict[str, BallotRecord]] = field(default_factory=dict)  # round, voter
     marginals: dict[int, MarginalsRecord] = field(default_factory=dict)
+    model_roots: dict[int, str] = field(default_factory=dict)  # ledger root after `model`
 
     @property
     def terms(self) -> MarketTerms:
         return MarketTerms.from_offer(self.offer)
+
+    @property
+    def payout(self) -> PayoutRule:
+        return PayoutRule.from_offer(self.offer)
 
     @property
     def last_round(self) -> int:
@@ -138,7 +154,21 @@ class MarketRecord:
         return self.candidates.get((server_round, digest), "")
 
 
-MAX_SELECTED = 16  # exact Shapley over at most this many updates per round
+MAX_SELECTED = 16  # rule v1: exact Shapley over at most this many updates per round
+MAX_SELECTED_V2 = 4096  # rule v2: sampled Shapley beyond exact_max
+
+
+def _prefix_rows(value: object) -> list[list[int]] | None:
+    """A list of lists of integer losses (micro), or None when it is not one."""
+    if not isinstance(value, list):
+        return None
+    rows = []
+    for row in value:
+        if not isinstance(row, list) or any(
+                isinstance(v, bool) or not isinstance(v, int) for v in row):
+            return None
+        rows.append([int(v) for v in row])
+    return rows
 
 
 def _amounts(value: object) -> dict[str, int] | None:
@@ -197,7 +227,12 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
     the last round run)."""
     record = MarketRecord()
     conflicting: set[int] = set()
+    frontier: list[bytes] = []
+    size = 0  # leaves folded into the frontier (the root after each model entry)
     for index, entry in entries:
+        if index == size:
+            frontier, _ = frontier_append(frontier, size=size, leaf_hash=hash_leaf(entry.leaf))
+            size += 1
         f = entry.fields
         kind, author = entry.kind, entry.author
         if kind == "task":
@@ -245,8 +280,9 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
             if rnd in record.selections:
                 raise MarketError(f"entry {index}: a second selection for round {rnd}")
             selected = [str(d) for d in f["selected"]]
-            if len(selected) > MAX_SELECTED or len(set(selected)) != len(selected):
-                raise MarketError(f"entry {index}: expected at most {MAX_SELECTED} distinct "
+            limit = MAX_SELECTED_V2 if "payout" in record.offer else MAX_SELECTED
+            if len(selected) > limit or len(set(selected)) != len(selected):
+                raise MarketError(f"entry {index}: expected at most {limit} distinct "
                                   f"selected updates, got {len(selected)}")
             scored = f.get("scores_micro", {})
             record.selections[rnd] = SelectionRecord(
@@ -257,6 +293,8 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
             if rnd in record.models:
                 raise MarketError(f"entry {index}: a second model for round {rnd}")
             record.models[rnd] = str(f["model_digest"])
+            if index + 1 == size:
+                record.model_roots[rnd] = root_from_frontier(frontier).hex()
         elif kind == "score" and author == record.scientist and record.scientist:
             raw = f.get("coalitions_micro", {})
             try:
@@ -264,15 +302,22 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
             except (TypeError, ValueError):
                 record.problems.append(f"entry {index}: malformed coalitions_micro")
                 coalitions = {}
+            prefixes = _prefix_rows(f.get("prefix_losses_micro", []))
+            if prefixes is None:
+                record.problems.append(f"entry {index}: malformed prefix_losses_micro")
+                prefixes = []
             rnd = int(f["round"])
             score = ScoreRecord(index=index, loss_micro=int(f["loss_micro"]),
                                 model_digest=str(f.get("model_digest", "")),
-                                coalitions_micro=coalitions)
+                                coalitions_micro=coalitions,
+                                shapley_root=str(f.get("shapley_root", "")),
+                                prefix_losses_micro=prefixes)
             known = record.scores.get(rnd)
             if known is None:
                 record.scores[rnd] = score
-            elif (known.loss_micro, known.coalitions_micro) != (score.loss_micro,
-                                                                 score.coalitions_micro):
+            elif (known.loss_micro, known.coalitions_micro, known.shapley_root,
+                  known.prefix_losses_micro) != (score.loss_micro, score.coalitions_micro,
+                                                 score.shapley_root, score.prefix_losses_micro):
                 conflicting.add(rnd)
                 record.problems.append(f"entry {index}: a second, different score for round {rnd}")
         elif kind == "validation_marginals" and author == record.scientist and record.scientist:
@@ -344,6 +389,10 @@ def check_offer(offer: Mapping[str, Any]) -> None:
         raise MarketError(f"offer: expected hidden_units in 1..4096, got {hidden!r}")
     if activation not in ACTIVATIONS:
         raise MarketError(f"offer: expected activation in {list(ACTIVATIONS)}, got {activation!r}")
+    try:
+        PayoutRule.from_offer(offer)
+    except SettlementError as exc:
+        raise MarketError(str(exc)) from exc
     if "vote" in offer:
         vote = offer["vote"]
         if not isinstance(vote, dict) or vote.get("rule") != "marginal":
@@ -364,6 +413,7 @@ class Replay:
     reveal_detail: str = ""
     losses: dict[int, int] = field(default_factory=dict)  # round -> replayed loss (micro)
     coalitions: dict[int, dict[int, int]] = field(default_factory=dict)
+    prefixes: dict[int, list[list[int]]] = field(default_factory=dict)  # sampled rounds
     score_mismatches: list[str] = field(default_factory=list)  # published vs replayed
     weights: dict[str, np.ndarray] | None = None
     vote_rounds: dict[int, VoteRound] = field(default_factory=dict)  # marginal vote replayed
@@ -434,9 +484,12 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
         out.mismatches.append(str(exc))
         return out
 
-    def compare(server_round: int, replayed: int, coalitions: dict[int, int]) -> None:
+    def compare(server_round: int, replayed: int, coalitions: dict[int, int],
+                prefixes: list[list[int]] | None = None) -> None:
         out.losses[server_round] = replayed
         out.coalitions[server_round] = coalitions
+        if prefixes is not None:
+            out.prefixes[server_round] = prefixes
         published = record.scores.get(server_round)
         if published is None:
             out.score_mismatches.append(f"round {server_round}: no score published")
@@ -458,6 +511,9 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
                     f"round {server_round}: coalition {mask} published {claimed}, "
                     f"replay gives {value}")
                 break
+        if prefixes is not None:
+            _compare_prefixes(out, published, server_round, prefixes,
+                              record.model_roots.get(server_round, ""), tolerance)
 
     try:
         out.mismatches.extend(replay_vote(record, blobs, out.vote_rounds))
@@ -465,9 +521,36 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
         out.mismatches.append(str(exc))
     try:
         _replay_rounds(out, record, blobs, data, weights, compare)
-    except MarketError as exc:
+    except (MarketError, AttributionError) as exc:
         out.mismatches.append(str(exc))
     return out
+
+
+def _compare_prefixes(out: Replay, published: ScoreRecord, server_round: int,
+                      prefixes: list[list[int]], root_hex: str, tolerance: int) -> None:
+    """A sampled round's published orderings: drawn from the ledger root after the
+    round's model entry, one list of k-1 prefix losses each, every loss within the
+    tolerance of the replay's."""
+    if published.shapley_root != root_hex:
+        out.score_mismatches.append(
+            f"round {server_round}: Shapley orderings drawn from root "
+            f"{published.shapley_root[:16]!r}, the ledger's root after the model entry is "
+            f"{root_hex[:16]!r}")
+        return
+    claimed = published.prefix_losses_micro
+    if [len(row) for row in claimed] != [len(row) for row in prefixes]:
+        out.score_mismatches.append(
+            f"round {server_round}: expected {len(prefixes)} orderings of "
+            f"{len(prefixes[0]) if prefixes else 0} prefix losses, the score has "
+            f"{len(claimed)}")
+        return
+    for p, (row, replayed) in enumerate(zip(claimed, prefixes, strict=True)):
+        for position, (value, expected) in enumerate(zip(row, replayed, strict=True)):
+            if abs(value - expected) > tolerance:
+                out.score_mismatches.append(
+                    f"round {server_round}: ordering {p} prefix {position + 1} published "
+                    f"{value}, replay gives {expected}")
+                return
 
 
 # ------------------------------------------------------------------- the marginal vote
@@ -627,11 +710,41 @@ def _replay_rounds(out: Replay, record: MarketRecord, blobs: BlobStore, data: Da
             out.score_mismatches.append(f"round {server_round}: score is for another model")
         if data is not None:
             _check_marginals(out, record, blobs, data, base, server_round)
-            coalitions = (coalition_losses(base, deltas, data, architecture=architecture)
-                          if len(deltas) > 1 else {})
-            compare(server_round, loss_micro(weights, data, architecture=architecture),
-                    coalitions)
+            loss = loss_micro(weights, data, architecture=architecture)
+            coalitions, prefixes = _round_game(record, server_round, base, deltas, data, loss)
+            compare(server_round, loss, coalitions, prefixes)
     out.weights = weights
+
+
+def orderings_of(record: MarketRecord, server_round: int, k: int) -> list[list[int]]:
+    """The orderings a sampled round's Shapley value averages over, drawn from the
+    ledger root after the round's ``model`` entry."""
+    root = record.model_roots.get(server_round)
+    if root is None:
+        raise MarketError(f"round {server_round}: no ledger root after its model entry (the "
+                          "entries are not the whole log)")
+    return draw_permutations(permutation_seed(bytes.fromhex(root), server_round), k,
+                             record.payout.permutations)
+
+
+def _round_game(record: MarketRecord, server_round: int, base: Mapping[str, np.ndarray],
+                deltas: Sequence[Mapping[str, np.ndarray]], data: Dataset, loss: int
+                ) -> tuple[dict[int, int], list[list[int]] | None]:
+    """What the payout rule needs from the validation set to split a round: every
+    coalition's loss, or (beyond exact_max) every ordering's prefix losses."""
+    architecture = record.offer["architecture"]
+    rule = record.payout
+    if len(deltas) < 2:
+        return {}, None
+    if rule.game == "mean":
+        return coalition_losses(base, deltas, data, architecture=architecture), None
+    if len(deltas) <= rule.exact_max:
+        coalitions = fixed_k_coalition_losses(base, deltas, data, architecture=architecture)
+        coalitions[(1 << len(deltas)) - 1] = loss
+        return coalitions, None
+    orderings = orderings_of(record, server_round, len(deltas))
+    return {}, prefix_losses(base, deltas, data, architecture=architecture,
+                             permutations=orderings)
 
 
 def _check_marginals(out: Replay, record: MarketRecord, blobs: BlobStore, data: Dataset,
@@ -676,19 +789,52 @@ def _check_marginals(out: Replay, record: MarketRecord, blobs: BlobStore, data: 
 
 # -------------------------------------------------------------------------- settlement
 def _outcomes(record: MarketRecord, losses: Mapping[int, int],
-              coalitions: Mapping[int, Mapping[int, int]]) -> list[RoundOutcome]:
+              coalitions: Mapping[int, Mapping[int, int]],
+              prefixes: Mapping[int, Sequence[Sequence[int]]] | None = None
+              ) -> list[RoundOutcome]:
     out = []
+    rule = record.payout
     for server_round in range(1, record.last_round + 1):
         selection = record.selections.get(server_round, SelectionRecord([], []))
+        selected = tuple(record.author_of(server_round, d) for d in selection.selected)
+        orderings: tuple[tuple[int, ...], ...] = ()
+        rows: tuple[tuple[int, ...], ...] = ()
+        if prefixes is not None and rule.game == "fixed-k" and len(selected) > rule.exact_max:
+            orderings = tuple(tuple(o) for o in orderings_of(record, server_round,
+                                                             len(selected)))
+            rows = tuple(tuple(r) for r in prefixes.get(server_round, ()))
         out.append(RoundOutcome(
             round=server_round,
-            selected=tuple(record.author_of(server_round, d) for d in selection.selected),
+            selected=selected,
             loss_micro=losses[server_round],
             coalitions_micro=dict(coalitions.get(server_round, {})),
             scored=tuple(sorted({record.author_of(server_round, d) for d in selection.scored}
                                 - {""})),
+            permutations=orderings, permutation_losses_micro=rows,
         ))
     return out
+
+
+def final_author_scores(record: MarketRecord) -> dict[str, int] | None:
+    """The marginal vote's verdict on every author after the last round (the last
+    selection entry's ``author_scores_micro``, which the vote replay checks); None
+    when the task ran another vote."""
+    if not record.offer.get("vote"):
+        return None
+    for server_round in range(record.last_round, 0, -1):
+        fields = (record.selections.get(server_round) or SelectionRecord([], [])).fields
+        scores = fields.get("author_scores_micro")
+        if isinstance(scores, dict):
+            return {str(a): int(v) for a, v in scores.items()}
+    return {}
+
+
+def eligible_authors(record: MarketRecord) -> list[str] | None:
+    """Who the vote gate lets be credited (final author score > 0); None: no gate."""
+    scores = final_author_scores(record)
+    if scores is None:
+        return None
+    return sorted(a for a, v in scores.items() if v > 0)
 
 
 def settlement_of(record: MarketRecord, result: Replay) -> tuple[Settlement, list[int]]:
@@ -699,19 +845,27 @@ def settlement_of(record: MarketRecord, result: Replay) -> tuple[Settlement, lis
     if result.reveal_status == "pending":
         raise MarketError("cannot settle: no reveal yet and the deadline has not passed")
     terms = record.terms.money
+    rule = record.payout
+    eligible = eligible_authors(record)
     rounds = range(0, record.last_round + 1)
-    if result.reveal_status in (FORFEIT_MISMATCH, FORFEIT_NO_REVEAL):
-        empty = {t: 0 for t in rounds}
-        outcomes = _outcomes(record, empty, {})
-        return settle(terms, 1, outcomes, forfeit=result.reveal_status), []
-    if result.score_mismatches:
-        outcomes = _outcomes(record, result.losses, result.coalitions)
-        return (settle(terms, result.losses[0], outcomes, forfeit=FORFEIT_SCORE),
-                [result.losses[t] for t in rounds])
-    published = {t: record.scores[t].loss_micro for t in rounds}
-    coalitions = {t: record.scores[t].coalitions_micro for t in rounds}
-    outcomes = _outcomes(record, published, coalitions)
-    return settle(terms, published[0], outcomes), [published[t] for t in rounds]
+    try:
+        if result.reveal_status in (FORFEIT_MISMATCH, FORFEIT_NO_REVEAL):
+            empty = {t: 0 for t in rounds}
+            outcomes = _outcomes(record, empty, {})
+            return settle(terms, 1, outcomes, forfeit=result.reveal_status), []
+        if result.score_mismatches:
+            outcomes = _outcomes(record, result.losses, result.coalitions, result.prefixes)
+            return (settle(terms, result.losses[0], outcomes, forfeit=FORFEIT_SCORE,
+                           rule=rule, eligible=eligible),
+                    [result.losses[t] for t in rounds])
+        published = {t: record.scores[t].loss_micro for t in rounds}
+        coalitions = {t: record.scores[t].coalitions_micro for t in rounds}
+        prefixes = {t: record.scores[t].prefix_losses_micro for t in rounds}
+        outcomes = _outcomes(record, published, coalitions, prefixes)
+        return (settle(terms, published[0], outcomes, rule=rule, eligible=eligible),
+                [published[t] for t in rounds])
+    except SettlementError as exc:
+        raise MarketError(f"cannot settle: {exc}") from exc
 
 
 def settlement_fields(task_id: str, settlement: Settlement, losses: Sequence[int]

@@ -38,7 +38,14 @@ from crypto.digests import tensors_digest
 from ledger.entries import sign_entry
 from ledger.keys import Signer
 from ledger.merkle import hash_leaf, root_from_leaf_hashes
+from server.market.attribution import (
+    draw_permutations,
+    fixed_k_coalition_losses,
+    permutation_seed,
+    prefix_losses,
+)
 from server.market.settlement import (
+    PayoutRule,
     Terms,
 )
 from server.round.marginal import marginal_config_of
@@ -85,6 +92,16 @@ class MarketTerms:
     @classmethod
     def from_offer(cls, offer: Mapping[str, Any]) -> MarketTerms:
         return cls(**{name: int(offer[name]) for name in cls.__dataclass_fields__})
+
+
+def payout_rule_of(config: RunConfig) -> PayoutRule:
+    """The payout rule a run's config asks for (``mean``: the legacy rule v1, no
+    ``payout`` field in the offer)."""
+    if config.payout_game == "mean":
+        return PayoutRule.legacy(target_loss_micro=config.target_loss_micro)
+    return PayoutRule(game="fixed-k", permutations=config.shapley_permutations,
+                      loss_rise=config.payout_loss_rise, vote_gate=config.payout_vote_gate,
+                      target_loss_micro=config.target_loss_micro)
 
 
 def architecture_of(config: RunConfig) -> dict[str, Any]:
@@ -174,6 +191,7 @@ class Scientist:
     rounds_without_gain: int = 0
     published: dict[int, int] = field(default_factory=dict)
     vote: dict[str, Any] = field(default_factory=dict)  # the offer's vote terms
+    payout: PayoutRule = field(default_factory=PayoutRule.legacy)
 
     @classmethod
     def create(cls, signer: Signer, *, task_id: str, validation: Dataset, config: RunConfig
@@ -185,7 +203,8 @@ class Scientist:
                    salts=new_salts(len(validation)), architecture=architecture_of(config),
                    terms=MarketTerms.from_config(config), behaviour=config.scientist,
                    vote=(marginal_config_of(config).to_terms() if config.vote_rule == "marginal"
-                         else {}))
+                         else {}),
+                   payout=payout_rule_of(config))
 
     @property
     def key_id(self) -> str:
@@ -209,30 +228,65 @@ class Scientist:
             "reveal_deadline_rounds": terms.reveal_deadline_rounds,
             "score_tolerance_micro": terms.score_tolerance_micro, "patience": terms.patience,
             **({"vote": self.vote} if self.vote else {}),
+            **({"payout": self.payout.to_terms()} if self.payout.game == "fixed-k" else {}),
+            **({"target_loss_micro": self.payout.target_loss_micro}
+               if self.payout.target_loss_micro else {}),
         }
+
+    def check_target(self, initial_loss_micro: int) -> None:
+        """Refuse a target loss L* the initial model already reaches (the paid fraction
+        (L0 - L_T) / (L0 - L*) would divide by zero or pay for nothing)."""
+        target = self.payout.target_loss_micro
+        if target >= initial_loss_micro:
+            raise MarketError(f"offer: expected target_loss_micro below the initial model's "
+                              f"validation loss L0 = {initial_loss_micro}, got {target}")
 
     def measure(self, weights: Mapping[str, np.ndarray]) -> int:
         return loss_micro(weights, self.validation, architecture=self.architecture)
 
     def score_fields(self, server_round: int, weights: Mapping[str, np.ndarray],
                      base: Mapping[str, np.ndarray] | None = None,
-                     deltas: Sequence[Mapping[str, np.ndarray]] = ()) -> dict[str, Any]:
+                     deltas: Sequence[Mapping[str, np.ndarray]] = (),
+                     root: bytes | None = None) -> dict[str, Any]:
         """The ``score`` entry for the model after ``server_round`` (round 0: the
-        initial model): its loss and, when several updates were applied, the loss of
-        every coalition of them (for the Shapley split)."""
+        initial model): its loss and, when several updates were applied, what the
+        offer's payout rule needs to split the round: the loss of every coalition, or
+        beyond ``exact_max`` updates the loss after each prefix of the orderings drawn
+        from ``root`` (the ledger root after the round's ``model`` entry)."""
         loss = self.measure(weights)
         coalitions: dict[int, int] = {}
+        orderings: list[list[int]] = []
+        root_hex = ""
+        rule = self.payout
         if base is not None and len(deltas) > 1:
-            coalitions = coalition_losses(base, deltas, self.validation,
-                                          architecture=self.architecture)
+            if rule.game == "mean":
+                coalitions = coalition_losses(base, deltas, self.validation,
+                                              architecture=self.architecture)
+            elif len(deltas) <= rule.exact_max:
+                coalitions = fixed_k_coalition_losses(base, deltas, self.validation,
+                                                      architecture=self.architecture)
+                coalitions[(1 << len(deltas)) - 1] = loss
+            else:
+                if root is None:
+                    raise MarketError(f"round {server_round}: {len(deltas)} updates need the "
+                                      "ledger root to draw the Shapley orderings")
+                root_hex = root.hex()
+                permutations = draw_permutations(permutation_seed(root, server_round),
+                                                 len(deltas), rule.permutations)
+                orderings = prefix_losses(base, deltas, self.validation,
+                                          architecture=self.architecture,
+                                          permutations=permutations)
         if self.behaviour == "inflate-score" and server_round > 0:
             loss = int(loss * INFLATE_FACTOR)
             coalitions = {m: int(v * INFLATE_FACTOR) for m, v in coalitions.items()}
+            orderings = [[int(v * INFLATE_FACTOR) for v in row] for row in orderings]
         self._track(loss)
         self.published[server_round] = loss
         return {"task_id": self.task_id, "round": server_round, "loss_micro": loss,
                 "model_digest": tensors_digest(weights),
-                "coalitions_micro": {str(m): v for m, v in sorted(coalitions.items())}}
+                "coalitions_micro": {str(m): v for m, v in sorted(coalitions.items())},
+                **({"shapley_root": root_hex, "prefix_losses_micro": orderings}
+                   if root_hex else {})}
 
     def marginal_fields(self, server_round: int, base: Mapping[str, np.ndarray], *,
                         trusted_mean: Mapping[str, np.ndarray], trusted_size: int,

@@ -59,6 +59,7 @@ class MarketSession:
         signer = load_or_create_signer(out_dir / SCIENTIST_KEY_FILE)
         scientist = Scientist.create(signer, task_id=ledger.task_id, validation=validation,
                                      config=config)
+        scientist.check_target(scientist.measure(initial_weights))
         session = cls(ledger, scientist)
         escrow = scientist.terms.money.escrow
         ledger.append_operator([("fund", {
@@ -77,8 +78,11 @@ class MarketSession:
     def publish_score(self, server_round: int, weights: Mapping[str, np.ndarray], *,
                       base: Mapping[str, np.ndarray],
                       deltas: Sequence[Mapping[str, np.ndarray]]) -> int:
-        """The Scientist's signed ``score`` for the model after ``server_round``."""
-        fields = self.scientist.score_fields(server_round, weights, base, deltas)
+        """The Scientist's signed ``score`` for the model after ``server_round``, right
+        after the round's ``model`` entry (its Shapley orderings, when the round needs
+        them, are drawn from the ledger root at that point)."""
+        fields = self.scientist.score_fields(server_round, weights, base, deltas,
+                                             root=self.ledger.root())
         self.ledger.append_signed(self.scientist.signer, [("score", fields)])
         self.last_round = server_round
         return int(fields["loss_micro"])

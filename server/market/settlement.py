@@ -6,14 +6,22 @@ in micro-units (the Scientist's published scores). The rules (``docs/market.md``
 
 - L0 is the validation loss of the initial model, L_t after round t, T the last round.
   Round t's improvement ``d_t = L_{t-1} - L_t`` (may be negative) is credited to the
-  author of the selected update; with top-k > 1 it is split by the exact Shapley values
-  of the selected updates, the utility of a coalition C being ``L_{t-1} - L(C)``
-  (``L(C)`` the loss of the previous model plus the mean of C's updates), so the
-  shares add up to ``d_t`` exactly.
-- The reward pool is ``floor(R * clamp((L0 - L_T) / L0, 0, 1))``: R times the total
-  fraction of convergence achieved, rounded down. It is split among the subscribers
-  whose net credit is positive, in proportion to that credit; a net negative credit
-  pays nothing.
+  authors of the applied updates by their Shapley values in the round's game, so the
+  shares add up to ``d_t`` exactly. The offer's :class:`PayoutRule` names the game:
+  ``mean`` (rule v1, offers without a ``payout`` field): a coalition C is worth
+  ``L_{t-1} - L(theta + mean of C)``; ``fixed-k`` (rule ``round-game/v2``): C is worth
+  ``L_{t-1} - L(theta + (1/k) sum of C)``, k the number applied, so an update of zero
+  is worth exactly 0 (``server.market.attribution``). Exact Shapley from every
+  coalition's loss, or, beyond ``exact_max`` updates, the mean marginal gain over
+  orderings drawn from the ledger.
+- Rule v2 adds two gates. ``loss_rise``: in a round whose loss rose (d_t < 0) nobody
+  gains credit (negative shares still count). ``vote_gate``: an author whose final
+  vote author-score (the last selection entry's ``author_scores_micro``) is not > 0 is
+  credited nothing.
+- The reward pool is ``floor(R * clamp((L0 - L_T) / (L0 - L*), 0, 1))``: R times the
+  fraction of convergence achieved, rounded down, L* the offer's ``target_loss_micro``
+  (0 when absent, the original rule). It is split among the subscribers whose net
+  credit is positive, in proportion to that credit; a net negative credit pays nothing.
 - The fee pool is ``update_fee * (number of scored updates)``; it is split in
   proportion to the reward payouts (and returns to the Scientist when nobody earned a
   reward).
@@ -30,6 +38,7 @@ in micro-units (the Scientist's published scores). The rules (``docs/market.md``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -40,12 +49,16 @@ __all__ = [
     "FORFEIT_MISMATCH",
     "FORFEIT_NO_REVEAL",
     "FORFEIT_SCORE",
+    "PayoutRule",
     "RoundOutcome",
     "Settlement",
     "SettlementError",
     "Terms",
     "credits",
     "largest_remainder",
+    "round_credits",
+    "round_shares",
+    "sampled_shapley",
     "settle",
     "shapley",
 ]
@@ -85,6 +98,71 @@ class Terms:
                 raise SettlementError(f"terms: expected {name} as an integer >= 0, got {value!r}")
 
 
+GAMES = ("mean", "fixed-k")
+RULE_V2 = "round-game/v2"
+
+
+@dataclass(frozen=True)
+class PayoutRule:
+    """How round credit is computed (the offer's ``payout`` field and
+    ``target_loss_micro``; :meth:`legacy` for offers without them)."""
+
+    game: str = "fixed-k"
+    exact_max: int = 12
+    permutations: int = 32
+    loss_rise: bool = True  # a round whose loss rose credits nobody positively
+    vote_gate: bool = True  # credit only authors whose final vote author-score is > 0
+    target_loss_micro: int = 0
+
+    @classmethod
+    def legacy(cls, *, target_loss_micro: int = 0) -> PayoutRule:
+        return cls(game="mean", exact_max=16, permutations=0, loss_rise=False,
+                   vote_gate=False, target_loss_micro=target_loss_micro)
+
+    def check(self) -> None:
+        if self.game not in GAMES:
+            raise SettlementError(f"payout: expected game in {list(GAMES)}, got {self.game!r}")
+        for name, low, high in (("exact_max", 1, 16), ("permutations", 0, 4096),
+                                ("target_loss_micro", 0, 10**12)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise SettlementError(f"payout: expected {name} as an integer in "
+                                      f"{low}..{high}, got {value!r}")
+        if self.game == "fixed-k" and self.permutations < 2:
+            raise SettlementError(f"payout: expected permutations >= 2 for the sampled "
+                                  f"Shapley value, got {self.permutations}")
+
+    def to_terms(self) -> dict[str, int | str]:
+        """The offer's ``payout`` field (integers and strings only)."""
+        return {"rule": RULE_V2, "game": self.game, "exact_max": self.exact_max,
+                "permutations": self.permutations, "loss_rise": int(self.loss_rise),
+                "vote_gate": int(self.vote_gate)}
+
+    @classmethod
+    def from_offer(cls, offer: Mapping[str, object]) -> PayoutRule:
+        """The rule an offer states; :class:`SettlementError` names what is wrong."""
+        target = offer.get("target_loss_micro", 0)
+        if isinstance(target, bool) or not isinstance(target, int) or target < 0:
+            raise SettlementError(f"offer: expected target_loss_micro as an integer >= 0, "
+                                  f"got {target!r}")
+        terms = offer.get("payout")
+        if terms is None:
+            return cls.legacy(target_loss_micro=target)
+        if not isinstance(terms, Mapping) or terms.get("rule") != RULE_V2:
+            raise SettlementError(f"offer: expected payout terms of rule {RULE_V2!r}, "
+                                  f"got {terms!r}")
+        flags = {}
+        for name in ("loss_rise", "vote_gate"):
+            if terms.get(name) not in (0, 1) or isinstance(terms.get(name), bool):
+                raise SettlementError(f"payout: expected {name} 0 or 1, got {terms.get(name)!r}")
+            flags[name] = bool(terms[name])
+        rule = cls(game=str(terms.get("game")), exact_max=terms.get("exact_max"),  # type: ignore[arg-type]
+                   permutations=terms.get("permutations"),  # type: ignore[arg-type]
+                   target_loss_micro=target, **flags)
+        rule.check()
+        return rule
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
     """One round as settlement needs it.
@@ -102,6 +180,10 @@ class RoundOutcome:
     loss_micro: int
     coalitions_micro: Mapping[int, int] = field(default_factory=dict)
     scored: tuple[str, ...] = ()
+    # Beyond exact_max updates: the orderings drawn from the ledger (indices into
+    # ``selected``) and, for each, the loss after each of its first k-1 prefixes.
+    permutations: tuple[tuple[int, ...], ...] = ()
+    permutation_losses_micro: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,6 +195,7 @@ class Settlement:
     scientist_refund: int
     credits: dict[str, Fraction]  # net credit, as a fraction of L0
     fraction: Fraction  # total fraction of convergence, clamped to [0, 1]
+    round_credits: dict[int, dict[str, Fraction]] = field(default_factory=dict, compare=False)
 
     @property
     def payouts(self) -> dict[str, int]:
@@ -181,29 +264,105 @@ def shapley(players: Sequence[str], value: Mapping[int, int | Fraction]) -> dict
     return out
 
 
-def credits(initial_loss_micro: int, rounds: Sequence[RoundOutcome]) -> dict[str, Fraction]:
-    """Each author's net credit as a fraction of L0 (see the module docstring)."""
+def sampled_shapley(players: Sequence[str], previous_micro: int, full_micro: int,
+                    permutations: Sequence[Sequence[int]],
+                    losses_micro: Sequence[Sequence[int]]
+                    ) -> tuple[dict[str, Fraction], dict[str, float]]:
+    """The permutation estimate of each player's Shapley value in the round game
+    (exact rational mean of its marginal gains) and its standard error (sample standard
+    deviation / sqrt(orderings)). The estimates add up to previous - full exactly."""
+    k = len(players)
+    if not permutations:
+        raise SettlementError("expected at least one ordering for the sampled Shapley value")
+    if len(losses_micro) != len(permutations):
+        raise SettlementError(f"expected {len(permutations)} lists of prefix losses, "
+                               f"got {len(losses_micro)}")
+    gains: dict[int, list[int]] = {i: [] for i in range(k)}
+    for order, losses in zip(permutations, losses_micro, strict=True):
+        if sorted(order) != list(range(k)) or len(losses) != k - 1:
+            raise SettlementError(f"expected an ordering of {k} updates and {k - 1} prefix "
+                                   f"losses, got {len(order)} and {len(losses)}")
+        prev = previous_micro
+        for position, i in enumerate(order):
+            loss = losses[position] if position < k - 1 else full_micro
+            gains[i].append(prev - loss)
+            prev = loss
+    m = len(permutations)
+    phi: dict[str, Fraction] = {}
+    errors: dict[str, float] = {}
+    for i, player in enumerate(players):
+        values = gains[i]
+        mean = Fraction(sum(values), m)
+        phi[player] = phi.get(player, Fraction(0)) + mean
+        spread = (math.sqrt(sum((v - float(mean)) ** 2 for v in values) / (m - 1) / m)
+                  if m > 1 else math.inf)
+        errors[player] = spread
+    return phi, errors
+
+
+
+def round_shares(outcome: RoundOutcome, previous_micro: int, rule: PayoutRule
+                 ) -> dict[str, Fraction]:
+    """Each applied update's Shapley value in round ``outcome`` (micro loss units; they
+    add up to ``previous_micro - outcome.loss_micro``)."""
+    selected = outcome.selected
+    if not selected:
+        return {}
+    if len(selected) == 1:
+        return {selected[0]: Fraction(previous_micro - outcome.loss_micro)}
+    if len(selected) > rule.exact_max:
+        if len(outcome.permutations) != rule.permutations:
+            raise SettlementError(
+                f"round {outcome.round}: expected {rule.permutations} orderings for "
+                f"{len(selected)} updates, got {len(outcome.permutations)}")
+        try:
+            shares, _ = sampled_shapley(selected, previous_micro, outcome.loss_micro,
+                                        outcome.permutations, outcome.permutation_losses_micro)
+        except SettlementError as exc:
+            raise SettlementError(f"round {outcome.round}: {exc}") from exc
+        return shares
+    full = (1 << len(selected)) - 1
+    losses = dict(outcome.coalitions_micro)
+    if losses.get(full, outcome.loss_micro) != outcome.loss_micro:
+        raise SettlementError(
+            f"round {outcome.round}: expected the full coalition's loss to equal "
+            f"the round's score {outcome.loss_micro}, got {losses[full]}")
+    losses[full] = outcome.loss_micro
+    return shapley(selected, {m: previous_micro - loss for m, loss in losses.items()})
+
+
+def round_credits(initial_loss_micro: int, rounds: Sequence[RoundOutcome],
+                  rule: PayoutRule | None = None, eligible: Iterable[str] | None = None
+                  ) -> dict[int, dict[str, Fraction]]:
+    """Per round, each author's credit in micro loss units after the rule's gates:
+    ``loss_rise`` keeps only the negative shares of a round whose loss rose;
+    ``vote_gate`` credits only the authors in ``eligible`` (final vote author-score
+    > 0; None: everyone)."""
+    rule = rule or PayoutRule.legacy()
     if initial_loss_micro <= 0:
         raise SettlementError(f"expected an initial loss > 0 micro-units, got {initial_loss_micro}")
-    out: dict[str, Fraction] = {}
+    allowed = None if eligible is None or not rule.vote_gate else set(eligible)
+    out: dict[int, dict[str, Fraction]] = {}
     previous = initial_loss_micro
     for outcome in sorted(rounds, key=lambda r: r.round):
-        if outcome.selected:
-            if len(outcome.selected) == 1:
-                shares = {outcome.selected[0]: Fraction(previous - outcome.loss_micro)}
-            else:
-                full = (1 << len(outcome.selected)) - 1
-                losses = dict(outcome.coalitions_micro)
-                if losses.get(full, outcome.loss_micro) != outcome.loss_micro:
-                    raise SettlementError(
-                        f"round {outcome.round}: expected the full coalition's loss to equal "
-                        f"the round's score {outcome.loss_micro}, got {losses[full]}")
-                losses[full] = outcome.loss_micro
-                utility = {m: previous - loss for m, loss in losses.items()}
-                shares = shapley(outcome.selected, utility)
-            for author, share in shares.items():
-                out[author] = out.get(author, Fraction(0)) + share / initial_loss_micro
+        shares = round_shares(outcome, previous, rule)
+        if rule.loss_rise and outcome.loss_micro > previous:
+            shares = {a: min(v, Fraction(0)) for a, v in shares.items()}
+        if allowed is not None:
+            shares = {a: (v if a in allowed else Fraction(0)) for a, v in shares.items()}
+        out[outcome.round] = dict(sorted(shares.items()))
         previous = outcome.loss_micro
+    return out
+
+
+def credits(initial_loss_micro: int, rounds: Sequence[RoundOutcome],
+            rule: PayoutRule | None = None, eligible: Iterable[str] | None = None
+            ) -> dict[str, Fraction]:
+    """Each author's net credit as a fraction of L0 (see the module docstring)."""
+    out: dict[str, Fraction] = {}
+    for shares in round_credits(initial_loss_micro, rounds, rule, eligible).values():
+        for author, share in shares.items():
+            out[author] = out.get(author, Fraction(0)) + share / initial_loss_micro
     return dict(sorted(out.items()))
 
 
@@ -218,12 +377,16 @@ def settle(
     rounds: Sequence[RoundOutcome],
     *,
     forfeit: str = "",
+    rule: PayoutRule | None = None,
+    eligible: Iterable[str] | None = None,
 ) -> Settlement:
     """The settlement of a task (module docstring). ``rounds`` carry the published
     scores, or, when ``forfeit`` is :data:`FORFEIT_SCORE`, the replayed ones (the
     contribution the replay computed). With :data:`FORFEIT_MISMATCH` or
     :data:`FORFEIT_NO_REVEAL` no loss can be trusted: shares are equal."""
     terms.check()
+    rule = rule or PayoutRule.legacy()
+    rule.check()
     numbers = [r.round for r in rounds]
     if len(set(numbers)) != len(numbers):
         raise SettlementError(f"expected each round once, got rounds {sorted(numbers)}")
@@ -233,11 +396,21 @@ def settle(
     fee_pool = min(terms.update_fee * scored_updates, terms.fee_escrow)
     contributors = _contributors(rounds)
     net: dict[str, Fraction] = {}
+    per_round: dict[int, dict[str, Fraction]] = {}
     fraction = Fraction(0)
     if forfeit in ("", FORFEIT_SCORE) and rounds:
-        net = credits(initial_loss_micro, rounds)
+        if rule.target_loss_micro >= initial_loss_micro:
+            raise SettlementError(
+                f"expected target_loss_micro below the initial loss L0 = "
+                f"{initial_loss_micro}, got {rule.target_loss_micro}")
+        per_round = round_credits(initial_loss_micro, rounds, rule, eligible)
+        for shares in per_round.values():
+            for author, share in shares.items():
+                net[author] = net.get(author, Fraction(0)) + share / initial_loss_micro
+        net = dict(sorted(net.items()))
         last = max(rounds, key=lambda r: r.round).loss_micro
-        fraction = min(max(Fraction(initial_loss_micro - last, initial_loss_micro),
+        fraction = min(max(Fraction(initial_loss_micro - last,
+                                    initial_loss_micro - rule.target_loss_micro),
                            Fraction(0)), Fraction(1))
     positive = {k: c for k, c in net.items() if c > 0}
 
@@ -255,4 +428,5 @@ def settle(
     if refund < 0:  # cannot happen: each pool is at most its part of the escrow
         raise SettlementError(f"settlement pays {-refund} more than the escrow")
     return Settlement(forfeited=bool(forfeit), reason=forfeit, reward_payouts=reward,
-                      fee_payouts=fees, scientist_refund=refund, credits=net, fraction=fraction)
+                      fee_payouts=fees, scientist_refund=refund, credits=net, fraction=fraction,
+                      round_credits=per_round)
