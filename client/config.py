@@ -24,7 +24,8 @@ PARTITIONERS = ("iid", "dirichlet")
 VOTE_AGGREGATIONS = ("median", "trimmed-mean", "rank-median")
 VOTE_RULES = ("marginal", "single")
 PAYOUT_GAMES = ("fixed-k", "mean")
-MAX_ACCEPTED = 16  # exact Shapley in the settlement costs 2^k evaluations
+MAX_ACCEPTED = 16  # payout-game mean: exact Shapley costs 2^k evaluations
+MAX_ACCEPTED_SAMPLED = 4096  # payout-game fixed-k: sampled Shapley beyond 12
 ACTIVATIONS = ("square", "poly2")
 ACCOUNTANTS = ("prv", "rdp")
 SCIENTISTS = ("honest", "inflate-score", "tamper-reveal", "withhold-reveal", "false-marginals",
@@ -95,7 +96,8 @@ class RunConfig:
     validation_path: str = ""
     # --- the payout rule (server.market.settlement.PayoutRule, docs/market.md)
     payout_game: str = "fixed-k"  # "mean": rule v1, Shapley over the mean of a coalition
-    shapley_permutations: int = 32  # sampled orderings beyond 12 applied updates
+    shapley_exact_max: int = 12  # exact Shapley up to this many applied updates
+    shapley_permutations: int = 32  # sampled orderings beyond that
     payout_loss_rise: bool = True
     payout_vote_gate: bool = True
     target_loss_micro: int = 0  # L*: the loss at which the task counts as converged
@@ -153,9 +155,10 @@ class RunConfig:
         _at_least("min-trusted", self.min_trusted, 1)
         _at_least("validation-first-rounds", self.validation_first_rounds, 0)
         _at_least("max-accepted", self.max_accepted, 1)
-        if self.max_accepted > MAX_ACCEPTED:
-            raise ConfigError(f"max-accepted: expected at most {MAX_ACCEPTED} (exact Shapley in "
-                              f"the settlement costs 2^k evaluations), got {self.max_accepted}")
+        limit = MAX_ACCEPTED if self.payout_game == "mean" else MAX_ACCEPTED_SAMPLED
+        if self.max_accepted > limit:
+            raise ConfigError(f"max-accepted: expected at most {limit} under payout-game "
+                              f"{self.payout_game!r}, got {self.max_accepted}")
         if not 0.0 <= self.reputation_floor <= 1.0:
             raise ConfigError(
                 f"reputation-floor: expected 0 <= floor <= 1, got {self.reputation_floor}")
@@ -186,6 +189,9 @@ class RunConfig:
         _at_least("score-tolerance-micro", self.score_tolerance_micro, 0)
         _at_least("patience", self.patience, 0)
         _one_of("payout-game", self.payout_game, PAYOUT_GAMES)
+        if not 1 <= self.shapley_exact_max <= 12:
+            raise ConfigError(f"shapley-exact-max: expected 1..12 (2^k coalition losses a "
+                              f"round), got {self.shapley_exact_max}")
         if not 2 <= self.shapley_permutations <= 4096:
             raise ConfigError(f"shapley-permutations: expected 2..4096, got "
                               f"{self.shapley_permutations}")

@@ -99,7 +99,8 @@ def payout_rule_of(config: RunConfig) -> PayoutRule:
     ``payout`` field in the offer)."""
     if config.payout_game == "mean":
         return PayoutRule.legacy(target_loss_micro=config.target_loss_micro)
-    return PayoutRule(game="fixed-k", permutations=config.shapley_permutations,
+    return PayoutRule(game="fixed-k", exact_max=config.shapley_exact_max,
+                      permutations=config.shapley_permutations,
                       loss_rise=config.payout_loss_rise, vote_gate=config.payout_vote_gate,
                       target_loss_micro=config.target_loss_micro)
 

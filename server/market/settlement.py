@@ -128,6 +128,9 @@ class PayoutRule:
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise SettlementError(f"payout: expected {name} as an integer in "
                                       f"{low}..{high}, got {value!r}")
+        if self.game == "fixed-k" and self.exact_max > 12:
+            raise SettlementError(f"payout: expected exact_max <= 12 (2^k coalition losses a "
+                                  f"round), got {self.exact_max}")
         if self.game == "fixed-k" and self.permutations < 2:
             raise SettlementError(f"payout: expected permutations >= 2 for the sampled "
                                   f"Shapley value, got {self.permutations}")
