@@ -360,7 +360,11 @@ class ProofOfIntelligence(FedAvg):
         trusted_mean = marginal.mean_update([deltas[c] for c in trusted])
         digests = RoundDigests(base=tensors_digest(weights), trusted=trusted_digest(trusted),
                                aggregate=tensors_digest(trusted_mean))
-        voters = sorted(self._admitted)
+        # Voters are this round's authors: a key whose update was refused (a free
+        # rider's zero update, a repeat) has no standing in the round's vote, and
+        # the audit refuses a ballot from a key that submitted no candidate.
+        submitters = {c.node_id for c in candidates}
+        voters = sorted(n for n in self._admitted if n in submitters)
         ballots = self._collect_ballots(grid, server_round, arrays, candidates, deltas,
                                         voters, trusted, trusted_mean, digests, record, timeout)
         record.phase_seconds["vote"] = time.perf_counter() - t0
@@ -574,6 +578,7 @@ class ProofOfIntelligence(FedAvg):
         candidates: list[CandidateRecord] = []
         deltas: dict[str, dict[str, np.ndarray]] = {}
         pending: list[PendingEntries] = []
+        named: dict[str, tuple[str, dict[str, np.ndarray]]] = {}  # digest -> (node, update)
         server_round = record.server_round
 
         def reject(author: str, node_id: str, reason: str) -> None:
@@ -594,6 +599,9 @@ class ProofOfIntelligence(FedAvg):
                         node_id, msg.content.get(P.LEDGER), kind="candidate",
                         expected=[{"task_id": self.ledger.task_id, "round": server_round,
                                    "update_digest": digest, "base_digest": base_digest}]))
+                    # The candidate entry names the update even when the checks below
+                    # refuse it: its bytes are kept so the audit can check the refusal.
+                    named[digest] = (node_id, update)
                 norm = validate_update(update, weights, max_norm=self.config.max_update_norm)
                 if digest in self._seen_digests:
                     raise Rejected(f"update {digest[:16]} repeats an update already submitted "
@@ -619,8 +627,9 @@ class ProofOfIntelligence(FedAvg):
                     candidates.remove(c)
                     deltas.pop(c.candidate_id, None)
                     reject(c.author, node_id, reason)
-            for update in deltas.values():
-                self.ledger.blobs.put(canonical_tensor_bytes(update))
+            for node_id, update in named.values():
+                if node_id not in refused:
+                    self.ledger.blobs.put(canonical_tensor_bytes(update))
             self._record_rejections(server_round, record.rejected)
         return candidates, deltas
 

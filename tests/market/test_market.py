@@ -334,3 +334,55 @@ def test_a_hostile_offer_is_refused_with_a_reason_not_a_crash() -> None:
         entry = parse_entry(sign_entry(scientist, "offer", seq=1, fields=bad))
         with pytest.raises(MarketError, match=match):
             read_market([(0, task), (1, entry)])
+
+
+# ------------------------------------------------------------- the payout rule v2
+def test_a_free_rider_market_settles_audits_and_pays_it_nothing(tmp_path: Path) -> None:
+    """A free rider's zero update is refused in round 1; it must not vote in that round
+    (the audit refuses a ballot from a key with no candidate: this once crashed the
+    settlement of every free-rider run)."""
+    report = market_run(tmp_path, **{"attack": "free-rider", "attackers": "1"})
+    market = report["market"]
+    assert market["audit_ok"] is True and market["forfeited"] is False
+    rider = next(s for s in report["subscribers"] if s["partition_id"] == 1)
+    assert rider["payout"] == 0
+
+
+def test_sampled_shapley_rounds_replay_and_a_changed_prefix_loss_forfeits(
+        tmp_path: Path) -> None:
+    import copy
+
+    report = market_run(tmp_path, **{"shapley-exact-max": 1, "shapley-permutations": 4,
+                                     "num-subscribers": 6})
+    assert report["market"]["audit_ok"] is True
+    entries = _entries(tmp_path)
+    record = read_market(entries)
+    assert record.offer["payout"]["exact_max"] == 1
+    sampled = [t for t, s in record.scores.items() if s.prefix_losses_micro]
+    assert sampled, "expected a round with at least 2 applied updates"
+    t = sampled[0]
+    k = len(record.selections[t].selected)
+    assert [len(r) for r in record.scores[t].prefix_losses_micro] == [k - 1] * 4
+    assert record.scores[t].shapley_root == record.model_roots[t]
+    blobs = BlobStore.beside(tmp_path / "ledger.db")
+    assert replay(record, blobs).score_mismatches == []
+
+    lying = copy.deepcopy(record)
+    lying.scores[t].prefix_losses_micro[0][0] += 5_000
+    result = replay(lying, blobs)
+    assert any("ordering 0 prefix 1" in m for m in result.score_mismatches)
+    settlement, _ = settlement_of(lying, result)
+    assert settlement.forfeited and settlement.reason == FORFEIT_SCORE
+
+    other_root = copy.deepcopy(record)
+    other_root.scores[t].shapley_root = "00" * 32
+    assert any("drawn from root" in m for m in replay(other_root, blobs).score_mismatches)
+
+
+def test_a_target_loss_the_initial_model_reaches_is_refused_at_the_offer(
+        tmp_path: Path) -> None:
+    from server.market.scientist import MarketError
+
+    with pytest.raises(MarketError, match=r"below the initial model's validation loss "
+                                          r"L0 = \d+, got 1000000000"):
+        market_run(tmp_path, **{"target-loss-micro": 10**9})
