@@ -1,14 +1,15 @@
 """Benchmark: the market's payouts (issue targets).
 
 Part A (``attack``): the attackers' share of the payouts. 20 subscribers, Dirichlet 0.5,
-DP on, 20 rounds, seeds 0, 1, 2; PoI top-1 and top-5; no attack, and 40% attackers for
-each attack and for label flip + colluding votes. Target: attackers get <= 1% of what is
-paid to subscribers. The simulations go through ``server.experiments.compare.run_compare`` into
-OUT/attack (runs resume from OUT/attack/runs).
+DP on, 20 rounds, seeds 0-4; PoI (the marginal vote, payout rule round-game/v2); no
+attack, and 40% and 45% attackers for each attack and for label flip + colluding votes.
+Target: attackers get <= 1% of what is paid to subscribers. The simulations go through
+``server.experiments.compare.run_compare`` into OUT/attack (runs resume from OUT/attack/runs).
 
 Part B (``fidelity``): do the payouts follow the subscribers' worth? 8 subscribers,
-Dirichlet 0.5, 10 rounds, no attackers. One PoI market run per seed (top-1, and top-4 as
-a second variant), against the exact data Shapley value of every subscriber, the utility
+Dirichlet 0.5, 10 rounds, no attackers, seeds 0-4. One PoI market run per seed and payout
+rule (``FIDELITY_VARIANTS``: v2 with its gates, v2 without, the legacy v1),
+against the exact data Shapley value of every subscriber, the utility
 of a coalition being the final test accuracy of FedAvg trained on that coalition alone
 (same init, same DP-SGD local training and seeds as an honest subscriber). Target:
 Spearman >= 0.9 between payouts and Shapley values. Also the cost of the Shapley values
@@ -50,7 +51,7 @@ from client.config import RunConfig
 from server.experiments.compare import CompareSpec, choose_attackers, run_compare, setting_label
 from server.round.report import write_json
 
-ATTACKS = "label-flip,sign-flip,noise,fake-data,free-rider,label-flip+collude"
+ATTACKS = ("label-flip,sign-flip,noise,fake-data,free-rider,label-flip+collude,alie,ipm")
 SHARE_TARGET = 0.01
 SPEARMAN_TARGET = 0.9
 TIMING_REPEATS = 3
@@ -61,13 +62,13 @@ def attack_setup(quick: bool) -> tuple[RunConfig, CompareSpec]:
     if quick:
         base = RunConfig(num_subscribers=8, num_server_rounds=3, partitioner="dirichlet",
                          dirichlet_alpha=0.5)
-        spec = CompareSpec.parse(strategies="poi@1,poi@5", attacks="label-flip",
-                                 fractions="0,0.4", seeds="0")
+        spec = CompareSpec.parse(strategies="poi", attacks="label-flip",
+                                 fractions="0,0.45", seeds="0")
     else:
         base = RunConfig(num_subscribers=20, num_server_rounds=20, partitioner="dirichlet",
                          dirichlet_alpha=0.5)
-        spec = CompareSpec.parse(strategies="poi@1,poi@5", attacks=ATTACKS,
-                                 fractions="0,0.4", seeds="0,1,2")
+        spec = CompareSpec.parse(strategies="poi", attacks=ATTACKS,
+                                 fractions="0,0.4,0.45", seeds="0,1,2,3,4")
     return base, spec
 
 
@@ -170,22 +171,33 @@ def run_attack(out: Path, quick: bool, console: Console, *, run: bool = True
 
 
 # ============================================================================ part B
+# The payout rules compared (run-config overrides; the vote is the same in all).
+FIDELITY_VARIANTS: dict[str, dict[str, Any]] = {
+    "poi": {},  # the defaults: round-game/v2, fixed-k game, loss-rise and vote gates
+    "poi-nogates": {"payout_loss_rise": False, "payout_vote_gate": False},
+    "poi-v1": {"payout_game": "mean"},  # the legacy rule: Shapley over the coalition mean
+}
+
+
 @dataclass(frozen=True)
 class FidelitySetup:
     num_subscribers: int
     num_server_rounds: int
     seeds: tuple[int, ...]
-    top_ks: tuple[int, ...]  # the PoI variants
+    variants: tuple[str, ...]  # keys of FIDELITY_VARIANTS
 
-    def config(self, seed: int, top_k: int) -> RunConfig:
-        return RunConfig(num_subscribers=self.num_subscribers,
-                         num_server_rounds=self.num_server_rounds, seed=seed, top_k=top_k)
+    def config(self, seed: int, variant: str = "poi") -> RunConfig:
+        from dataclasses import replace
+
+        base = RunConfig(num_subscribers=self.num_subscribers,
+                         num_server_rounds=self.num_server_rounds, seed=seed)
+        return replace(base, **FIDELITY_VARIANTS[variant])
 
 
 def fidelity_setup(quick: bool) -> FidelitySetup:
     if quick:
-        return FidelitySetup(4, 3, (0,), (1, 2))
-    return FidelitySetup(8, 10, (0, 1, 2), (1, 4))
+        return FidelitySetup(4, 3, (0,), ("poi", "poi-v1"))
+    return FidelitySetup(8, 10, (0, 1, 2, 3, 4), tuple(FIDELITY_VARIANTS))
 
 
 # ---- the coalition trainer (runs in worker processes) ----------------------
@@ -434,6 +446,14 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     return float(spearmanr(a, b).statistic)
 
 
+def kendall(a: Sequence[float], b: Sequence[float]) -> float | None:
+    from scipy.stats import kendalltau
+
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    return float(kendalltau(a, b).statistic)
+
+
 def tie_ceiling(payouts: Sequence[int], values: Sequence[float]) -> float | None:
     """The highest Spearman any payouts with as many zero payouts could reach against
     ``values``: the payees being exactly the top values, paid in their order."""
@@ -452,27 +472,26 @@ def run_fidelity(out: Path, quick: bool, console: Console) -> dict[str, Any]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
-        runs_task = progress.add_task("PoI market runs", total=len(setup.seeds) * len(setup.top_ks))
+        runs_task = progress.add_task("PoI market runs",
+                                      total=len(setup.seeds) * len(setup.variants))
         for seed in setup.seeds:
             entry: dict[str, Any] = {"seed": seed, "poi": {}}
-            for k in setup.top_ks:
-                name = f"poi@{k}"
+            for name in setup.variants:
                 progress.update(runs_task, description=f"PoI {name} seed {seed}")
-                suffix = "" if k == 1 else f"-top{k}"
-                run_dir = out / "fidelity" / "runs" / f"seed-{seed}{suffix}"
-                entry["poi"][name] = poi_run(setup.config(seed, k), run_dir)
+                run_dir = out / "fidelity" / "runs" / f"seed-{seed}-{name}"
+                entry["poi"][name] = poi_run(setup.config(seed, name), run_dir)
                 progress.advance(runs_task)
-            shapley = data_shapley(setup.config(seed, 1), progress)
+            shapley = data_shapley(setup.config(seed), progress)
             entry["shapley"] = shapley
-            entry["spearman"] = {}
-            entry["spearman_validation_loss_utility"] = {}
-            for name, run in entry["poi"].items():
-                entry["spearman"][name] = spearman(run["payouts"], shapley["shapley_accuracy"])
-                entry["spearman_validation_loss_utility"][name] = spearman(
-                    run["payouts"], shapley["shapley_validation_loss"])
+            for key, utility in (("", "shapley_accuracy"),
+                                 ("_validation_loss_utility", "shapley_validation_loss")):
+                entry["spearman" + key] = {n: spearman(r["payouts"], shapley[utility])
+                                           for n, r in entry["poi"].items()}
+                entry["kendall" + key] = {n: kendall(r["payouts"], shapley[utility])
+                                          for n, r in entry["poi"].items()}
             entry["spearman_examples"] = spearman(shapley["examples"],
                                                   shapley["shapley_accuracy"])
-            poi1 = entry["poi"]["poi@1"]
+            poi1 = entry["poi"][setup.variants[0]]
             entry["first_round_reproduced"] = sum(
                 1 for p, d in shapley["first_round_digests"].items()
                 if poi1["first_round_digests"].get(p) == d)
@@ -483,8 +502,8 @@ def run_fidelity(out: Path, quick: bool, console: Console) -> dict[str, Any]:
                 + f"; Shapley {shapley['seconds']:.0f} s, {shapley['trainings']} trainings")
     return {
         "num_subscribers": setup.num_subscribers, "num_server_rounds": setup.num_server_rounds,
-        "seeds": list(setup.seeds), "variants": [f"poi@{k}" for k in setup.top_ks],
-        "config": setup.config(setup.seeds[0], 1).to_mapping(),
+        "seeds": list(setup.seeds), "variants": list(setup.variants),
+        "config": setup.config(setup.seeds[0]).to_mapping(),
         "per_seed": seeds, "seconds": time.perf_counter() - started,
     }
 
@@ -565,7 +584,7 @@ def fidelity_markdown(part: dict[str, Any]) -> list[str]:
         "",
         f"{n} subscribers, Dirichlet alpha {cfg['dirichlet-alpha']}, "
         f"{part['num_server_rounds']} rounds, no attackers, seeds {seed_list}; PoI market "
-        f"runs with top-k {', '.join(v.split('@')[1] for v in variants)} (same partitions). "
+        f"runs under the payout rules {', '.join(variants)} (same partitions and vote). "
         f"Shapley utility v(C) = final test accuracy of FedAvg (example-weighted mean of the "
         f"updates) trained on coalition C alone for {part['num_server_rounds']} rounds from "
         "the run's initial model, each member training exactly like an honest subscriber "
@@ -630,7 +649,7 @@ def fidelity_markdown(part: dict[str, Any]) -> list[str]:
         "entries from SQLite not included):",
         "",
         "| seed | Shapley wall time | local trainings | coalitions | " + " | ".join(
-            f"{v} settlement | ratio" for v in variants) + " | PoI run (top-1) |",
+            f"{v} settlement | ratio" for v in variants) + " | PoI run |",
         "|---|---|---|---|" + "---|" * (2 * len(variants) + 1),
     ]
     for s in seeds:
@@ -641,7 +660,7 @@ def fidelity_markdown(part: dict[str, Any]) -> list[str]:
             cells += [f"{t:.3f} s", f"{sh['seconds'] / t:,.0f}x"]
         lines.append(f"| {s['seed']} | {sh['seconds']:.0f} s | {sh['trainings']:,} | "
                      f"{sh['coalitions']} | " + " | ".join(cells)
-                     + f" | {s['poi']['poi@1']['wall_seconds']:.0f} s |")
+                     + f" | {s['poi'][variants[0]]['wall_seconds']:.0f} s |")
     sh0 = seeds[0]["shapley"]
     rounds = part["num_server_rounds"]
     lines += [
@@ -681,13 +700,17 @@ def targets_markdown(results: dict[str, Any]) -> list[str]:
     fidelity = results.get("fidelity")
     if fidelity:
         for v in fidelity["variants"]:
-            rhos = [s["spearman"][v] for s in fidelity["per_seed"]]
-            shown = ", ".join(_fmt_rho(r) for r in rhos)
-            ok = all(r is not None and r >= SPEARMAN_TARGET for r in rhos)
-            some = sum(1 for r in rhos if r is not None and r >= SPEARMAN_TARGET)
-            verdict = "**met**" if ok else f"**missed** ({some} of {len(rhos)} seeds)"
-            lines.append(f"| Spearman >= {SPEARMAN_TARGET}, {v}, every seed | {shown} | "
-                         f"{verdict} |")
+            for key, utility in (("", "accuracy"), ("_validation_loss_utility",
+                                                    "validation-loss")):
+                rhos = [s["spearman" + key][v] for s in fidelity["per_seed"]]
+                taus = [s.get("kendall" + key, {}).get(v) for s in fidelity["per_seed"]]
+                shown = ", ".join(_fmt_rho(r) for r in rhos)
+                ok = all(r is not None and r >= SPEARMAN_TARGET for r in rhos)
+                some = sum(1 for r in rhos if r is not None and r >= SPEARMAN_TARGET)
+                verdict = "**met**" if ok else f"**missed** ({some} of {len(rhos)} seeds)"
+                lines.append(f"| Spearman >= {SPEARMAN_TARGET}, {v}, {utility} Shapley, every "
+                             f"seed | {shown} (Kendall {', '.join(_fmt_rho(t) for t in taus)}) "
+                             f"| {verdict} |")
     return lines
 
 
@@ -814,7 +837,7 @@ def fidelity_notes(part: dict[str, Any]) -> list[str]:
         f"Cost: exact data Shapley took {shapley_median:.0f} s per seed (median; "
         f"{seeds[0]['shapley']['trainings']:,} local DP trainings, {2 ** n - 1} FedAvg runs "
         "on 2 cores) against PoI's settlement from the ledger: " + ", ".join(costs)
-        + " (medians; top-k > 1 re-scores every coalition of the selected updates each "
+        + " (medians; a round with k > 1 applied updates re-scores every coalition of them each "
         f"round). Shapley grows as 2^n: {2 ** n - 1} FedAvg runs at {n} subscribers, about "
         "10^6 at 20.")
     if max(per) > 1.5 * min(per):
