@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -255,11 +256,29 @@ def _audit(run_dir: Path, audit: MarketAudit) -> MarketAudit:
             audit.losses_micro = losses
             frac = settlement.fraction
             audit.fraction_micro = frac.numerator * 1_000_000 // frac.denominator
+            explain_credits(audit.rounds, settlement.round_credits, result.taylor)
     audit.mismatches.extend(check_fee_settlements(entries, record))
     audit.balances, violations = balances(entries, operator=record.operator)
     audit.mismatches.extend(f"balance: {v}" for v in violations)
     audit.ok = not audit.mismatches
     return audit
+
+
+def explain_credits(rounds: list[dict[str, Any]],
+                    credits: Mapping[int, Mapping[str, Fraction]],
+                    taylor: Mapping[int, Sequence[float]]) -> None:
+    """Per round, each applied update's author: the credit the settlement used (micro
+    loss units, after the rule's gates) and the closed-form Taylor estimate beside it."""
+    for entry in rounds:
+        server_round = entry["round"]
+        shares = credits.get(server_round)
+        if shares is None:
+            continue
+        entry["credit_micro"] = {a: round(float(v), 3) for a, v in shares.items()}
+        estimates = taylor.get(server_round)
+        if estimates is not None and len(estimates) == len(entry["selected"]):
+            entry["taylor_micro"] = {a: round(v, 3)
+                                     for a, v in zip(entry["selected"], estimates, strict=True)}
 
 
 def write_audit(run_dir: Path, audit: MarketAudit) -> Path:

@@ -1,5 +1,6 @@
 """``market.png``: the Scientist's published validation loss per round, with whose update
-was applied, and what each subscriber was paid (attackers in red)."""
+was applied, each subscriber's cumulative credit over the rounds, and what each
+subscriber was paid (attackers in red)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def plot_market(report: Mapping[str, Any], path: Path) -> Path:
     attackers = set(report.get("attackers", []))
     published = {int(k): v / 1e6 for k, v in market["published_loss_micro"].items()}
     rounds = sorted(published)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.5))
     left.plot(rounds, [published[r] for r in rounds], marker="o", color="black", lw=1)
     for rnd in report["rounds"]:
         r = rnd["round"]
@@ -40,6 +41,28 @@ def plot_market(report: Mapping[str, Any], path: Path) -> Path:
     left.grid(alpha=0.3)
 
     subs = report["subscribers"]
+    credits = market.get("round_credits_micro", {})
+    credit_rounds = sorted(int(t) for t in credits)
+    for sub in subs:
+        key = sub.get("key_id")
+        running, series = 0.0, []
+        for t in credit_rounds:
+            running += credits[str(t)].get(key, 0.0) / 1e6
+            series.append(running)
+        if any(series):
+            color = ATTACKER if sub.get("attacker") else HONEST
+            middle.plot(credit_rounds, series, color=color, lw=1.5 if sub.get("attacker") else 1,
+                        alpha=0.9)
+            middle.annotate(str(sub["partition_id"]), (credit_rounds[-1], series[-1]),
+                            fontsize=7, color=color, xytext=(3, 0), textcoords="offset points")
+    middle.axhline(0, color="grey", lw=0.8)
+    middle.xaxis.set_major_locator(MaxNLocator(integer=True))
+    middle.set_xlabel("round")
+    middle.set_ylabel("cumulative credit (validation-loss decrease)")
+    rule = market.get("payout_rule", {}).get("rule", "v1")
+    middle.set_title(f"Credit per subscriber ({rule}; red = attacker)")
+    middle.grid(alpha=0.3)
+
     ids = [s["partition_id"] for s in subs]
     amounts = [s.get("payout", 0) for s in subs]
     colors = [ATTACKER if s.get("attacker") else HONEST for s in subs]

@@ -34,6 +34,7 @@ from server.market.attribution import (
     fixed_k_coalition_losses,
     permutation_seed,
     prefix_losses,
+    taylor_shapley,
 )
 from server.market.scientist import (
     MAX_TOLERANCE_MICRO,
@@ -414,6 +415,9 @@ class Replay:
     losses: dict[int, int] = field(default_factory=dict)  # round -> replayed loss (micro)
     coalitions: dict[int, dict[int, int]] = field(default_factory=dict)
     prefixes: dict[int, list[list[int]]] = field(default_factory=dict)  # sampled rounds
+    # The closed-form (second-order Taylor) Shapley estimate of every applied update, in
+    # micro loss units, beside the credit (rule v2 only; a cross-check, never paid).
+    taylor: dict[int, list[float]] = field(default_factory=dict)
     score_mismatches: list[str] = field(default_factory=list)  # published vs replayed
     weights: dict[str, np.ndarray] | None = None
     vote_rounds: dict[int, VoteRound] = field(default_factory=dict)  # marginal vote replayed
@@ -713,6 +717,10 @@ def _replay_rounds(out: Replay, record: MarketRecord, blobs: BlobStore, data: Da
             loss = loss_micro(weights, data, architecture=architecture)
             coalitions, prefixes = _round_game(record, server_round, base, deltas, data, loss)
             compare(server_round, loss, coalitions, prefixes)
+            if deltas and record.payout.game == "fixed-k":
+                out.taylor[server_round] = [
+                    1e6 * v for v in taylor_shapley(base, deltas, data,
+                                                    architecture=architecture)]
     out.weights = weights
 
 

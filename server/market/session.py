@@ -154,4 +154,15 @@ class MarketSession:
             "reason": s.reason, "payouts": s.payouts, "scientist_refund": s.scientist_refund,
             "fraction_micro": s.fraction.numerator * 1_000_000 // s.fraction.denominator,
             "published_loss_micro": dict(self.scientist.published),
+            "payout_rule": closing.record.offer.get("payout", {"rule": "v1"}),
+            # Per round, each applied update's credit (micro loss units, after the rule's
+            # gates) and the closed-form Taylor estimate beside it (rule v2).
+            "round_credits_micro": {
+                str(t): {a: round(float(v), 3) for a, v in shares.items()}
+                for t, shares in sorted(s.round_credits.items())},
+            "taylor_micro": {
+                str(t): {closing.record.author_of(t, d): round(v, 3) for d, v in zip(
+                    closing.record.selections[t].selected, values, strict=True)}
+                for t, values in sorted(closing.replay.taylor.items())
+                if t in closing.record.selections},
         }

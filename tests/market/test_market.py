@@ -386,3 +386,25 @@ def test_a_target_loss_the_initial_model_reaches_is_refused_at_the_offer(
     with pytest.raises(MarketError, match=r"below the initial model's validation loss "
                                           r"L0 = \d+, got 1000000000"):
         market_run(tmp_path, **{"target-loss-micro": 10**9})
+
+
+def test_every_payout_is_explained_per_round(honest: tuple[Path, dict]) -> None:
+    """audit.json and report.json give, per round and applied update's author, the
+    credit the settlement used and the closed-form estimate beside it."""
+    out, report = honest
+    audit = json.loads((out / "audit.json").read_text())
+    credited = [r for r in audit["rounds"] if r["selected"]]
+    assert credited
+    for rnd in credited:
+        assert set(rnd["credit_micro"]) == set(rnd["selected"])
+        assert set(rnd["taylor_micro"]) == set(rnd["selected"])
+        assert report["market"]["round_credits_micro"][str(rnd["round"])] == rnd["credit_micro"]
+    # the net credits, summed from the rounds, are what the reward was split by
+    net: dict[str, float] = {}
+    for rnd in credited:
+        for author, value in rnd["credit_micro"].items():
+            net[author] = net.get(author, 0.0) + value
+    paid = {a for a, v in audit["reward_payouts"].items() if v > 0}
+    assert paid == {a for a, v in net.items() if v > 0}
+    assert report["market"]["payout_rule"]["rule"] == "round-game/v2"
+    assert (out / "market.png").stat().st_size > 10_000
