@@ -293,7 +293,7 @@ def functional_float64(model: nn.Module) -> nn.Module:
 POLY_MLP_PARAMETERS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
 
-def _poly_mlp_losses(model: nn.Module, stacked: Mapping[str, torch.Tensor], x: torch.Tensor,
+def poly_mlp_losses(model: nn.Module, stacked: Mapping[str, torch.Tensor], x: torch.Tensor,
                      y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of K stacked PolyMLPs on (x, y) with two batched matmuls: the
     same function as ``vmap(functional_call)`` (checked in the tests to 1e-12) without
@@ -338,7 +338,7 @@ def candidate_losses(
             for k in base_t
         }
         if isinstance(model, PolyMLP) and set(stacked) == set(POLY_MLP_PARAMETERS):
-            losses = _poly_mlp_losses(reference, stacked, x, y)
+            losses = poly_mlp_losses(reference, stacked, x, y)
         else:
             losses = torch.vmap(loss_of)(stacked)
     return base_loss, losses.numpy().astype(np.float64)

@@ -32,7 +32,7 @@ micro-units, as the Scientist publishes every score.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from client.task import Dataset, candidate_losses, functional_float64, make_model
+from client.task import (
+    POLY_MLP_PARAMETERS,
+    Dataset,
+    PolyMLP,
+    poly_mlp_losses,
+    candidate_losses,
+    functional_float64,
+    make_model,
+)
 from client.witness import to_micro
 
 __all__ = [
@@ -73,10 +81,11 @@ def _flat(deltas: Sequence[Mapping[str, np.ndarray]], keys: Sequence[str]) -> np
         raise AttributionError(f"updates do not fit the model: {exc}") from exc
 
 
-def _losses_of_sums(base: Mapping[str, np.ndarray], sums: np.ndarray, k: int, data: Dataset,
-                    architecture: Mapping[str, Any]) -> list[int]:
-    """Loss (micro) of ``base + row / k`` for every row of ``sums`` (flat float64), the
-    weights cast to float32 exactly as :func:`server.round.selection.apply_updates`."""
+def _losses_of_sums(base: Mapping[str, np.ndarray], chunks: Iterator[np.ndarray], k: int,
+                    data: Dataset, architecture: Mapping[str, Any]) -> list[int]:
+    """Loss (micro) of ``base + row / k`` for every row of every chunk (flat float64,
+    at most BATCH rows each), the weights cast to float32 exactly as
+    :func:`server.round.selection.apply_updates` does."""
     keys = list(base)
     shapes = [np.asarray(base[key]).shape for key in keys]
     sizes = [int(np.prod(s)) for s in shapes]
@@ -84,10 +93,26 @@ def _losses_of_sums(base: Mapping[str, np.ndarray], sums: np.ndarray, k: int, da
     flat_base = np.concatenate([base64_[key].ravel() for key in keys])
     model = make_model(hidden_units=int(architecture["hidden_units"]),
                        activation=str(architecture["activation"]), seed=0)
+    # The digits MLP: stack the chunk's weights straight into the batched forward pass
+    # (the same function candidate_losses uses for it), no per-model dictionaries.
+    fast = isinstance(model, PolyMLP) and set(keys) == set(POLY_MLP_PARAMETERS)
+    reference = functional_float64(model)
+    x = torch.as_tensor(data.x, dtype=torch.float64)
+    y = torch.as_tensor(data.y)
     out: list[int] = []
-    for start in range(0, len(sums), BATCH):
-        chunk = sums[start:start + BATCH]
+    for chunk in chunks:
         weights = (flat_base[None, :] + chunk / k).astype(np.float32).astype(np.float64)
+        if fast:
+            stacked, offset = {}, 0
+            for key, shape, size in zip(keys, shapes, sizes, strict=True):
+                stacked[key] = torch.from_numpy(
+                    np.ascontiguousarray(weights[:, offset:offset + size]).reshape(
+                        len(chunk), *shape))
+                offset += size
+            with torch.no_grad():
+                losses = poly_mlp_losses(reference, stacked, x, y).numpy()
+            out.extend(to_micro(float(v)) for v in losses)
+            continue
         shifted = weights - flat_base[None, :]
         deltas = []
         for row in shifted:
@@ -122,12 +147,18 @@ def fixed_k_coalition_losses(base: Mapping[str, np.ndarray],
                                    f"coalition, got {k}")
         masks = list(range(1, full))
     flat = _flat(deltas, list(base))
-    sums = np.zeros((len(masks), flat.shape[1]))
-    for row, mask in enumerate(masks):
-        for i in range(k):
-            if mask >> i & 1:
-                sums[row] += flat[i]
-    losses = _losses_of_sums(base, sums, k, data, architecture)
+
+    def chunks() -> Iterator[np.ndarray]:
+        for start in range(0, len(masks), BATCH):
+            part = masks[start:start + BATCH]
+            sums = np.zeros((len(part), flat.shape[1]))
+            for row, mask in enumerate(part):
+                for i in range(k):
+                    if mask >> i & 1:
+                        sums[row] += flat[i]
+            yield sums
+
+    losses = _losses_of_sums(base, chunks(), k, data, architecture)
     return dict(zip(masks, losses, strict=True))
 
 
@@ -183,15 +214,21 @@ def prefix_losses(base: Mapping[str, np.ndarray], deltas: Sequence[Mapping[str, 
     full prefix is the round's model)."""
     k = len(deltas)
     flat = _flat(deltas, list(base))
-    sums = np.zeros((len(permutations) * (k - 1), flat.shape[1]))
-    row = 0
-    for order in permutations:
-        running = np.zeros(flat.shape[1])
-        for i in order[:-1]:
-            running = running + flat[i]
-            sums[row] = running
-            row += 1
-    losses = _losses_of_sums(base, sums, k, data, architecture)
+
+    def chunks() -> Iterator[np.ndarray]:
+        rows: list[np.ndarray] = []
+        for order in permutations:
+            running = np.zeros(flat.shape[1])
+            for i in order[:-1]:
+                running = running + flat[i]
+                rows.append(running)
+                if len(rows) == BATCH:
+                    yield np.stack(rows)
+                    rows = []
+        if rows:
+            yield np.stack(rows)
+
+    losses = _losses_of_sums(base, chunks(), k, data, architecture)
     return [losses[p * (k - 1):(p + 1) * (k - 1)] for p in range(len(permutations))]
 
 
