@@ -44,10 +44,10 @@ from client.task import (
     POLY_MLP_PARAMETERS,
     Dataset,
     PolyMLP,
-    poly_mlp_losses,
     candidate_losses,
     functional_float64,
     make_model,
+    poly_mlp_losses,
 )
 from client.witness import to_micro
 
