@@ -36,13 +36,14 @@ from server.market.fees import split_fee
 from server.market.replay import (
     MarketRecord,
     balances,
+    orderings_of,
     read_market,
     replay,
     settlement_fields,
     settlement_of,
 )
 from server.market.scientist import MarketError
-from server.market.settlement import SettlementError
+from server.market.settlement import SettlementError, sampled_shapley
 from server.round.report import write_json
 
 LEDGER_FILE = "ledger.db"
@@ -257,6 +258,7 @@ def _audit(run_dir: Path, audit: MarketAudit) -> MarketAudit:
             frac = settlement.fraction
             audit.fraction_micro = frac.numerator * 1_000_000 // frac.denominator
             explain_credits(audit.rounds, settlement.round_credits, result.taylor)
+            explain_sampling(audit.rounds, record, losses)
     audit.mismatches.extend(check_fee_settlements(entries, record))
     audit.balances, violations = balances(entries, operator=record.operator)
     audit.mismatches.extend(f"balance: {v}" for v in violations)
@@ -279,6 +281,20 @@ def explain_credits(rounds: list[dict[str, Any]],
         if estimates is not None and len(estimates) == len(entry["selected"]):
             entry["taylor_micro"] = {a: round(v, 3)
                                      for a, v in zip(entry["selected"], estimates, strict=True)}
+
+
+def explain_sampling(rounds: list[dict[str, Any]], record: MarketRecord,
+                     losses: Sequence[int]) -> None:
+    """For a round split by sampled Shapley: each author's standard error (micro)."""
+    for entry in rounds:
+        t = entry["round"]
+        score = record.scores.get(t)
+        if not t or score is None or not score.prefix_losses_micro or t >= len(losses):
+            continue
+        orders = orderings_of(record, t, len(entry["selected"]))
+        _, errors = sampled_shapley(entry["selected"], losses[t - 1], losses[t], orders,
+                                    score.prefix_losses_micro)
+        entry["credit_se_micro"] = {a: round(v, 3) for a, v in errors.items()}
 
 
 def write_audit(run_dir: Path, audit: MarketAudit) -> Path:

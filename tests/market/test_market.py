@@ -374,6 +374,10 @@ def test_sampled_shapley_rounds_replay_and_a_changed_prefix_loss_forfeits(
     settlement, _ = settlement_of(lying, result)
     assert settlement.forfeited and settlement.reason == FORFEIT_SCORE
 
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    errors = next(r for r in audit["rounds"] if r["round"] == t)["credit_se_micro"]
+    assert set(errors) == set(record.author_of(t, d) for d in record.selections[t].selected)
+
     other_root = copy.deepcopy(record)
     other_root.scores[t].shapley_root = "00" * 32
     assert any("drawn from root" in m for m in replay(other_root, blobs).score_mismatches)
