@@ -192,8 +192,8 @@ class RunConfig:
         if not 1 <= self.shapley_exact_max <= 12:
             raise ConfigError(f"shapley-exact-max: expected 1..12 (2^k coalition losses a "
                               f"round), got {self.shapley_exact_max}")
-        if not 2 <= self.shapley_permutations <= 4096:
-            raise ConfigError(f"shapley-permutations: expected 2..4096, got "
+        if not 2 <= self.shapley_permutations <= 256:
+            raise ConfigError(f"shapley-permutations: expected 2..256, got "
                               f"{self.shapley_permutations}")
         _at_least("target-loss-micro", self.target_loss_micro, 0)
         if self.top_k > 16:

@@ -122,7 +122,7 @@ class PayoutRule:
     def check(self) -> None:
         if self.game not in GAMES:
             raise SettlementError(f"payout: expected game in {list(GAMES)}, got {self.game!r}")
-        for name, low, high in (("exact_max", 1, 16), ("permutations", 0, 4096),
+        for name, low, high in (("exact_max", 1, 16), ("permutations", 0, 256),
                                 ("target_loss_micro", 0, 10**12)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:

@@ -303,6 +303,7 @@ def test_target_loss_sets_the_paid_fraction() -> None:
     ({"exact_max": 13}, "exact_max <= 12"),
     ({"exact_max": 0}, "exact_max as an integer"),
     ({"permutations": 1}, "permutations >= 2"),
+    ({"permutations": 257}, r"permutations as an integer in 0\.\.256"),  # 4,096 x 256 models at most
     ({"permutations": True}, "permutations as an integer"),
     ({"vote_gate": 2}, "vote_gate 0 or 1"),
 ])
