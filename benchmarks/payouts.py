@@ -9,7 +9,11 @@ process. With ``--runs DIR``: ``poi audit`` (``audit_run``) of every finished ru
 (a run directory with ledger.db and audit.json), median of 3 each.
 
     python -m benchmarks.payouts --out benchmarks/results/payouts [--ks 12,20,100,1024]
-        [--runs DIR]
+        [--runs DIR] [--ledgers DIR]
+
+With ``--ledgers DIR`` (runs made by ``scripts/payout-ledgers.py``, directories named
+ATTACK__FRACTION__sSEED): every run settled under each payout-rule variant
+(``VARIANTS``), the attackers' share of the reward per setting.
 
 Writes OUT/payouts.json and OUT/payouts.md.
 """
@@ -116,6 +120,101 @@ def audit_costs(runs: Path) -> list[dict[str, Any]]:
     return out
 
 
+# The payout-rule variants settled on every run's ledger (the vote is the same: only
+# the settlement differs). "v1" is Shapley over the coalition mean (the legacy rule).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "v1": {"game": "mean"},
+    "v2 game only": {"loss_rise": False, "vote_gate": False},
+    "v2 + loss-rise": {"loss_rise": True, "vote_gate": False},
+    "v2 + vote gate": {"loss_rise": False, "vote_gate": True},
+    "v2 (both gates, default)": {},
+}
+SHARE_TARGET = 0.01
+
+
+def attack_shares(ledgers: Path, console: Console) -> dict[str, Any]:
+    """Settle every finished run under ``ledgers`` (run directories with ledger.db,
+    report.json, named ATTACK__FRACTION__sSEED) under each payout-rule variant, from the
+    replay on the revealed validation set; the attackers' share of the reward paid."""
+    from dataclasses import replace
+
+    from ledger import LogReader
+    from ledger.blobs import BlobStore
+    from server.market.replay import eligible_authors, read_market, replay, round_outcomes
+    from server.market.settlement import PayoutRule, settle
+
+    runs = sorted(p for p in ledgers.iterdir() if (p / "report.json").is_file())
+    rows = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("settling ledgers", total=len(runs))
+        for run in runs:
+            bar.update(task, description=run.name)
+            report = json.loads((run / "report.json").read_text())
+            bad = {s["key_id"] for s in report["subscribers"] if s["attacker"]}
+            with LogReader.open(run / "ledger.db") as reader:
+                record = read_market(list(reader.entries()))
+            blobs = BlobStore.beside(run / "ledger.db")
+            eligible = eligible_authors(record)
+            replays = {}
+            for game, terms in (("mean", None), ("fixed-k", PayoutRule().to_terms())):
+                record.offer.pop("payout", None)
+                if terms is not None:
+                    record.offer["payout"] = terms
+                result = replay(record, blobs)
+                replays[game] = (result, round_outcomes(record, result.losses, result.coalitions,
+                                                   result.prefixes))
+            attack, fraction, seed = run.name.split("__")
+            row: dict[str, Any] = {"run": run.name, "attack": attack, "fraction": float(fraction),
+                                   "seed": int(seed.lstrip("s")),
+                                   "final_accuracy": report["final_accuracy"]}
+            for name, change in VARIANTS.items():
+                if change.get("game") == "mean":
+                    rule, (result, outcomes) = PayoutRule.legacy(), replays["mean"]
+                else:
+                    rule, (result, outcomes) = replace(PayoutRule(), **change), replays["fixed-k"]
+                s = settle(record.terms.money, result.losses[0], outcomes, rule=rule,
+                           eligible=eligible)
+                paid = sum(s.reward_payouts.values())
+                to_bad = sum(v for k, v in s.reward_payouts.items() if k in bad)
+                row[name] = to_bad / paid if paid else 0.0
+                row[name + " paid"] = paid
+            rows.append(row)
+            bar.advance(task)
+    cells: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key = f"{row['attack']} @ {row['fraction']:g}"
+        cells.setdefault(key, {"runs": []})["runs"].append(row)
+    for cell in cells.values():
+        for name in VARIANTS:
+            shares = [r[name] for r in cell["runs"]]
+            cell[name] = {"mean": statistics.mean(shares), "max": max(shares),
+                          "min": min(shares)}
+    return {"runs": rows, "cells": cells, "variants": list(VARIANTS)}
+
+
+def shares_markdown(part: dict[str, Any]) -> list[str]:
+    variants = part["variants"]
+    lines = ["", "## Attackers' share of the reward paid, by payout rule", "",
+             "Each finished run's ledger settled under each rule from the replay on the "
+             "revealed validation set (the vote and the applied updates are the same; only "
+             "the settlement differs). Mean over seeds (min-max); target <= "
+             f"{SHARE_TARGET:.0%} in every run.", "",
+             "| setting | seeds | " + " | ".join(variants) + " |",
+             "|---|---|" + "---|" * len(variants)]
+    for key in sorted(part["cells"]):
+        cell = part["cells"][key]
+        lines.append(f"| {key} | {len(cell['runs'])} | " + " | ".join(
+            f"{100 * cell[v]['mean']:.1f}% ({100 * cell[v]['min']:.0f}-"
+            f"{100 * cell[v]['max']:.0f})" for v in variants) + " |")
+    default = variants[-1]
+    attacked = {k: c for k, c in part["cells"].items() if not k.startswith("none")}
+    missed = sorted(k for k, c in attacked.items() if c[default]["max"] > SHARE_TARGET)
+    lines += ["", f"Target with the default ({default}): "
+              + ("**met**" if not missed else f"**missed** in {', '.join(missed)}") + "."]
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# Payout rule round-game/v2: cost", "",
              "Per round at k applied updates (medians of "
@@ -142,6 +241,8 @@ def markdown(results: dict[str, Any]) -> str:
         for a in audits:
             lines.append(f"| {a['run']} | {a['rounds']} | {a['subscribers']} | {a['applied']} | "
                          f"{a['ledger_size']:,} | {a['seconds']:.2f} s |")
+    if results.get("shares"):
+        lines += shares_markdown(results["shares"])
     return "\n".join(lines) + "\n"
 
 
@@ -150,7 +251,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/payouts"))
     parser.add_argument("--ks", default="2,12,20,100,1024")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--runs", type=Path, default=None)
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="time poi audit of every run directory here")
+    parser.add_argument("--ledgers", type=Path, default=None,
+                        help="settle every run here under each payout-rule variant")
     args = parser.parse_args()
     console = Console()
     ks = [int(k) for k in args.ks.split(",")]
@@ -164,6 +268,8 @@ def main() -> None:
             bar.advance(task)
     if args.runs is not None:
         results["audits"] = audit_costs(args.runs)
+    if args.ledgers is not None:
+        results["shares"] = attack_shares(args.ledgers, console)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "payouts.json", results)
     text = markdown(results)

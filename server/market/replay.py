@@ -796,7 +796,7 @@ def _check_marginals(out: Replay, record: MarketRecord, blobs: BlobStore, data: 
 
 
 # -------------------------------------------------------------------------- settlement
-def _outcomes(record: MarketRecord, losses: Mapping[int, int],
+def round_outcomes(record: MarketRecord, losses: Mapping[int, int],
               coalitions: Mapping[int, Mapping[int, int]],
               prefixes: Mapping[int, Sequence[Sequence[int]]] | None = None
               ) -> list[RoundOutcome]:
@@ -859,17 +859,17 @@ def settlement_of(record: MarketRecord, result: Replay) -> tuple[Settlement, lis
     try:
         if result.reveal_status in (FORFEIT_MISMATCH, FORFEIT_NO_REVEAL):
             empty = {t: 0 for t in rounds}
-            outcomes = _outcomes(record, empty, {})
+            outcomes = round_outcomes(record, empty, {})
             return settle(terms, 1, outcomes, forfeit=result.reveal_status), []
         if result.score_mismatches:
-            outcomes = _outcomes(record, result.losses, result.coalitions, result.prefixes)
+            outcomes = round_outcomes(record, result.losses, result.coalitions, result.prefixes)
             return (settle(terms, result.losses[0], outcomes, forfeit=FORFEIT_SCORE,
                            rule=rule, eligible=eligible),
                     [result.losses[t] for t in rounds])
         published = {t: record.scores[t].loss_micro for t in rounds}
         coalitions = {t: record.scores[t].coalitions_micro for t in rounds}
         prefixes = {t: record.scores[t].prefix_losses_micro for t in rounds}
-        outcomes = _outcomes(record, published, coalitions, prefixes)
+        outcomes = round_outcomes(record, published, coalitions, prefixes)
         return (settle(terms, published[0], outcomes, rule=rule, eligible=eligible),
                 [published[t] for t in rounds])
     except SettlementError as exc:
