@@ -155,15 +155,15 @@ def attack_shares(ledgers: Path, console: Console) -> dict[str, Any]:
             with LogReader.open(run / "ledger.db") as reader:
                 record = read_market(list(reader.entries()))
             blobs = BlobStore.beside(run / "ledger.db")
-            eligible = eligible_authors(record)
             replays = {}
             for game, terms in (("mean", None), ("fixed-k", PayoutRule().to_terms())):
                 record.offer.pop("payout", None)
                 if terms is not None:
                     record.offer["payout"] = terms
                 result = replay(record, blobs)
-                replays[game] = (result, round_outcomes(record, result.losses, result.coalitions,
-                                                   result.prefixes))
+                replays[game] = (result, round_outcomes(record, result.losses,
+                                                        result.coalitions, result.prefixes))
+            eligible = eligible_authors(record, replays["fixed-k"][0])
             attack, fraction, seed = run.name.split("__")
             row: dict[str, Any] = {"run": run.name, "attack": attack, "fraction": float(fraction),
                                    "seed": int(seed.lstrip("s")),

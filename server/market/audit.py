@@ -258,7 +258,7 @@ def _audit(run_dir: Path, audit: MarketAudit) -> MarketAudit:
             frac = settlement.fraction
             audit.fraction_micro = frac.numerator * 1_000_000 // frac.denominator
             explain_credits(audit.rounds, settlement.round_credits, result.taylor)
-            explain_sampling(audit.rounds, record, losses)
+            explain_sampling(audit.rounds, record, losses, result.prefixes)
     audit.mismatches.extend(check_fee_settlements(entries, record))
     audit.balances, violations = balances(entries, operator=record.operator)
     audit.mismatches.extend(f"balance: {v}" for v in violations)
@@ -284,16 +284,22 @@ def explain_credits(rounds: list[dict[str, Any]],
 
 
 def explain_sampling(rounds: list[dict[str, Any]], record: MarketRecord,
-                     losses: Sequence[int]) -> None:
-    """For a round split by sampled Shapley: each author's standard error (micro)."""
+                     losses: Sequence[int], prefixes: Mapping[int, list[list[int]]]) -> None:
+    """For a round split by sampled Shapley (rule v2, k > exact_max): each author's
+    standard error (micro), from the replayed prefix losses."""
+    rule = record.payout
+    if rule.game != "fixed-k":
+        return
     for entry in rounds:
-        t = entry["round"]
-        score = record.scores.get(t)
-        if not t or score is None or not score.prefix_losses_micro or t >= len(losses):
+        t, selected = entry["round"], entry["selected"]
+        if not t or len(selected) <= rule.exact_max or t not in prefixes or t >= len(losses):
             continue
-        orders = orderings_of(record, t, len(entry["selected"]))
-        _, errors = sampled_shapley(entry["selected"], losses[t - 1], losses[t], orders,
-                                    score.prefix_losses_micro)
+        try:
+            orders = orderings_of(record, t, len(selected))
+            _, errors = sampled_shapley(selected, losses[t - 1], losses[t], orders,
+                                        prefixes[t])
+        except (MarketError, SettlementError):
+            continue
         entry["credit_se_micro"] = {a: round(v, 3) for a, v in errors.items()}
 
 

@@ -159,6 +159,22 @@ MAX_SELECTED = 16  # rule v1: exact Shapley over at most this many updates per r
 MAX_SELECTED_V2 = 4096  # rule v2: sampled Shapley beyond exact_max
 
 
+def _selection_cap(offer: Mapping[str, Any]) -> int:
+    """The most updates a round may apply: 16 when the settlement enumerates every
+    coalition (rule v1), else the marginal vote's max_accepted (the Scientist's own
+    bound), at most MAX_SELECTED_V2."""
+    try:
+        rule = PayoutRule.from_offer(offer)
+    except SettlementError:
+        return MAX_SELECTED
+    if rule.game != "fixed-k":
+        return MAX_SELECTED
+    vote = offer.get("vote")
+    if isinstance(vote, Mapping) and isinstance(vote.get("max_accepted"), int):
+        return max(1, min(MAX_SELECTED_V2, int(vote["max_accepted"])))
+    return MAX_SELECTED
+
+
 def _prefix_rows(value: object) -> list[list[int]] | None:
     """A list of lists of integer losses (micro), or None when it is not one."""
     if not isinstance(value, list):
@@ -281,7 +297,7 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
             if rnd in record.selections:
                 raise MarketError(f"entry {index}: a second selection for round {rnd}")
             selected = [str(d) for d in f["selected"]]
-            limit = MAX_SELECTED_V2 if "payout" in record.offer else MAX_SELECTED
+            limit = _selection_cap(record.offer)
             if len(selected) > limit or len(set(selected)) != len(selected):
                 raise MarketError(f"entry {index}: expected at most {limit} distinct "
                                   f"selected updates, got {len(selected)}")
@@ -589,10 +605,12 @@ def replay_vote(record: MarketRecord, blobs: BlobStore,
             if selection.selected or record.ballots.get(rnd):
                 out.append(f"round {rnd}: the selection entry names no sorted candidate list")
                 break
+            _no_tally_fields(out, rnd, selection)
             continue  # a round with no valid candidate
         if not candidates:
             if selection.selected:
                 out.append(f"round {rnd}: updates applied in a round with no candidates")
+            _no_tally_fields(out, rnd, selection)
             continue  # nothing to vote on: no ballots, no numbers, nothing applied
         published = record.marginals.get(rnd)
         if published is None or published.malformed or \
@@ -600,6 +618,7 @@ def replay_vote(record: MarketRecord, blobs: BlobStore,
             if selection.selected:
                 out.append(f"round {rnd}: updates applied without the Scientist's usable "
                            "validation marginals")
+            _no_tally_fields(out, rnd, selection)
             halted = True
             continue
         try:
@@ -609,6 +628,18 @@ def replay_vote(record: MarketRecord, blobs: BlobStore,
             out.append(f"round {rnd}: {exc}")
             break
     return out
+
+
+TALLY_FIELDS = ("trusted", "voter_weights_micro", "author_scores_micro")
+
+
+def _no_tally_fields(out: list[str], rnd: int, selection: SelectionRecord) -> None:
+    """A round the vote replay does not tally must not carry a tally's numbers (nobody
+    could check them)."""
+    present = [name for name in TALLY_FIELDS if name in selection.fields]
+    if present:
+        out.append(f"round {rnd}: the selection entry carries {present} in a round with no "
+                   "tally")
 
 
 def _replay_vote_round(out: list[str], record: MarketRecord, blobs: BlobStore, rnd: int,
@@ -823,23 +854,20 @@ def round_outcomes(record: MarketRecord, losses: Mapping[int, int],
     return out
 
 
-def final_author_scores(record: MarketRecord) -> dict[str, int] | None:
-    """The marginal vote's verdict on every author after the last round (the last
-    selection entry's ``author_scores_micro``, which the vote replay checks); None
-    when the task ran another vote."""
+def final_author_scores(record: MarketRecord, result: Replay) -> dict[str, float] | None:
+    """The marginal vote's verdict on every author after the last round, from the
+    replayed tally (never from the operator's fields: a round the replay skips could
+    carry any); None when the task ran another vote."""
     if not record.offer.get("vote"):
         return None
-    for server_round in range(record.last_round, 0, -1):
-        fields = (record.selections.get(server_round) or SelectionRecord([], [])).fields
-        scores = fields.get("author_scores_micro")
-        if isinstance(scores, dict):
-            return {str(a): int(v) for a, v in scores.items()}
-    return {}
+    if not result.vote_rounds:
+        return {}
+    return dict(result.vote_rounds[max(result.vote_rounds)].tally.state.author_scores)
 
 
-def eligible_authors(record: MarketRecord) -> list[str] | None:
+def eligible_authors(record: MarketRecord, result: Replay) -> list[str] | None:
     """Who the vote gate lets be credited (final author score > 0); None: no gate."""
-    scores = final_author_scores(record)
+    scores = final_author_scores(record, result)
     if scores is None:
         return None
     return sorted(a for a, v in scores.items() if v > 0)
@@ -854,7 +882,7 @@ def settlement_of(record: MarketRecord, result: Replay) -> tuple[Settlement, lis
         raise MarketError("cannot settle: no reveal yet and the deadline has not passed")
     terms = record.terms.money
     rule = record.payout
-    eligible = eligible_authors(record)
+    eligible = eligible_authors(record, result)
     rounds = range(0, record.last_round + 1)
     try:
         if result.reveal_status in (FORFEIT_MISMATCH, FORFEIT_NO_REVEAL):

@@ -78,11 +78,13 @@ class MarketSession:
     def publish_score(self, server_round: int, weights: Mapping[str, np.ndarray], *,
                       base: Mapping[str, np.ndarray],
                       deltas: Sequence[Mapping[str, np.ndarray]]) -> int:
-        """The Scientist's signed ``score`` for the model after ``server_round``, right
-        after the round's ``model`` entry (its Shapley orderings, when the round needs
-        them, are drawn from the ledger root at that point)."""
-        fields = self.scientist.score_fields(server_round, weights, base, deltas,
-                                             root=self.ledger.root())
+        """The Scientist's signed ``score`` for the model after ``server_round`` (its
+        Shapley orderings, when the round needs them, are drawn from the ledger root of
+        the tree whose last leaf is the round's ``model`` entry, whatever came since)."""
+        size = self.ledger.model_sizes.get(server_round)
+        fields = self.scientist.score_fields(
+            server_round, weights, base, deltas,
+            root=self.ledger.root(size) if size is not None else None)
         self.ledger.append_signed(self.scientist.signer, [("score", fields)])
         self.last_round = server_round
         return int(fields["loss_micro"])

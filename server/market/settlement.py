@@ -113,6 +113,9 @@ class PayoutRule:
     loss_rise: bool = True  # a round whose loss rose credits nobody positively
     vote_gate: bool = True  # credit only authors whose final vote author-score is > 0
     target_loss_micro: int = 0
+    # loss_rise gates only a rise larger than the score tolerance (the offer's): a rise
+    # within it could be the Scientist's rounding, not the round's doing
+    tolerance_micro: int = 0
 
     @classmethod
     def legacy(cls, *, target_loss_micro: int = 0) -> PayoutRule:
@@ -148,22 +151,38 @@ class PayoutRule:
         if isinstance(target, bool) or not isinstance(target, int) or target < 0:
             raise SettlementError(f"offer: expected target_loss_micro as an integer >= 0, "
                                   f"got {target!r}")
-        terms = offer.get("payout")
-        if terms is None:
-            return cls.legacy(target_loss_micro=target)
+        tolerance = offer.get("score_tolerance_micro", 0)
+        tolerance = tolerance if isinstance(tolerance, int) and not isinstance(
+            tolerance, bool) and tolerance >= 0 else 0
+        if "payout" not in offer:
+            rule = cls.legacy(target_loss_micro=target)
+            rule.check()
+            return rule
+        terms = offer["payout"]
         if not isinstance(terms, Mapping) or terms.get("rule") != RULE_V2:
             raise SettlementError(f"offer: expected payout terms of rule {RULE_V2!r}, "
                                   f"got {terms!r}")
+        unknown = sorted(set(terms) - PAYOUT_TERMS)
+        if unknown:
+            raise SettlementError(f"payout: unknown terms {unknown}; expected "
+                                  f"{sorted(PAYOUT_TERMS)}")
+        if terms.get("game") != "fixed-k":
+            raise SettlementError(f"payout: expected game 'fixed-k' under {RULE_V2}, got "
+                                  f"{terms.get('game')!r}")
         flags = {}
         for name in ("loss_rise", "vote_gate"):
             if terms.get(name) not in (0, 1) or isinstance(terms.get(name), bool):
                 raise SettlementError(f"payout: expected {name} 0 or 1, got {terms.get(name)!r}")
             flags[name] = bool(terms[name])
-        rule = cls(game=str(terms.get("game")), exact_max=terms.get("exact_max"),  # type: ignore[arg-type]
+        rule = cls(game="fixed-k", exact_max=terms.get("exact_max"),  # type: ignore[arg-type]
                    permutations=terms.get("permutations"),  # type: ignore[arg-type]
-                   target_loss_micro=target, **flags)
+                   target_loss_micro=target, tolerance_micro=tolerance, **flags)
         rule.check()
         return rule
+
+
+PAYOUT_TERMS = frozenset({"rule", "game", "exact_max", "permutations", "loss_rise",
+                          "vote_gate"})
 
 
 @dataclass(frozen=True)
@@ -349,7 +368,7 @@ def round_credits(initial_loss_micro: int, rounds: Sequence[RoundOutcome],
     previous = initial_loss_micro
     for outcome in sorted(rounds, key=lambda r: r.round):
         shares = round_shares(outcome, previous, rule)
-        if rule.loss_rise and outcome.loss_micro > previous:
+        if rule.loss_rise and outcome.loss_micro > previous + rule.tolerance_micro:
             shares = {a: min(v, Fraction(0)) for a, v in shares.items()}
         if allowed is not None:
             shares = {a: (v if a in allowed else Fraction(0)) for a, v in shares.items()}
@@ -402,19 +421,18 @@ def settle(
     per_round: dict[int, dict[str, Fraction]] = {}
     fraction = Fraction(0)
     if forfeit in ("", FORFEIT_SCORE) and rounds:
-        if rule.target_loss_micro >= initial_loss_micro:
-            raise SettlementError(
-                f"expected target_loss_micro below the initial loss L0 = "
-                f"{initial_loss_micro}, got {rule.target_loss_micro}")
         per_round = round_credits(initial_loss_micro, rounds, rule, eligible)
         for shares in per_round.values():
             for author, share in shares.items():
                 net[author] = net.get(author, Fraction(0)) + share / initial_loss_micro
         net = dict(sorted(net.items()))
         last = max(rounds, key=lambda r: r.round).loss_micro
-        fraction = min(max(Fraction(initial_loss_micro - last,
-                                    initial_loss_micro - rule.target_loss_micro),
-                           Fraction(0)), Fraction(1))
+        span = initial_loss_micro - rule.target_loss_micro
+        # A target the initial model already reaches (refused when the task opens, but a
+        # hostile ledger can carry one) counts as converged: the Scientist's own target
+        # pays all of R, and never blocks a settlement or a forfeiture.
+        fraction = (min(max(Fraction(initial_loss_micro - last, span), Fraction(0)),
+                        Fraction(1)) if span > 0 else Fraction(1))
     positive = {k: c for k, c in net.items() if c > 0}
 
     if not forfeit:

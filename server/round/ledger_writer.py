@@ -71,6 +71,7 @@ class RoundLedger:
     cosignatures: int = 0
     size: int = 0
     root_hex: str = ""
+    model_sizes: dict[int, int] = field(default_factory=dict)  # round -> size after `model`
 
     # ----------------------------------------------------------------- set-up
     @classmethod
@@ -294,8 +295,14 @@ class RoundLedger:
 
     # ---------------------------------------------------------- operator
     def append_operator(self, entries: Sequence[tuple[str, Mapping[str, Any]]]) -> list[int]:
-        """Sign and append the operator's own entries in one transaction."""
-        return self.append_signed(self.operator, entries)
+        """Sign and append the operator's own entries in one transaction; remembers the
+        tree size right after each round's ``model`` entry (its root seeds the round's
+        Shapley orderings)."""
+        indices = self.append_signed(self.operator, entries)
+        for (kind, fields), index in zip(entries, indices, strict=True):
+            if kind == "model":
+                self.model_sizes[int(fields["round"])] = index + 1
+        return indices
 
     def append_signed(self, signer: Signer,
                       entries: Sequence[tuple[str, Mapping[str, Any]]]) -> list[int]:
@@ -309,5 +316,5 @@ class RoundLedger:
                    for i, (kind, fields) in enumerate(entries)]
         return self.log_.append_many(leaves)[-len(entries):] if entries else []
 
-    def root(self) -> bytes:
-        return self.log_.root()
+    def root(self, size: int | None = None) -> bytes:
+        return self.log_.root(size)

@@ -578,7 +578,7 @@ class ProofOfIntelligence(FedAvg):
         candidates: list[CandidateRecord] = []
         deltas: dict[str, dict[str, np.ndarray]] = {}
         pending: list[PendingEntries] = []
-        named: dict[str, tuple[str, dict[str, np.ndarray]]] = {}  # digest -> (node, update)
+        named: dict[str, tuple[set[str], dict[str, np.ndarray]]] = {}  # digest -> nodes, bytes
         server_round = record.server_round
 
         def reject(author: str, node_id: str, reason: str) -> None:
@@ -601,7 +601,7 @@ class ProofOfIntelligence(FedAvg):
                                    "update_digest": digest, "base_digest": base_digest}]))
                     # The candidate entry names the update even when the checks below
                     # refuse it: its bytes are kept so the audit can check the refusal.
-                    named[digest] = (node_id, update)
+                    named.setdefault(digest, (set(), update))[0].add(node_id)
                 norm = validate_update(update, weights, max_norm=self.config.max_update_norm)
                 if digest in self._seen_digests:
                     raise Rejected(f"update {digest[:16]} repeats an update already submitted "
@@ -627,8 +627,10 @@ class ProofOfIntelligence(FedAvg):
                     candidates.remove(c)
                     deltas.pop(c.candidate_id, None)
                     reject(c.author, node_id, reason)
-            for node_id, update in named.values():
-                if node_id not in refused:
+            # Any admitted node naming the digest keeps its bytes (a sybil sending the
+            # same bytes with a bad signature must not drop another's selected update).
+            for nodes, update in named.values():
+                if nodes - set(refused):
                     self.ledger.blobs.put(canonical_tensor_bytes(update))
             self._record_rejections(server_round, record.rejected)
         return candidates, deltas

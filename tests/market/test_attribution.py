@@ -293,13 +293,28 @@ def test_target_loss_sets_the_paid_fraction() -> None:
     assert sum(stated.reward_payouts.values()) == 800
     beyond = settle(TERMS, 1000, rounds, rule=PayoutRule(target_loss_micro=700))
     assert beyond.fraction == 1  # clamped
-    with pytest.raises(SettlementError, match=r"below the initial loss L0 = 1000, got 1000"):
-        settle(TERMS, 1000, rounds, rule=PayoutRule(target_loss_micro=1000))
+    # A target at or above L0 (refused when the task opens; a hostile ledger can carry
+    # one) counts as converged: it never blocks a settlement or a forfeiture.
+    reached = settle(TERMS, 1000, rounds, rule=PayoutRule(target_loss_micro=1000))
+    assert reached.fraction == 1 and sum(reached.reward_payouts.values()) == 1_000
+    forfeit = settle(TERMS, 1000, rounds, rule=PayoutRule(target_loss_micro=5000),
+                     forfeit="score-mismatch")
+    assert forfeit.forfeited and sum(forfeit.reward_payouts.values()) == 2_000
+
+
+def test_a_rise_within_the_score_tolerance_is_not_gated() -> None:
+    rounds = [_round(1, ("a", "b"), 1005, {1: 990, 2: 1010})]  # rose by 5, tolerance 10
+    gated = round_credits(1000, rounds, PayoutRule(vote_gate=False, tolerance_micro=10))
+    assert gated[1]["a"] > 0
+    strict = round_credits(1000, rounds, PayoutRule(vote_gate=False, tolerance_micro=0))
+    assert strict[1]["a"] == 0
 
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"rule": "round-game/v9"}, "rule 'round-game/v2'"),
-    ({"game": "median"}, "game in"),
+    ({"game": "median"}, "game 'fixed-k'"),
+    ({"game": "mean"}, "game 'fixed-k'"),  # v2 terms cannot lift the cap of 16 for v1
+    ({"seed": 7}, "unknown terms"),
     ({"exact_max": 13}, "exact_max <= 12"),
     ({"exact_max": 0}, "exact_max as an integer"),
     ({"permutations": 1}, "permutations >= 2"),
@@ -317,6 +332,11 @@ def test_bad_payout_terms_are_refused_by_name(change: dict, message: str) -> Non
 def test_a_bad_target_loss_is_refused(target: object) -> None:
     with pytest.raises(SettlementError, match="target_loss_micro"):
         PayoutRule.from_offer({"target_loss_micro": target})
+
+
+def test_a_null_payout_is_not_rule_v1() -> None:
+    with pytest.raises(SettlementError, match="expected payout terms"):
+        PayoutRule.from_offer({"payout": None})
 
 
 def test_an_offer_without_payout_terms_settles_by_rule_v1() -> None:

@@ -279,3 +279,29 @@ def test_a_hostile_ballot_is_rejected_with_its_reason_and_the_round_goes_on(
     assert reason in recorded[0]["reason"]
     audit = audit_run(tmp_path)
     assert audit.ok, audit.mismatches
+
+
+def test_the_vote_gate_reads_the_replayed_tally_not_the_operator_fields(bloc) -> None:  # type: ignore[no-untyped-def]
+    """The operator adds a round with no candidates whose selection entry names any
+    author scores it likes (one key with everything): the replay refuses the fields,
+    and the gate only ever uses the replayed tally."""
+    from server.market.replay import SelectionRecord, eligible_authors, replay_vote
+
+    out, report = bloc
+    record = copy.deepcopy(_record(out))
+    blobs = BlobStore.beside(out / "ledger.db")
+    result = replay(record, blobs)
+    honest = eligible_authors(record, result)
+    assert honest, "expected authors the vote trusts at the end"
+    attackers = {s["key_id"] for s in report["subscribers"] if s["attacker"]}
+    last = max(record.selections)
+    forged = copy.deepcopy(record)
+    one = sorted(attackers)[0]
+    forged.selections[last + 1] = SelectionRecord([], [], {
+        "candidates": [], "vote_rule": "marginal", "author_scores_micro": {one: 1}})
+    forged.models[last + 1] = forged.models[last]
+    forged.close_round = last + 1
+    mismatches = replay_vote(forged, blobs)
+    assert any("in a round with no tally" in m for m in mismatches)
+    # and whatever the fields say, the gate comes from the replayed state
+    assert eligible_authors(forged, result) == honest
