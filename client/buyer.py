@@ -21,6 +21,7 @@ import base64
 import hashlib
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +42,25 @@ SINGLE_UP_TO = 4  # rows; more go in the batch layout
 class BuyerError(RuntimeError):
     """The service refused a request (status and its message) or could not be trusted."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after  # seconds, from the service's Retry-After
+
+
+RETRY_STATUSES = (429, 503)  # busy: nothing was charged, the same request may come again
+MAX_RETRY_WAIT = 30.0  # seconds; a longer Retry-After is capped
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (the service sends delta-seconds), or None."""
+    value = response.headers.get("retry-after", "")
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
 
 
 @dataclass
@@ -53,7 +70,9 @@ class Buyer:
     layout: str = "auto"  # "single", "batch" or "auto" (by the number of rows)
     timeout: float = 300.0
     log_key: str | None = None  # pin the ledger's log key (else trust the one served)
+    retries: int = 3  # a 429 or 503 (busy, nothing charged) is retried after Retry-After
     client: httpx.Client | None = None
+    sleep: Any = field(default=time.sleep, repr=False)
     _contexts: dict[str, Any] = field(default_factory=dict)  # layout -> (ctx, id)
     _model: dict[str, Any] | None = None
     _nonce: int | None = None
@@ -80,7 +99,7 @@ class Buyer:
             except (json.JSONDecodeError, AttributeError):
                 detail = response.text
             raise BuyerError(f"{method} {path}: HTTP {response.status_code}: {detail}",
-                             response.status_code)
+                             response.status_code, _retry_after(response))
         return response
 
     def model(self) -> dict[str, Any]:
@@ -151,6 +170,20 @@ class Buyer:
         return np.concatenate(out, axis=0)
 
     def _request(self, layout: str, rows: np.ndarray) -> np.ndarray:
+        """One prediction request; a busy service (429, 503: nothing charged) gets the
+        request again after its Retry-After (at most ``retries`` times, backing off 1, 2,
+        4 s when it names no wait), with a fresh voucher on the account as re-read."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._request_once(layout, rows)
+            except BuyerError as exc:
+                if exc.status not in RETRY_STATUSES or attempt == self.retries:
+                    raise
+                wait = exc.retry_after if exc.retry_after is not None else 2.0 ** attempt
+                self.sleep(min(wait, MAX_RETRY_WAIT))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _request_once(self, layout: str, rows: np.ndarray) -> np.ndarray:
         ctx, context_id = self._context(layout)
         body = ctx.encrypt(rows[0] if layout == "single" else rows)
         fee = int(self.model()["fee"]["per_prediction"])

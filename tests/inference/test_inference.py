@@ -346,3 +346,52 @@ def test_openapi_docs_are_served(service: TestClient) -> None:
     assert service.get("/docs").status_code == 200
     paths = service.get("/openapi.json").json()["paths"]
     assert {"/v1/model", "/v1/contexts", "/v1/predict", "/v1/accounts/{buyer}"} <= set(paths)
+
+
+class _Busy:
+    """In front of the real service: the first ``refusals`` POST /predict get what a
+    congested service answers (429, Retry-After 1, nothing charged)."""
+
+    def __init__(self, inner: Any, refusals: int) -> None:
+        self.inner, self.refusals, self.seen = inner, refusals, 0
+
+    def handle_request(self, request: Any) -> Any:
+        import httpx
+
+        if request.url.path.endswith("/predict"):
+            self.seen += 1
+            if self.refusals:
+                self.refusals -= 1
+                return httpx.Response(429, headers={"Retry-After": "1"},
+                                      json={"error": "too many uploads at once: retry later"})
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("refusals", [2, 5])
+def test_the_buyer_retries_a_busy_service_after_retry_after_and_pays_once(
+        run_dir: Path, service: TestClient, tmp_path: Path, refusals: int) -> None:
+    import httpx
+
+    busy = _Busy(service._transport, refusals)
+    client = httpx.Client(base_url=str(service.base_url), transport=busy)  # type: ignore[arg-type]
+    buyer = _buyer(run_dir, tmp_path, service, 10 * FEE, layout="single")
+    buyer.client, slept = client, []
+    buyer.sleep = slept.append
+    x = digits_split().test.x[:1]
+    if refusals <= buyer.retries:
+        logits = buyer.predict(x)
+        assert np.allclose(logits, plaintext_logits(run_dir, x), atol=1e-3)
+        assert slept == [1.0] * refusals and busy.seen == refusals + 1
+        assert buyer.charged == FEE
+    else:
+        with pytest.raises(BuyerError) as caught:
+            buyer.predict(x)
+        assert caught.value.status == 429 and caught.value.retry_after == 1.0
+        assert slept == [1.0] * buyer.retries and busy.seen == buyer.retries + 1
+    # never charged for a refused attempt: the service's own account says so
+    account = buyer.account()
+    paid = FEE if refusals <= buyer.retries else 0
+    assert account["charged"] == paid and account["balance"] == 10 * FEE - paid
