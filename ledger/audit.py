@@ -117,6 +117,8 @@ class AuditReport:
     checkpoints: int
     authors: int
     failure: AuditFailure | None
+    # subscribers the verifier named as excused from witnessing the end, who did not
+    excused: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -596,7 +598,8 @@ class _Auditor:
                 self.fail(index, "cosignature entry has no stored cosignature row (deleted?)")
                 return
 
-    def check_witnessed(self, closing_kind: str, witness_kinds: Sequence[str]) -> None:
+    def check_witnessed(self, closing_kind: str, witness_kinds: Sequence[str],
+                        excused: Sequence[str] = ()) -> list[str]:
         """Witnessed to the end: once the log holds a ``closing_kind`` entry (the
         settlement), every author of a ``witness_kinds`` entry before it (every
         subscriber) must have cosigned a tree that holds it.
@@ -606,13 +609,18 @@ class _Auditor:
         swapped) and re-signed changes the root of that final tree, so the other
         subscribers' final cosignatures no longer verify, and the operator cannot make
         new ones.
+
+        ``excused`` are key ids the verifier accepts as missing (a subscriber that went
+        away before the end); the ones that did miss are returned, so the report names
+        them. Everyone else is still required.
         """
         rows = self.db.execute(
             "SELECT MAX(idx) FROM entries WHERE kind = ? AND idx < ?", (closing_kind, self.size)
         ).fetchone()
         if rows is None or rows[0] is None:
-            return
+            return []
         closing = int(rows[0])
+        missing: list[str] = []
         marks = ",".join("?" * len(witness_kinds))
         witnesses = [
             str(author)
@@ -624,12 +632,16 @@ class _Auditor:
         ]
         for author in witnesses:
             if self.cosigned.get(author, 0) <= closing:
+                if author in excused:
+                    missing.append(author)
+                    continue
                 self.fail(
                     closing,
                     f"not witnessed to the end: subscriber {author} cosigned no tree holding "
                     f"the {closing_kind} (its largest: {self.cosigned.get(author, 0)} entries)",
                 )
-                return
+                return missing
+        return missing
 
     # -- interior nodes -----------------------------------------------------------
 
@@ -655,6 +667,7 @@ def verify_log(
     workers: int | None = None,
     closing_kind: str | None = "settlement",
     witness_kinds: Sequence[str] = ("candidate",),
+    excused_witnesses: Sequence[str] = (),
 ) -> AuditReport:
     """Audit the ledger at ``path`` (a database file or a run folder with ``ledger.db``).
 
@@ -662,7 +675,9 @@ def verify_log(
     ``trusted_checkpoints`` are notes held elsewhere (by subscribers) that the
     leaves must reproduce. Once the log holds a ``closing_kind`` entry, every author
     of a ``witness_kinds`` entry must have cosigned a tree holding it (``None``: no
-    such requirement). Returns the report; its ``failure`` is the first failure.
+    such requirement), except the key ids in ``excused_witnesses`` (the verifier's own
+    choice; the report's ``excused`` names those that did miss). Returns the report;
+    its ``failure`` is the first failure.
     Raises :class:`ledger.errors.StoreError` only when the file cannot be read at all.
     """
     reader = LogReader.open(path)
@@ -671,6 +686,7 @@ def verify_log(
             return _verify_snapshot(
                 reader, log_key=log_key, trusted_checkpoints=trusted_checkpoints,
                 workers=workers, closing_kind=closing_kind, witness_kinds=witness_kinds,
+                excused_witnesses=excused_witnesses,
             )
     except sqlite3.DatabaseError as error:
         failure = AuditFailure(-1, f"database is unreadable: {error}")
@@ -687,6 +703,7 @@ def _verify_snapshot(
     workers: int | None,
     closing_kind: str | None,
     witness_kinds: Sequence[str],
+    excused_witnesses: Sequence[str] = (),
 ) -> AuditReport:
     """:func:`verify_log` inside one read transaction of ``reader``.
 
@@ -697,6 +714,7 @@ def _verify_snapshot(
     """
     size = reader.size
     stored = reader.stored_checkpoints()
+    excused: list[str] = []
     auditor = _Auditor(
         reader, trusted=trusted_checkpoints, workers=workers or os.cpu_count() or 1, size=size
     )
@@ -711,11 +729,12 @@ def _verify_snapshot(
         if not auditor.failures:
             auditor.check_cosignatures(stored)
         if not auditor.failures and closing_kind is not None:
-            auditor.check_witnessed(closing_kind, witness_kinds)
+            excused = auditor.check_witnessed(closing_kind, witness_kinds, excused_witnesses)
     return AuditReport(
         path=reader.path,
         size=size,
         checkpoints=len(stored),
         authors=len(auditor.authors_next_seq),
         failure=min(auditor.failures, default=None),
+        excused=tuple(excused),
     )

@@ -51,6 +51,11 @@ def verify(
         list[Path] | None,
         typer.Option(help="a checkpoint note held elsewhere, or a folder of *.note, to match"),
     ] = None,
+    excuse_witness: Annotated[
+        list[str] | None,
+        typer.Option(help="a subscriber key id you accept as not having witnessed the end "
+                          "(it went away); repeatable; the output names those that missed"),
+    ] = None,
 ) -> None:
     """Audit signatures, encodings, roots, checkpoints and sequences; exit 1 on a failure."""
     try:
@@ -58,6 +63,7 @@ def verify(
             path,
             log_key=log_key,
             trusted_checkpoints=_notes(checkpoint or []),
+            excused_witnesses=excuse_witness or (),
         )
     except LedgerError as error:
         _stderr.print(f"[red]error:[/red] {error}")
@@ -74,6 +80,8 @@ def verify(
         f"[green]OK[/green] {report.path}: {report.size} entries, "
         f"{report.checkpoints} checkpoints, {report.authors} authors, root {root}"
     )
+    for key in report.excused:
+        _stdout.print(f"[yellow]excused[/yellow] {key} did not witness the end (you named it)")
 
 
 def _notes(paths: list[Path]) -> list[str]:

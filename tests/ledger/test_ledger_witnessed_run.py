@@ -247,3 +247,30 @@ def test_audit_checks_every_blob_the_ledger_names(finished: Path, tmp_path: Path
     problem = "missing" if damage == "delete" else "altered (damaged storage)"
     assert result.mismatches[0].startswith(f"blob {digest} ({kind} entry"), result.mismatches
     assert result.mismatches[0].endswith(f"{field}): {problem}")
+
+
+def test_a_subscriber_gone_before_the_end_fails_verify_unless_the_verifier_excuses_it(
+        tmp_path: Path) -> None:
+    """Subscriber 1001 never answers the final witness message: verify fails naming it;
+    a verifier who accepts that (``--excuse-witness KEY``) gets OK with the key named;
+    excusing someone else changes nothing."""
+    set_task_identity()
+    run = {**RUN, "out-dir": str(tmp_path)}
+    config = RunConfig.from_mapping(run)
+
+    def silent_at_the_end(node: int, reply: Any) -> Any:
+        return None if node == 1001 and reply.metadata.message_type == "query.witness" \
+            else reply
+
+    run_task(InProcessGrid(make_contexts(run, config.num_subscribers), HANDLERS,
+                           tamper=silent_at_the_end), config, tmp_path)
+    gone = Signer.load(tmp_path / "keys" / "partition-1.pem").key_id
+    other = Signer.load(tmp_path / "keys" / "partition-2.pem").key_id
+    strict = verify_log(tmp_path)
+    assert strict.failure is not None and gone in strict.failure.reason
+    assert verify_log(tmp_path, excused_witnesses=[other]).failure is not None
+    excused = verify_log(tmp_path, excused_witnesses=[gone])
+    assert excused.ok and excused.excused == (gone,)
+    result = CliRunner().invoke(ledger_app, ["verify", str(tmp_path), "--excuse-witness", gone])
+    assert result.exit_code == 0 and "excused" in result.output and gone in result.output
+    assert CliRunner().invoke(ledger_app, ["verify", str(tmp_path)]).exit_code == 1
