@@ -102,6 +102,7 @@ def payout_rule_of(config: RunConfig) -> PayoutRule:
     return PayoutRule(game="fixed-k", exact_max=config.shapley_exact_max,
                       permutations=config.shapley_permutations,
                       loss_rise=config.payout_loss_rise, vote_gate=config.payout_vote_gate,
+                      high_water=config.payout_high_water,
                       target_loss_micro=config.target_loss_micro)
 
 

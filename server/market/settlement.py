@@ -112,6 +112,7 @@ class PayoutRule:
     permutations: int = 32
     loss_rise: bool = True  # a round whose loss rose credits nobody positively
     vote_gate: bool = True  # credit only authors whose final vote author-score is > 0
+    high_water: bool = False  # credit only progress below the best loss reached so far
     target_loss_micro: int = 0
     # loss_rise gates only a rise larger than the score tolerance (the offer's): a rise
     # within it could be the Scientist's rounding, not the round's doing
@@ -120,7 +121,7 @@ class PayoutRule:
     @classmethod
     def legacy(cls, *, target_loss_micro: int = 0) -> PayoutRule:
         return cls(game="mean", exact_max=16, permutations=0, loss_rise=False,
-                   vote_gate=False, target_loss_micro=target_loss_micro)
+                   vote_gate=False, high_water=False, target_loss_micro=target_loss_micro)
 
     def check(self) -> None:
         if self.game not in GAMES:
@@ -142,7 +143,7 @@ class PayoutRule:
         """The offer's ``payout`` field (integers and strings only)."""
         return {"rule": RULE_V2, "game": self.game, "exact_max": self.exact_max,
                 "permutations": self.permutations, "loss_rise": int(self.loss_rise),
-                "vote_gate": int(self.vote_gate)}
+                "vote_gate": int(self.vote_gate), "high_water": int(self.high_water)}
 
     @classmethod
     def from_offer(cls, offer: Mapping[str, object]) -> PayoutRule:
@@ -170,10 +171,11 @@ class PayoutRule:
             raise SettlementError(f"payout: expected game 'fixed-k' under {RULE_V2}, got "
                                   f"{terms.get('game')!r}")
         flags = {}
-        for name in ("loss_rise", "vote_gate"):
-            if terms.get(name) not in (0, 1) or isinstance(terms.get(name), bool):
-                raise SettlementError(f"payout: expected {name} 0 or 1, got {terms.get(name)!r}")
-            flags[name] = bool(terms[name])
+        for name in ("loss_rise", "vote_gate", "high_water"):
+            value = terms.get(name, 0) if name == "high_water" else terms.get(name)
+            if value not in (0, 1) or isinstance(value, bool):
+                raise SettlementError(f"payout: expected {name} 0 or 1, got {value!r}")
+            flags[name] = bool(value)
         rule = cls(game="fixed-k", exact_max=terms.get("exact_max"),  # type: ignore[arg-type]
                    permutations=terms.get("permutations"),  # type: ignore[arg-type]
                    target_loss_micro=target, tolerance_micro=tolerance, **flags)
@@ -182,7 +184,7 @@ class PayoutRule:
 
 
 PAYOUT_TERMS = frozenset({"rule", "game", "exact_max", "permutations", "loss_rise",
-                          "vote_gate"})
+                          "vote_gate", "high_water"})
 
 
 @dataclass(frozen=True)
@@ -359,21 +361,28 @@ def round_credits(initial_loss_micro: int, rounds: Sequence[RoundOutcome],
     """Per round, each author's credit in micro loss units after the rule's gates:
     ``loss_rise`` keeps only the negative shares of a round whose loss rose;
     ``vote_gate`` credits only the authors in ``eligible`` (final vote author-score
-    > 0; None: everyone)."""
+    > 0; None: everyone); ``high_water`` scales a round's positive shares by the part
+    of its fall that goes below the best loss reached before it."""
     rule = rule or PayoutRule.legacy()
     if initial_loss_micro <= 0:
         raise SettlementError(f"expected an initial loss > 0 micro-units, got {initial_loss_micro}")
     allowed = None if eligible is None or not rule.vote_gate else set(eligible)
     out: dict[int, dict[str, Fraction]] = {}
-    previous = initial_loss_micro
+    previous = best = initial_loss_micro
     for outcome in sorted(rounds, key=lambda r: r.round):
         shares = round_shares(outcome, previous, rule)
         if rule.loss_rise and outcome.loss_micro > previous + rule.tolerance_micro:
             shares = {a: min(v, Fraction(0)) for a, v in shares.items()}
+        gain = previous - outcome.loss_micro
+        if rule.high_water and gain > 0:
+            # Only the part of the fall below the best loss so far is new progress:
+            # recovering what an earlier round lost is not paid again.
+            factor = Fraction(max(0, min(best - outcome.loss_micro, gain)), gain)
+            shares = {a: (v * factor if v > 0 else v) for a, v in shares.items()}
         if allowed is not None:
             shares = {a: (v if a in allowed else Fraction(0)) for a, v in shares.items()}
         out[outcome.round] = dict(sorted(shares.items()))
-        previous = outcome.loss_micro
+        previous, best = outcome.loss_micro, min(best, outcome.loss_micro)
     return out
 
 

@@ -342,3 +342,18 @@ def test_a_null_payout_is_not_rule_v1() -> None:
 def test_an_offer_without_payout_terms_settles_by_rule_v1() -> None:
     assert PayoutRule.from_offer({}) == PayoutRule.legacy()
     assert PayoutRule.from_offer({"payout": PayoutRule().to_terms()}) == PayoutRule()
+
+
+def test_high_water_pays_only_progress_below_the_best_loss() -> None:
+    """900 -> 1100 (b's round: a rise) -> 850 (a recovers 200 of it, then 50 of new
+    progress): a's credit for the recovery round is 50/250 of its share."""
+    rounds = [_round(1, ("b",), 1100, {}), _round(2, ("a",), 850, {})]
+    plain = round_credits(900, rounds, PayoutRule(loss_rise=False, vote_gate=False))
+    water = round_credits(900, rounds, PayoutRule(loss_rise=False, vote_gate=False,
+                                                  high_water=True))
+    assert plain[2] == {"a": 250} and water[2] == {"a": 50}
+    assert water[1] == plain[1] == {"b": -200}  # the setback still counts against b
+    # a round that only sets a new best is untouched
+    fresh = [_round(1, ("a",), 800, {})]
+    assert round_credits(900, fresh, PayoutRule(high_water=True, vote_gate=False))[1] == {
+        "a": 100}
