@@ -465,7 +465,46 @@ def tie_ceiling(payouts: Sequence[int], values: Sequence[float]) -> float | None
     return spearman(ideal, values)
 
 
-def run_fidelity(out: Path, quick: bool, console: Console) -> dict[str, Any]:
+SHAPLEY_KEYS = ("num-subscribers", "num-server-rounds", "partitioner", "dirichlet-alpha",
+                "noise-multiplier", "max-grad-norm", "local-epochs", "batch-size",
+                "learning-rate", "hidden-units", "activation", "target-delta")
+
+
+def _known_shapley(previous: dict[str, Any] | None, config: RunConfig) -> dict[str, Any] | None:
+    """The data Shapley values an earlier run of this part computed for ``config`` (same
+    seed and training knobs), so a rerun does not train 9,224 models again."""
+    if not previous:
+        return None
+    wanted = config.to_mapping()
+    old = previous.get("config", {})
+    if any(old.get(k) != wanted[k] for k in SHAPLEY_KEYS):
+        return None
+    for entry in previous.get("per_seed", []):
+        if entry.get("seed") == config.seed and "shapley" in entry:
+            return dict(entry["shapley"])
+    return None
+
+
+def lever_fidelity(run_dir: Path, keys: Sequence[str], shapley: dict[str, Any]
+                   ) -> dict[str, dict[str, float | None]]:
+    """Every payout-rule variant of ``benchmarks.payouts`` settled on this run's ledger:
+    Spearman and Kendall of its reward payouts against both Shapley utilities."""
+    from benchmarks.payouts import variant_settlements
+
+    out = {}
+    for name, s in variant_settlements(run_dir).items():
+        pay = [float(s.reward_payouts.get(k, 0)) for k in keys]
+        out[name] = {
+            "spearman": spearman(pay, shapley["shapley_accuracy"]),
+            "kendall": kendall(pay, shapley["shapley_accuracy"]),
+            "spearman_validation_loss_utility": spearman(pay,
+                                                         shapley["shapley_validation_loss"]),
+        }
+    return out
+
+
+def run_fidelity(out: Path, quick: bool, console: Console,
+                 previous: dict[str, Any] | None = None) -> dict[str, Any]:
     setup = fidelity_setup(quick)
     started = time.perf_counter()
     seeds: list[dict[str, Any]] = []
@@ -481,8 +520,14 @@ def run_fidelity(out: Path, quick: bool, console: Console) -> dict[str, Any]:
                 run_dir = out / "fidelity" / "runs" / f"seed-{seed}-{name}"
                 entry["poi"][name] = poi_run(setup.config(seed, name), run_dir)
                 progress.advance(runs_task)
-            shapley = data_shapley(setup.config(seed), progress)
+            shapley = (_known_shapley(previous, setup.config(seed))
+                        or data_shapley(setup.config(seed), progress))
             entry["shapley"] = shapley
+            default_run = out / "fidelity" / "runs" / f"seed-{seed}-{setup.variants[0]}"
+            report = json.loads((default_run / "report.json").read_text())
+            keys = [s["key_id"] for s in sorted(report["subscribers"],
+                                                key=lambda s: s["partition_id"])]
+            entry["levers"] = lever_fidelity(default_run, keys, shapley)
             for key, utility in (("", "shapley_accuracy"),
                                  ("_validation_loss_utility", "shapley_validation_loss")):
                 entry["spearman" + key] = {n: spearman(r["payouts"], shapley[utility])
@@ -681,6 +726,27 @@ def fidelity_markdown(part: dict[str, Any]) -> list[str]:
         + ", ".join(f"{s['first_round_reproduced']} of {n} (seed {s['seed']})" for s in seeds)
         + " subscribers.",
     ]
+    if all("levers" in s for s in seeds):
+        names = list(seeds[0]["levers"])
+        lines += [
+            "", "Every payout-rule variant (`benchmarks.payouts.VARIANTS`) settled on the "
+            "default run's ledger (same vote, same applied updates): Spearman (accuracy "
+            "Shapley) per seed, its median, Kendall median, Spearman against the "
+            "validation-loss Shapley (median).", "",
+            "| variant | " + " | ".join(f"seed {s['seed']}" for s in seeds)
+            + " | median | Kendall | validation-loss utility |",
+            "|---|" + "---|" * (len(seeds) + 3)]
+        for name in names:
+            rhos = [s["levers"][name]["spearman"] for s in seeds]
+            taus = [s["levers"][name]["kendall"] for s in seeds]
+            loss = [s["levers"][name]["spearman_validation_loss_utility"] for s in seeds]
+
+            def med(values: list[float | None]) -> str:
+                known = [v for v in values if v is not None]
+                return f"{statistics.median(known):.2f}" if known else "undefined"
+
+            lines.append(f"| {name} | " + " | ".join(_fmt_rho(r) for r in rhos)
+                         + f" | {med(rhos)} | {med(taus)} | {med(loss)} |")
     return lines
 
 
@@ -960,7 +1026,8 @@ def main() -> None:
         write_json(previous_path, results)
     if args.part in ("fidelity", "all") and not args.report_only:
         console.rule("Part B: payout fidelity against data Shapley")
-        results["fidelity"] = run_fidelity(out, args.quick, console)
+        results["fidelity"] = run_fidelity(out, args.quick, console,
+                                           previous=results.get("fidelity"))
         write_json(previous_path, results)
     write_markdown(results, out / "market.md")
     plot(results, out / "market.png")

@@ -127,15 +127,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "v2 game only": {"loss_rise": False, "vote_gate": False},
     "v2 + loss-rise": {"loss_rise": True, "vote_gate": False},
     "v2 + vote gate": {"loss_rise": False, "vote_gate": True},
+    "v2 + high water": {"loss_rise": False, "vote_gate": False, "high_water": True},
+    "v2 all three": {"loss_rise": True, "vote_gate": True, "high_water": True},
     "v2 (both gates, default)": {},
 }
 SHARE_TARGET = 0.01
 
 
-def attack_shares(ledgers: Path, console: Console) -> dict[str, Any]:
-    """Settle every finished run under ``ledgers`` (run directories with ledger.db,
-    report.json, named ATTACK__FRACTION__sSEED) under each payout-rule variant, from the
-    replay on the revealed validation set; the attackers' share of the reward paid."""
+def variant_settlements(run: Path) -> dict[str, Any]:
+    """The settlement of one finished run under every payout-rule variant, from the
+    replay on its revealed validation set (``Settlement`` per variant name)."""
     from dataclasses import replace
 
     from ledger import LogReader
@@ -143,6 +144,35 @@ def attack_shares(ledgers: Path, console: Console) -> dict[str, Any]:
     from server.market.replay import eligible_authors, read_market, replay, round_outcomes
     from server.market.settlement import PayoutRule, settle
 
+    with LogReader.open(run / "ledger.db") as reader:
+        record = read_market(list(reader.entries()))
+    blobs = BlobStore.beside(run / "ledger.db")
+    tolerance = int(record.offer["score_tolerance_micro"])
+    replays = {}
+    for game, terms in (("mean", None), ("fixed-k", PayoutRule().to_terms())):
+        record.offer.pop("payout", None)
+        if terms is not None:
+            record.offer["payout"] = terms
+        result = replay(record, blobs)
+        replays[game] = (result, round_outcomes(record, result.losses, result.coalitions,
+                                                result.prefixes))
+    eligible = eligible_authors(record, replays["fixed-k"][0])
+    out = {}
+    for name, change in VARIANTS.items():
+        if change.get("game") == "mean":
+            rule, (result, outcomes) = PayoutRule.legacy(), replays["mean"]
+        else:
+            rule = replace(PayoutRule(), tolerance_micro=tolerance, **change)
+            result, outcomes = replays["fixed-k"]
+        out[name] = settle(record.terms.money, result.losses[0], outcomes, rule=rule,
+                           eligible=eligible)
+    return out
+
+
+def attack_shares(ledgers: Path, console: Console) -> dict[str, Any]:
+    """Settle every finished run under ``ledgers`` (run directories with ledger.db,
+    report.json, named ATTACK__FRACTION__sSEED) under each payout-rule variant, from the
+    replay on the revealed validation set; the attackers' share of the reward paid."""
     runs = sorted(p for p in ledgers.iterdir() if (p / "report.json").is_file())
     rows = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -152,29 +182,11 @@ def attack_shares(ledgers: Path, console: Console) -> dict[str, Any]:
             bar.update(task, description=run.name)
             report = json.loads((run / "report.json").read_text())
             bad = {s["key_id"] for s in report["subscribers"] if s["attacker"]}
-            with LogReader.open(run / "ledger.db") as reader:
-                record = read_market(list(reader.entries()))
-            blobs = BlobStore.beside(run / "ledger.db")
-            replays = {}
-            for game, terms in (("mean", None), ("fixed-k", PayoutRule().to_terms())):
-                record.offer.pop("payout", None)
-                if terms is not None:
-                    record.offer["payout"] = terms
-                result = replay(record, blobs)
-                replays[game] = (result, round_outcomes(record, result.losses,
-                                                        result.coalitions, result.prefixes))
-            eligible = eligible_authors(record, replays["fixed-k"][0])
             attack, fraction, seed = run.name.split("__")
             row: dict[str, Any] = {"run": run.name, "attack": attack, "fraction": float(fraction),
                                    "seed": int(seed.lstrip("s")),
                                    "final_accuracy": report["final_accuracy"]}
-            for name, change in VARIANTS.items():
-                if change.get("game") == "mean":
-                    rule, (result, outcomes) = PayoutRule.legacy(), replays["mean"]
-                else:
-                    rule, (result, outcomes) = replace(PayoutRule(), **change), replays["fixed-k"]
-                s = settle(record.terms.money, result.losses[0], outcomes, rule=rule,
-                           eligible=eligible)
+            for name, s in variant_settlements(run).items():
                 paid = sum(s.reward_payouts.values())
                 to_bad = sum(v for k, v in s.reward_payouts.items() if k in bad)
                 row[name] = to_bad / paid if paid else 0.0
