@@ -269,8 +269,11 @@ def main() -> None:
                         help="settle every run here under each payout-rule variant")
     args = parser.parse_args()
     console = Console()
-    ks = [int(k) for k in args.ks.split(",")]
-    results: dict[str, Any] = {"rounds": [], "audits": []}
+    ks = [int(k) for k in args.ks.split(",") if k]
+    previous = args.out / "payouts.json"
+    # A part not asked for this time keeps its results from the last run.
+    results: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}
+    results["rounds"] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("rounds", total=len(ks))
