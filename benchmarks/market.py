@@ -173,8 +173,9 @@ def run_attack(out: Path, quick: bool, console: Console, *, run: bool = True
 # ============================================================================ part B
 # The payout rules compared (run-config overrides; the vote is the same in all).
 FIDELITY_VARIANTS: dict[str, dict[str, Any]] = {
-    "poi": {},  # the defaults: round-game/v2, fixed-k game, loss-rise and vote gates
-    "poi-nogates": {"payout_loss_rise": False, "payout_vote_gate": False},
+    "poi": {},  # the defaults: round-game/v2, fixed-k game, loss-rise, vote gate, high water
+    "poi-nogates": {"payout_loss_rise": False, "payout_vote_gate": False,
+                    "payout_high_water": False},
     "poi-v1": {"payout_game": "mean"},  # the legacy rule: Shapley over the coalition mean
 }
 

@@ -124,12 +124,12 @@ def audit_costs(runs: Path) -> list[dict[str, Any]]:
 # the settlement differs). "v1" is Shapley over the coalition mean (the legacy rule).
 VARIANTS: dict[str, dict[str, Any]] = {
     "v1": {"game": "mean"},
-    "v2 game only": {"loss_rise": False, "vote_gate": False},
-    "v2 + loss-rise": {"loss_rise": True, "vote_gate": False},
-    "v2 + vote gate": {"loss_rise": False, "vote_gate": True},
+    "v2 game only": {"loss_rise": False, "vote_gate": False, "high_water": False},
+    "v2 + loss-rise": {"loss_rise": True, "vote_gate": False, "high_water": False},
+    "v2 + vote gate": {"loss_rise": False, "vote_gate": True, "high_water": False},
     "v2 + high water": {"loss_rise": False, "vote_gate": False, "high_water": True},
-    "v2 all three": {"loss_rise": True, "vote_gate": True, "high_water": True},
-    "v2 (both gates, default)": {},
+    "v2 loss-rise + high water": {"loss_rise": True, "vote_gate": False, "high_water": True},
+    "v2 (default: all three)": {},
 }
 SHARE_TARGET = 0.01
 

@@ -100,7 +100,7 @@ class RunConfig:
     shapley_permutations: int = 32  # sampled orderings beyond that
     payout_loss_rise: bool = True
     payout_vote_gate: bool = True
-    payout_high_water: bool = False
+    payout_high_water: bool = True
     target_loss_micro: int = 0  # L*: the loss at which the task counts as converged
 
     # ------------------------------------------------------------------ parsing

@@ -112,7 +112,7 @@ class PayoutRule:
     permutations: int = 32
     loss_rise: bool = True  # a round whose loss rose credits nobody positively
     vote_gate: bool = True  # credit only authors whose final vote author-score is > 0
-    high_water: bool = False  # credit only progress below the best loss reached so far
+    high_water: bool = True  # credit only progress below the best loss reached so far
     target_loss_micro: int = 0
     # loss_rise gates only a rise larger than the score tolerance (the offer's): a rise
     # within it could be the Scientist's rounding, not the round's doing

@@ -348,7 +348,8 @@ def test_high_water_pays_only_progress_below_the_best_loss() -> None:
     """900 -> 1100 (b's round: a rise) -> 850 (a recovers 200 of it, then 50 of new
     progress): a's credit for the recovery round is 50/250 of its share."""
     rounds = [_round(1, ("b",), 1100, {}), _round(2, ("a",), 850, {})]
-    plain = round_credits(900, rounds, PayoutRule(loss_rise=False, vote_gate=False))
+    plain = round_credits(900, rounds, PayoutRule(loss_rise=False, vote_gate=False,
+                                                  high_water=False))
     water = round_credits(900, rounds, PayoutRule(loss_rise=False, vote_gate=False,
                                                   high_water=True))
     assert plain[2] == {"a": 250} and water[2] == {"a": 50}
