@@ -23,18 +23,32 @@ def payout_table(audit: Any, report: dict[str, Any] | None = None) -> Any:
     for sub in (report or {}).get("subscribers", []):
         if sub.get("key_id"):
             who[sub["key_id"]] = sub
-    keys = sorted(set(audit.reward_payouts) | set(audit.fee_payouts) | set(who))
-    table = Table(title="Payouts (minor units)")
-    for column in ("subscriber key", "partition", "attacker", "reward", "fees", "total"):
-        table.add_column(column, justify="right" if column in ("reward", "fees", "total")
-                         else "left")
+    # Each author's credit summed over the rounds (micro loss units, after the rule's
+    # gates), the closed-form Taylor estimate beside it, and the rounds it was applied in.
+    credit: dict[str, float] = {}
+    taylor: dict[str, float] = {}
+    applied: dict[str, int] = {}
+    for rnd in audit.rounds:
+        for author, value in rnd.get("credit_micro", {}).items():
+            credit[author] = credit.get(author, 0.0) + value
+            applied[author] = applied.get(author, 0) + 1
+        for author, value in rnd.get("taylor_micro", {}).items():
+            taylor[author] = taylor.get(author, 0.0) + value
+    keys = sorted(set(audit.reward_payouts) | set(audit.fee_payouts) | set(who) | set(credit))
+    table = Table(title="Payouts (minor units) and credit (validation-loss decrease, micro)")
+    numeric = ("rounds", "credit", "Taylor, ungated", "reward", "fees", "total")
+    for column in ("subscriber key", "partition", "attacker", *numeric):
+        table.add_column(column, justify="right" if column in numeric else "left")
     for key in keys:
         sub = who.get(key, {})
         table.add_row(key[:16], str(sub.get("partition_id", "?")),
-                      "yes" if sub.get("attacker") else "", str(audit.reward_payouts.get(key, 0)),
+                      "yes" if sub.get("attacker") else "", str(applied.get(key, 0)),
+                      f"{credit[key]:,.0f}" if key in credit else "",
+                      f"{taylor[key]:,.0f}" if key in taylor else "",
+                      str(audit.reward_payouts.get(key, 0)),
                       str(audit.fee_payouts.get(key, 0)), str(audit.payouts.get(key, 0)))
-    table.add_row("Scientist refund", "", "", "", "", str(audit.scientist_refund))
-    table.add_row("escrow", "", "", "", "", str(audit.escrow))
+    table.add_row("Scientist refund", "", "", "", "", "", "", "", str(audit.scientist_refund))
+    table.add_row("escrow", "", "", "", "", "", "", "", str(audit.escrow))
     return table
 
 

@@ -251,6 +251,15 @@ def test_audit_cli_exit_codes_and_audit_json(honest: tuple[Path, dict], tmp_path
     assert ok.exit_code == 0, ok.output
     assert "audit ok" in ok.output and "Scientist refund" in ok.output
     audit = json.loads((honest[0] / "audit.json").read_text())
+    # each credited author's summed credit is in its row, as audit.json has it
+    summed: dict[str, float] = {}
+    for rnd in audit["rounds"]:
+        for author, value in rnd.get("credit_micro", {}).items():
+            summed[author] = summed.get(author, 0.0) + value
+    assert summed
+    for author, value in summed.items():
+        row = next(line for line in ok.output.splitlines() if author[:16] in line)
+        assert f"{value:,.0f}" in row, (row, value)
     for key in ("ok", "payouts", "scientist_refund", "forfeited", "mismatches"):
         assert key in audit
     run = _copy(honest[0], tmp_path)
