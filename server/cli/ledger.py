@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import rich.console
 import rich.table
@@ -58,19 +58,8 @@ def verify(
     ] = None,
 ) -> None:
     """Audit signatures, encodings, roots, checkpoints and sequences; exit 1 on a failure."""
-    try:
-        report = verify_log(
-            path,
-            log_key=log_key,
-            trusted_checkpoints=_notes(checkpoint or []),
-            excused_witnesses=excuse_witness or (),
-        )
-    except LedgerError as error:
-        _stderr.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from error
-    if report.failure is not None:
-        _stderr.print(f"[red]FAILED[/red] {report.path}: {report.failure}")
-        raise typer.Exit(1)
+    report = _verified(path, log_key=log_key, trusted_checkpoints=_notes(checkpoint or []),
+                       excused_witnesses=excuse_witness or ())
     reader = LogReader.open(path)
     try:
         root = reader.root(report.size).hex()
@@ -82,6 +71,20 @@ def verify(
     )
     for key in report.excused:
         _stdout.print(f"[yellow]excused[/yellow] {key} did not witness the end (you named it)")
+
+
+def _verified(path: Path, **options: Any) -> Any:
+    """``verify_log(path, **options)``; exit 2 when the file cannot be read, 1 on a
+    failure (both printed)."""
+    try:
+        report = verify_log(path, **options)
+    except LedgerError as error:
+        _stderr.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from error
+    if report.failure is not None:
+        _stderr.print(f"[red]FAILED[/red] {report.path}: {report.failure}")
+        raise typer.Exit(1)
+    return report
 
 
 def _notes(paths: list[Path]) -> list[str]:
@@ -108,14 +111,7 @@ def witness_check(
     if not texts:
         _stderr.print(f"[red]error:[/red] no *.note files under {', '.join(map(str, notes))}")
         raise typer.Exit(2)
-    try:
-        report = verify_log(path, trusted_checkpoints=texts)
-    except LedgerError as error:
-        _stderr.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from error
-    if report.failure is not None:
-        _stderr.print(f"[red]FAILED[/red] {report.path}: {report.failure}")
-        raise typer.Exit(1)
+    report = _verified(path, trusted_checkpoints=texts)
     _stdout.print(
         f"[green]OK[/green] {report.path}: {report.size} entries agree with "
         f"{len(texts)} cosigned notes"

@@ -31,17 +31,15 @@ from ledger.merkle import frontier_append, hash_leaf, root_from_frontier, root_f
 from server.market.attribution import (
     AttributionError,
     draw_permutations,
-    fixed_k_coalition_losses,
     permutation_seed,
-    prefix_losses,
     taylor_shapley,
 )
 from server.market.scientist import (
     MAX_TOLERANCE_MICRO,
     MarketError,
     MarketTerms,
-    coalition_losses,
     loss_micro,
+    round_game_losses,
     validation_marginals,
 )
 from server.market.settlement import (
@@ -746,7 +744,11 @@ def _replay_rounds(out: Replay, record: MarketRecord, blobs: BlobStore, data: Da
         if data is not None:
             _check_marginals(out, record, blobs, data, base, server_round)
             loss = loss_micro(weights, data, architecture=architecture)
-            coalitions, prefixes = _round_game(record, server_round, base, deltas, data, loss)
+            root = record.model_roots.get(server_round)
+            coalitions, prefixes = round_game_losses(
+                record.payout, base, deltas, data, architecture=architecture, loss=loss,
+                root=bytes.fromhex(root) if root is not None else None,
+                server_round=server_round)
             compare(server_round, loss, coalitions, prefixes)
             if deltas and record.payout.game == "fixed-k":
                 out.taylor[server_round] = [
@@ -764,26 +766,6 @@ def orderings_of(record: MarketRecord, server_round: int, k: int) -> list[list[i
                           "entries are not the whole log)")
     return draw_permutations(permutation_seed(bytes.fromhex(root), server_round), k,
                              record.payout.permutations)
-
-
-def _round_game(record: MarketRecord, server_round: int, base: Mapping[str, np.ndarray],
-                deltas: Sequence[Mapping[str, np.ndarray]], data: Dataset, loss: int
-                ) -> tuple[dict[int, int], list[list[int]] | None]:
-    """What the payout rule needs from the validation set to split a round: every
-    coalition's loss, or (beyond exact_max) every ordering's prefix losses."""
-    architecture = record.offer["architecture"]
-    rule = record.payout
-    if len(deltas) < 2:
-        return {}, None
-    if rule.game == "mean":
-        return coalition_losses(base, deltas, data, architecture=architecture), None
-    if len(deltas) <= rule.exact_max:
-        coalitions = fixed_k_coalition_losses(base, deltas, data, architecture=architecture)
-        coalitions[(1 << len(deltas)) - 1] = loss
-        return coalitions, None
-    orderings = orderings_of(record, server_round, len(deltas))
-    return {}, prefix_losses(base, deltas, data, architecture=architecture,
-                             permutations=orderings)
 
 
 def _check_marginals(out: Replay, record: MarketRecord, blobs: BlobStore, data: Dataset,

@@ -177,6 +177,32 @@ def coalition_losses(base: Mapping[str, np.ndarray], deltas: Sequence[Mapping[st
     return dict(sorted(out.items()))
 
 
+def round_game_losses(rule: PayoutRule, base: Mapping[str, np.ndarray],
+                      deltas: Sequence[Mapping[str, np.ndarray]], data: Dataset, *,
+                      architecture: Mapping[str, Any], loss: int, root: bytes | None,
+                      server_round: int) -> tuple[dict[int, int], list[list[int]] | None]:
+    """What ``rule`` needs from the validation set to split a round of ``deltas`` (the
+    round's model scoring ``loss``): every coalition's loss (rule v1's mean game, or the
+    fixed-k game up to ``exact_max`` updates), or beyond ``exact_max`` the prefix losses
+    of the orderings drawn from ``root``. The Scientist publishes these and the replay
+    recomputes them with this same function."""
+    if len(deltas) < 2:
+        return {}, None
+    if rule.game == "mean":
+        return coalition_losses(base, deltas, data, architecture=architecture), None
+    if len(deltas) <= rule.exact_max:
+        coalitions = fixed_k_coalition_losses(base, deltas, data, architecture=architecture)
+        coalitions[(1 << len(deltas)) - 1] = loss
+        return coalitions, None
+    if root is None:
+        raise MarketError(f"round {server_round}: {len(deltas)} updates need the ledger root "
+                          "after the round's model entry to draw the Shapley orderings")
+    permutations = draw_permutations(permutation_seed(root, server_round), len(deltas),
+                                     rule.permutations)
+    return {}, prefix_losses(base, deltas, data, architecture=architecture,
+                             permutations=permutations)
+
+
 # ------------------------------------------------------------------------- scientist
 @dataclass
 class Scientist:
@@ -259,25 +285,12 @@ class Scientist:
         coalitions: dict[int, int] = {}
         orderings: list[list[int]] = []
         root_hex = ""
-        rule = self.payout
-        if base is not None and len(deltas) > 1:
-            if rule.game == "mean":
-                coalitions = coalition_losses(base, deltas, self.validation,
-                                              architecture=self.architecture)
-            elif len(deltas) <= rule.exact_max:
-                coalitions = fixed_k_coalition_losses(base, deltas, self.validation,
-                                                      architecture=self.architecture)
-                coalitions[(1 << len(deltas)) - 1] = loss
-            else:
-                if root is None:
-                    raise MarketError(f"round {server_round}: {len(deltas)} updates need the "
-                                      "ledger root to draw the Shapley orderings")
-                root_hex = root.hex()
-                permutations = draw_permutations(permutation_seed(root, server_round),
-                                                 len(deltas), rule.permutations)
-                orderings = prefix_losses(base, deltas, self.validation,
-                                          architecture=self.architecture,
-                                          permutations=permutations)
+        if base is not None:
+            coalitions, prefixes = round_game_losses(
+                self.payout, base, deltas, self.validation, architecture=self.architecture,
+                loss=loss, root=root, server_round=server_round)
+            if prefixes is not None:
+                orderings, root_hex = prefixes, (root or b"").hex()
         if self.behaviour == "inflate-score" and server_round > 0:
             loss = int(loss * INFLATE_FACTOR)
             coalitions = {m: int(v * INFLATE_FACTOR) for m, v in coalitions.items()}

@@ -34,6 +34,7 @@ from server.inference.service import create_app, fund_account
 from server.market.audit import audit_run
 from tests.inference.test_inference import FEE, context_headers
 from tests.inference.test_inference import run_dir as run_dir  # noqa: F401 - fixture
+from tests.inference.test_inference_process import _status_line
 
 THREADS = 16
 REQUESTS = int(os.environ.get("POI_CHAIN_REQUESTS", "1200"))  # more by hand
@@ -514,16 +515,8 @@ def test_the_slot_holding_attack_fails_against_a_live_server(
                 assert time.monotonic() - t < 5.0  # (the attacker held it for 300 s)
         statuses: Counter[bytes] = Counter()
         for s in sockets:
-            data = b""
-            try:
-                while b"\r\n" not in data:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-            except OSError:
-                pass
-            statuses[data.split(b" ", 2)[1] if data else b"closed"] += 1
+            line = _status_line(s)
+            statuses[line.split(b" ", 2)[1] if line else b"closed"] += 1
         stop.set()
         # two are read at a time (more if the first two time out before the server got to
         # the last connections); none is served, none outlives the grace period by much
