@@ -43,8 +43,17 @@ from ledger.cosignatures import COSIGNATURE_KIND, cosignature_fields, witness_ve
 from ledger.entries import KEY_KIND, Entry, KeyRing, make_key_entry, parse_entry, sign_entry
 from ledger.errors import CheckpointError, EntryError, LedgerError, StoreError
 from ledger.keys import Signer, key_id
+from ledger.tiles import MAX_ENTRY_SIZE, TileRef, encode_bundle, tile_width
 
-__all__ = ["DB_NAME", "Log", "LogReader", "StoredCheckpoint", "node_id", "resolve_db_path"]
+__all__ = [
+    "DB_NAME",
+    "Log",
+    "LogReader",
+    "StoredCheckpoint",
+    "create_schema",
+    "node_id",
+    "resolve_db_path",
+]
 
 DB_NAME = "ledger.db"
 _LEVEL_SHIFT = 48
@@ -330,6 +339,39 @@ class LogReader:
         while True:  # a missing node reads as an impossible hash, so comparisons fail
             yield b""
 
+    def tile(self, ref: TileRef) -> bytes:
+        """A C2SP tlog-tiles resource of the current tree (:mod:`ledger.tiles`): the
+        concatenated hashes of a hash tile, or the length-prefixed leaves of an entry
+        bundle. A full tile needs all 256; a partial one of width ``W`` is served while
+        the tree holds at least ``W`` (its bytes never change). :class:`StoreError`
+        when the tree does not hold it, or the stored rows are not all there.
+        """
+        available = tile_width(ref.level, ref.index, self.size)
+        if ref.width > available:
+            raise StoreError(
+                f"expected a tile the tree of {self.size} entries holds, got {ref.path} "
+                f"({available} of its {'entries' if ref.is_entries else 'hashes'} exist)"
+            )
+        if ref.is_entries:
+            rows = self._db.execute(
+                "SELECT idx, CAST(leaf AS BLOB) FROM entries WHERE idx >= ? AND idx < ? "
+                "ORDER BY idx",
+                (ref.start, ref.start + ref.width),
+            ).fetchall()
+            first = ref.start
+        else:
+            level = ref.node_level
+            rows = self._db.execute(
+                "SELECT id, CAST(hash AS BLOB) FROM nodes WHERE id >= ? AND id < ? ORDER BY id",
+                (node_id(level, ref.start), node_id(level, ref.start + ref.width)),
+            ).fetchall()
+            first = node_id(level, ref.start)
+        if [int(key) for key, _ in rows] != list(range(first, first + ref.width)):
+            raise StoreError(f"expected {ref.width} stored rows for {ref.path}, found {len(rows)}")
+        if ref.is_entries:
+            return encode_bundle([bytes(leaf) for _, leaf in rows])
+        return b"".join(bytes(digest) for _, digest in rows)
+
     def stored_checkpoints(self) -> list[StoredCheckpoint]:
         rows = self._db.execute(
             "SELECT id, size, CAST(root AS BLOB), CAST(note AS TEXT) FROM checkpoints ORDER BY id"
@@ -534,6 +576,11 @@ class Log(LogReader):
         staged_keys = KeyRing()
         frontier, size = self._frontier, self._size
         for position, leaf in enumerate(leaves):
+            if len(leaf) > MAX_ENTRY_SIZE:
+                raise EntryError(
+                    f"entry {position} of the batch: expected at most {MAX_ENTRY_SIZE} bytes "
+                    f"(what a C2SP entry bundle carries; put bulk data in a blob), got {len(leaf)}"
+                )
             try:
                 entry = self._verify(leaf, staged_keys)
             except LedgerError as error:
@@ -739,8 +786,7 @@ def _create_if_missing(connection: sqlite3.Connection, *, operator: Signer, orig
     note = sign_checkpoint(Checkpoint(origin, 0, merkle.EMPTY_ROOT), operator)
     connection.execute("BEGIN IMMEDIATE")
     try:
-        for statement in _statements(_SCHEMA):
-            connection.execute(statement)
+        create_schema(connection)
         connection.executemany(
             "INSERT INTO meta VALUES (?, ?)", [("origin", origin), ("log_key", verifier.vkey())]
         )
@@ -752,6 +798,13 @@ def _create_if_missing(connection: sqlite3.Connection, *, operator: Signer, orig
         if connection.in_transaction:
             connection.execute("ROLLBACK")
         raise
+
+
+def create_schema(connection: sqlite3.Connection) -> None:
+    """Create the ledger's tables and append-only triggers (inside the caller's
+    transaction): for a new log, or a mirror of one fetched from its tiles."""
+    for statement in _statements(_SCHEMA):
+        connection.execute(statement)
 
 
 def _statements(script: str) -> Iterator[str]:

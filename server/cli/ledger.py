@@ -1,21 +1,29 @@
-"""``poi ledger``: verify, show, prove and size a ledger file (wiring only; logic is in ``ledger``).
+"""``poi ledger``: verify, show, prove, size, serve and mirror a ledger (wiring only;
+logic is in ``ledger``).
 
 Mounted in the main CLI as ``app.add_typer(ledger_app, name="ledger")``. PATH is a
-ledger database file or a run folder holding ``ledger.db``.
+ledger database file or a run folder holding ``ledger.db``; ``verify`` and
+``witness-check`` also take the URL of a log served as tiles (``serve``).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import rich.console
+import rich.progress
 import rich.table
 import typer
 
 from ledger import LedgerError, LogReader, StoreError, hash_leaf, verify_log
+from ledger.remote import RemoteError, is_url, mirror_log, verify_remote
 
 __all__ = ["ledger_app"]
 
@@ -27,6 +35,14 @@ _stdout = rich.console.Console()
 _stderr = rich.console.Console(stderr=True)
 
 PathArgument = Annotated[Path, typer.Argument(help="ledger.db, or a run folder containing it")]
+SourceArgument = Annotated[
+    str, typer.Argument(help="ledger.db, a run folder containing it, or the URL serving it")
+]
+MirrorOption = Annotated[
+    Path | None,
+    typer.Option(help="for a URL: keep the mirrored ledger in this folder (default: a "
+                      "temporary one)"),
+]
 
 
 def _b64(data: bytes) -> str:
@@ -43,7 +59,7 @@ def _open(path: Path) -> LogReader:
 
 @ledger_app.command()
 def verify(
-    path: PathArgument,
+    path: SourceArgument,
     log_key: Annotated[
         str | None, typer.Option(help="pin the operator's note verifier key")
     ] = None,
@@ -56,35 +72,75 @@ def verify(
         typer.Option(help="a subscriber key id you accept as not having witnessed the end "
                           "(it went away); repeatable; the output names those that missed"),
     ] = None,
+    mirror: MirrorOption = None,
 ) -> None:
-    """Audit signatures, encodings, roots, checkpoints and sequences; exit 1 on a failure."""
-    report = _verified(path, log_key=log_key, trusted_checkpoints=_notes(checkpoint or []),
+    """Audit signatures, encodings, roots, checkpoints and sequences; exit 1 on a failure.
+
+    PATH may be a URL serving the log as C2SP tiles (``poi ledger serve``): the tiles
+    are mirrored to a local file and that file audited in full."""
+    report = _verified(path, mirror, log_key=log_key,
+                       trusted_checkpoints=_notes(checkpoint or []),
                        excused_witnesses=excuse_witness or ())
-    reader = LogReader.open(path)
-    try:
-        root = reader.root(report.size).hex()
-    finally:
-        reader.close()
     _stdout.print(
-        f"[green]OK[/green] {report.path}: {report.size} entries, "
-        f"{report.checkpoints} checkpoints, {report.authors} authors, root {root}"
+        f"[green]OK[/green] {path}: {report.size} entries, "
+        f"{report.checkpoints} checkpoints, {report.authors} authors, root {report.root}"
     )
     for key in report.excused:
         _stdout.print(f"[yellow]excused[/yellow] {key} did not witness the end (you named it)")
 
 
-def _verified(path: Path, **options: Any) -> Any:
-    """``verify_log(path, **options)``; exit 2 when the file cannot be read, 1 on a
-    failure (both printed)."""
-    try:
-        report = verify_log(path, **options)
-    except LedgerError as error:
-        _stderr.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from error
-    if report.failure is not None:
-        _stderr.print(f"[red]FAILED[/red] {report.path}: {report.failure}")
-        raise typer.Exit(1)
-    return report
+@dataclass(frozen=True)
+class _Verified:
+    size: int
+    checkpoints: int
+    authors: int
+    root: str
+    excused: tuple[str, ...]
+
+
+def _verified(source: str, mirror: Path | None, **options: Any) -> _Verified:
+    """``verify_log`` on a file or run folder, or on a mirror of a URL (kept in
+    ``mirror`` when given); exit 2 when the source cannot be read, 1 on a failure (both
+    printed)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            if is_url(source):
+                folder = mirror or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                with _progress(f"mirroring {source}") as progress:
+                    report, fetched = verify_remote(source, folder, progress=progress, **options)
+                _stderr.print(
+                    f"fetched {fetched.requests} resources, {fetched.bytes / 1e6:.1f} MB, in "
+                    f"{fetched.seconds:.1f} s"
+                )
+                if options.get("log_key") is None:
+                    _stderr.print(f"[yellow]log key not pinned[/yellow]: trusting the key the "
+                                  f"server sent, {fetched.log_key} (pin it with --log-key)")
+            else:
+                report = verify_log(Path(source), **options)
+        except RemoteError as error:
+            _stderr.print(f"[red]{'error' if error.unreachable else 'FAILED'}:[/red] {error}")
+            raise typer.Exit(2 if error.unreachable else 1) from error
+        except LedgerError as error:
+            _stderr.print(f"[red]error:[/red] {error}")
+            raise typer.Exit(2) from error
+        if report.failure is not None:
+            _stderr.print(f"[red]FAILED[/red] {source}: {report.failure}")
+            raise typer.Exit(1)
+        with LogReader.open(report.path) as reader:
+            root = reader.root(report.size).hex()
+    return _Verified(report.size, report.checkpoints, report.authors, root, report.excused)
+
+
+@contextlib.contextmanager
+def _progress(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr, fed ``(done, total)``."""
+    with rich.progress.Progress(
+        rich.progress.TextColumn("{task.description}"), rich.progress.BarColumn(),
+        rich.progress.MofNCompleteColumn(), rich.progress.TimeRemainingColumn(),
+        console=_stderr, transient=True,
+    ) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _notes(paths: list[Path]) -> list[str]:
@@ -98,24 +154,64 @@ def _notes(paths: list[Path]) -> list[str]:
 
 @ledger_app.command("witness-check")
 def witness_check(
-    path: PathArgument,
+    path: SourceArgument,
     notes: Annotated[
         list[Path], typer.Option(help="a folder of notes subscribers cosigned (repeatable)")
     ],
+    mirror: MirrorOption = None,
 ) -> None:
     """Hold the log to the checkpoints subscribers cosigned and kept; exit 1 on a failure.
 
     Every note must verify with the log key and be reproduced by the leaves (same
-    size, same root), and the log must verify in full (witnessed to the end)."""
+    size, same root), and the log must verify in full (witnessed to the end). PATH may
+    be a URL (as for ``verify``)."""
     texts = _notes(notes)
     if not texts:
         _stderr.print(f"[red]error:[/red] no *.note files under {', '.join(map(str, notes))}")
         raise typer.Exit(2)
-    report = _verified(path, trusted_checkpoints=texts)
+    report = _verified(path, mirror, trusted_checkpoints=texts)
     _stdout.print(
-        f"[green]OK[/green] {report.path}: {report.size} entries agree with "
+        f"[green]OK[/green] {path}: {report.size} entries agree with "
         f"{len(texts)} cosigned notes"
     )
+
+
+@ledger_app.command()
+def serve(
+    path: PathArgument,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8470,
+) -> None:
+    """Serve the ledger read-only over HTTP as C2SP tlog-tiles (checkpoint, tiles, entry
+    bundles), with its checkpoint history and blobs, for ``verify URL`` and ``poi audit
+    URL``."""
+    import uvicorn
+
+    from ledger.http import ledger_http_app
+
+    try:
+        app = ledger_http_app(path)
+    except LedgerError as error:
+        _stderr.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from error
+    _stderr.print(f"serving {path} as tiles on http://{host}:{port}/")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@ledger_app.command()
+def mirror(
+    url: Annotated[str, typer.Argument(help="where the log is served, e.g. http://host:8470/")],
+    into: Annotated[Path, typer.Argument(help="folder for the mirrored ledger.db")],
+) -> None:
+    """Copy a served log into a local ledger file (not verified: run ``verify`` on it)."""
+    try:
+        with _progress(f"mirroring {url}") as progress:
+            fetched = mirror_log(url, into, progress=progress)
+    except RemoteError as error:
+        _stderr.print(f"[red]{'error' if error.unreachable else 'FAILED'}:[/red] {error}")
+        raise typer.Exit(2 if error.unreachable else 1) from error
+    _stdout.print(f"mirrored {fetched.size} entries to {fetched.path} "
+                  f"({fetched.requests} resources, {fetched.seconds:.1f} s)")
 
 
 @ledger_app.command()
