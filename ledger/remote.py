@@ -235,7 +235,9 @@ def mirror_log(
 
 
 def _insert(db: sqlite3.Connection, table: str, rows: list[tuple[Any, ...]]) -> None:
-    marks = ",".join("?" * len(rows[0])) if rows else ""
+    if not rows:
+        return
+    marks = ",".join("?" * len(rows[0]))
     try:
         db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
     except sqlite3.IntegrityError as error:

@@ -11,12 +11,17 @@ import json
 import os
 import platform
 import random
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from ledger import merkle
 from ledger.audit import verify_log
@@ -24,6 +29,7 @@ from ledger.checkpoint import parse_checkpoint
 from ledger.entries import make_key_entry, sign_entry
 from ledger.keys import Signer
 from ledger.log import Log
+from ledger.remote import verify_remote
 
 ORIGIN = "bench.poi.example/ledger"
 
@@ -48,22 +54,7 @@ def bench_append(folder: Path, *, entries: int, batch: int) -> dict[str, float]:
     operator = Signer.generate()
     authors = [Signer.generate() for _ in range(16)]
     started = time.perf_counter()
-    leaves = [make_key_entry(author) for author in authors]
-    for number in range(entries - len(authors)):
-        author = authors[number % len(authors)]
-        leaves.append(
-            sign_entry(author,
-                "vote",
-                seq=1 + number // len(authors),
-                fields={
-                    "task_id": "task-1",
-                    "round": number // 1000,
-                    "candidate": f"{number:064x}",
-                    "base_loss_micro": 693_147,
-                    "candidate_loss_micro": 600_000 + number % 1000,
-                },
-            )
-        )
+    leaves = _signed_leaves(0, entries, authors)
     signing_s = time.perf_counter() - started
     rates = []
     with Log.open(folder / "ledger.db", operator, ORIGIN) as log:
@@ -78,6 +69,101 @@ def bench_append(folder: Path, *, entries: int, batch: int) -> dict[str, float]:
         "append_entries_per_s_median": statistics.median(rates),
         "author_signing_entries_per_s": entries / signing_s,
     }
+
+
+def _signed_leaves(start: int, end: int, authors: list[Signer]) -> list[bytes]:
+    """Leaves ``start .. end - 1`` of a benchmark log: each author's key entry, then
+    votes signed by the authors in turn."""
+    out = []
+    for position in range(start, end):
+        if position < len(authors):
+            out.append(make_key_entry(authors[position]))
+            continue
+        number = position - len(authors)
+        author = authors[number % len(authors)]
+        out.append(
+            sign_entry(author, "vote", seq=1 + number // len(authors), fields={
+                "task_id": "task-1", "round": number // 1000, "candidate": f"{number:064x}",
+                "base_loss_micro": 693_147, "candidate_loss_micro": 600_000 + number % 1000,
+            })
+        )
+    return out
+
+
+def bench_remote(folder: Path, *, entries: int, batch: int, repeats: int) -> dict[str, Any]:
+    """A log of ``entries`` author-signed entries appended in batches of ``batch``
+    (the append rate at that size), served by ``poi ledger serve`` in its own process
+    and audited remotely (mirror of the tiles + full audit) and locally, alternately,
+    ``repeats`` times each, on the same machine."""
+    operator = Signer.generate()
+    authors = [Signer.generate() for _ in range(16)]
+    rates = []
+    with Log.open(folder / "ledger.db", operator, ORIGIN) as log:
+        for offset in range(0, entries, 100_000):  # signed in slices to bound memory
+            leaves = _signed_leaves(offset, min(entries, offset + 100_000), authors)
+            for start in range(0, len(leaves), batch):
+                chunk = leaves[start : start + batch]
+                started = time.perf_counter()
+                log.append_many(chunk)
+                rates.append(len(chunk) / (time.perf_counter() - started))
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "ledger", "serve", str(folder), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    local_rates, remote_rates, mirror_s, verify_s, fetched = [], [], [], [], None
+    try:
+        _wait_for(url + "checkpoint")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            report = verify_log(folder / "ledger.db")
+            local_rates.append(report.size / (time.perf_counter() - started))
+            assert report.ok, report.failure
+            with tempfile.TemporaryDirectory() as mirror:
+                started = time.perf_counter()
+                report, fetched = verify_remote(url, mirror)
+                elapsed = time.perf_counter() - started
+                assert report.ok, report.failure
+                remote_rates.append(report.size / elapsed)
+                mirror_s.append(fetched.seconds)
+                verify_s.append(elapsed - fetched.seconds)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert fetched is not None
+    return {
+        "entries": entries,
+        "batch": batch,
+        "append_entries_per_s_median": statistics.median(rates),
+        "local_audit_entries_per_s": statistics.median(local_rates),
+        "remote_audit_entries_per_s": statistics.median(remote_rates),
+        "remote_audit_runs": remote_rates,
+        "local_audit_runs": local_rates,
+        "mirror_s_median": statistics.median(mirror_s),
+        "verify_s_median": statistics.median(verify_s),
+        "resources_fetched": fetched.requests,
+        "bytes_fetched": fetched.bytes,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_for(url: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {seconds} s")
+        time.sleep(0.2)
 
 
 def bench_audit(folder: Path, *, repeats: int = 3) -> dict[str, Any]:
