@@ -4,12 +4,15 @@ crediting a buyer's account (wiring only; the work is in ``server.market`` and
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from ledger.remote import is_url
 from server.cli.common import console
 
 app = typer.Typer()
@@ -54,20 +57,36 @@ def payout_table(audit: Any, report: dict[str, Any] | None = None) -> Any:
 
 @app.command()
 def audit(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder holding ledger.db and blobs.")],
+    source: Annotated[str, typer.Argument(
+        help="A run folder holding ledger.db and blobs, or the URL serving its ledger "
+             "(poi ledger serve, or poi serve's /ledger/).")],
+    mirror: Annotated[Path | None, typer.Option(
+        help="For a URL: mirror the ledger and blobs into this folder and write audit.json "
+             "there (default: a temporary folder, audit.json in the current one).")] = None,
+    log_key: Annotated[str | None, typer.Option(
+        help="Pin the operator's note verifier key.")] = None,
 ) -> None:
     """Independently re-check a task from its ledger, blobs and revealed validation set:
     commitments, the replayed model, every published score and the settlement. Writes
-    RUN_DIR/audit.json; exit 0 only when everything matches."""
+    audit.json (in RUN_DIR for a folder); exit 0 only when everything matches."""
     from server.market.audit import audit_run, write_audit
 
-    if not (run_dir / "ledger.db").is_file():
-        console.print(f"[red]expected {run_dir / 'ledger.db'}, found none[/red]")
-        raise typer.Exit(2)
-    result = audit_run(run_dir)
-    path = write_audit(run_dir, result)
-    report_path = run_dir / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    with contextlib.ExitStack() as stack:
+        if is_url(source):
+            folder = mirror or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            served = _mirror_market(source, folder)
+            result = audit_run(folder, log_key=log_key, trusted_checkpoints=[served])
+            path = write_audit(mirror or Path.cwd(), result)
+            report = None
+        else:
+            run_dir = Path(source)
+            if not (run_dir / "ledger.db").is_file():
+                console.print(f"[red]expected {run_dir / 'ledger.db'}, found none[/red]")
+                raise typer.Exit(2)
+            result = audit_run(run_dir, log_key=log_key)
+            path = write_audit(run_dir, result)
+            report_path = run_dir / "report.json"
+            report = json.loads(report_path.read_text()) if report_path.is_file() else None
     if result.scientist_refund is not None:
         console.print(payout_table(result, report))
     console.print(f"reveal: {result.reveal}")
@@ -84,6 +103,44 @@ def audit(
         console.print(f"  also: {extra}")
     console.print(f"wrote {path}")
     raise typer.Exit(1)
+
+
+def _mirror_market(url: str, folder: Path) -> str:
+    """Mirror the ledger served at ``url`` and every blob it names into ``folder``;
+    returns the served checkpoint (the audit holds the leaves to it). Exit 2 when the
+    server cannot be reached; what it serves wrongly is the audit's to report."""
+    from ledger import LogReader
+    from ledger.remote import RemoteError, fetch_blobs, mirror_log
+    from server.market.audit import named_blobs
+
+    try:
+        fetched = mirror_log(url, folder)
+        with LogReader.open(fetched.path) as reader:
+            digests = named_blobs(_readable_entries(reader))
+        missing = fetch_blobs(url, folder, digests)
+    except RemoteError as exc:
+        console.print(f"[red]{'cannot reach' if exc.unreachable else 'bad ledger at'} "
+                      f"{url}:[/red] {exc}")
+        raise typer.Exit(2 if exc.unreachable else 1) from None
+    console.print(f"mirrored {fetched.size} entries and {len(digests) - len(missing)} blobs "
+                  f"from {url} in {fetched.seconds:.1f} s"
+                  + (f" ({len(missing)} blobs the server does not have)" if missing else ""))
+    return fetched.checkpoint
+
+
+def _readable_entries(reader: Any) -> list[Any]:
+    """The entries that parse (the audit reports the others)."""
+    from ledger import LedgerError
+    from ledger.entries import parse_entry
+
+    out = []
+    for index, leaf in reader.connection.execute(
+            "SELECT idx, CAST(leaf AS BLOB) FROM entries ORDER BY idx"):
+        try:
+            out.append((int(index), parse_entry(bytes(leaf))))
+        except LedgerError:
+            continue
+    return out
 
 
 buyer_app = typer.Typer(help="Buyer accounts on a run's ledger.", no_args_is_help=True)

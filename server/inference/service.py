@@ -8,7 +8,9 @@ Every refusal, including FastAPI's and Starlette's own (unknown path, wrong meth
 a 4xx with the JSON body ``{"error": "..."}``. The OpenAPI document (``/openapi.json``)
 is written out here by hand, so it says exactly what is served: every header, status and
 body; ``tests/inference/test_inference_openapi.py`` checks it with schemathesis against
-the live app. Formats: ``docs/buyer-api.md``.
+the live app. Formats: ``docs/buyer-api.md``. The run's ledger is mounted read-only at
+``/ledger/`` as C2SP tiles (``ledger.http``, outside that document; its refusals are
+plain-text 404s, as static tile servers give).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ledger.http import ledger_http_app
 from server.inference.accounts import TaskView, read_task
 from server.inference.engine import API, SETTLE_EVERY, SETTLE_SECONDS, InferenceService
 from server.inference.funding import fund_account, open_writer
@@ -99,6 +102,10 @@ def create_app(run_dir: Path, *, workers: int = 2, settle_every: int = SETTLE_EV
         """Encrypted logits for an encrypted input, charged the buyer fee per prediction."""
         reply, headers = await service.predict(request)
         return Response(content=reply, media_type="application/octet-stream", headers=headers)
+
+    # The run's ledger, read-only, as C2SP tiles (ledger.http): buyers and auditors
+    # check the served model's entry and the fee settlements against it.
+    app.mount("/ledger", ledger_http_app(run_dir))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -98,6 +98,17 @@ BLOB_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+def named_blobs(entries: Sequence[tuple[int, Entry]]) -> list[str]:
+    """Every blob digest the entries name (in :data:`BLOB_FIELDS`), first mention first."""
+    found: dict[str, None] = {}
+    for _, entry in entries:
+        for name in BLOB_FIELDS.get(entry.kind, ()):
+            digest = entry.fields.get(name)
+            if isinstance(digest, str):
+                found.setdefault(digest)
+    return list(found)
+
+
 def check_blobs(entries: Sequence[tuple[int, Entry]], blobs: BlobStore) -> list[str]:
     """Every blob the ledger names is there and hashes to its name, whether or not the
     replay reads it (an unselected update, the config). Reported by name; a damaged
@@ -186,22 +197,27 @@ def check_fee_settlements(entries: Sequence[tuple[int, Entry]], record: MarketRe
     return out
 
 
-def audit_run(run_dir: Path) -> MarketAudit:
+def audit_run(run_dir: Path, *, log_key: str | None = None,
+              trusted_checkpoints: Sequence[str] = ()) -> MarketAudit:
     """Audit the task recorded in ``run_dir/ledger.db`` (module docstring). Never
-    raises for what a ledger holds: anything unexpected becomes a mismatch."""
+    raises for what a ledger holds: anything unexpected becomes a mismatch.
+    ``log_key`` pins the operator's key; ``trusted_checkpoints`` are notes the leaves
+    must reproduce (a served checkpoint, subscribers' notes)."""
     audit = MarketAudit()
     try:
-        return _audit(Path(run_dir), audit)
+        return _audit(Path(run_dir), audit, log_key=log_key,
+                      trusted_checkpoints=trusted_checkpoints)
     except Exception as exc:  # noqa: BLE001 - a hostile ledger must give a verdict
         audit.mismatches.append(f"audit could not complete: {type(exc).__name__}: {exc}")
         audit.ok = False
         return audit
 
 
-def _audit(run_dir: Path, audit: MarketAudit) -> MarketAudit:
+def _audit(run_dir: Path, audit: MarketAudit, *, log_key: str | None,
+           trusted_checkpoints: Sequence[str]) -> MarketAudit:
     db = run_dir / LEDGER_FILE if run_dir.is_dir() else run_dir
     try:
-        report = verify_log(db)
+        report = verify_log(db, log_key=log_key, trusted_checkpoints=trusted_checkpoints)
     except LedgerError as exc:
         audit.mismatches.append(f"ledger: {exc}")
         return audit
