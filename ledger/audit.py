@@ -58,6 +58,7 @@ from ledger.entries import KEY_KIND, KeyRing, parse_entry
 from ledger.errors import AuditError, LedgerError
 from ledger.keys import key_id, parse_public_key, raw_public_key, verify_signature
 from ledger.log import LogReader, StoredCheckpoint, node_id
+from ledger.tiles import MAX_ENTRY_SIZE
 
 __all__ = ["AuditFailure", "AuditReport", "verify_log"]
 
@@ -236,6 +237,11 @@ class _ChunkChecker:
     def check_entry(self, row: tuple[Any, ...], local_keys: dict[str, bytes]) -> Outcome:
         """What the sequential pass would find on this entry, short of cross-chunk state."""
         _, leaf, *columns = row
+        if len(leaf) > MAX_ENTRY_SIZE:
+            return None, None, _FAILED, (
+                f"expected an entry of at most {MAX_ENTRY_SIZE} bytes (what an entry bundle "
+                f"carries), got {len(leaf)}"
+            )
         try:
             entry = parse_entry(leaf)
             if tuple(columns) != (entry.author, entry.seq, entry.kind):
