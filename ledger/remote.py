@@ -47,6 +47,7 @@ from ledger.tiles import TILE_HEIGHT, TileRef, decode_bundle, split_hashes, tile
 __all__ = ["MirrorResult", "RemoteError", "fetch_blobs", "is_url", "mirror_log", "verify_remote"]
 
 _WINDOW = 64  # tiles in flight at once
+_decode = json.JSONDecoder().decode
 _TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
 
@@ -139,11 +140,11 @@ def _columns(index: int, leaf: bytes) -> tuple[str, int, str]:
     audit checks them against the signed payload). An unreadable leaf gets columns no
     real entry has, unique to its index, so the audit reports the leaf itself."""
     try:
-        payload = json.loads(leaf[: leaf.rindex(b"\n")])
+        payload = _decode(leaf[: leaf.rindex(b"\n")].decode("utf-8"))
         author, seq, kind = payload["author"], payload["seq"], payload["kind"]
         if isinstance(author, str) and type(seq) is int and isinstance(kind, str):
             return author, seq, kind
-    except (ValueError, KeyError, TypeError, RecursionError):
+    except (ValueError, KeyError, TypeError, RecursionError, AttributeError):
         pass
     return f"!unreadable-{index}", -1, "!unreadable"
 
@@ -170,6 +171,7 @@ def _fresh_database(dest: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=OFF")  # a cache, rebuilt whole on every mirror
     db.execute("PRAGMA synchronous=OFF")
+    db.execute("PRAGMA cache_size=-262144")  # 256 MiB: node rows land all over the B-tree
     return db
 
 
