@@ -13,7 +13,7 @@ Resources (all GET; ``poi ledger serve RUN_DIR`` serves them at ``/``, ``poi ser
   should pin ``log_key`` out of band; this is for convenience).
 - ``poi/history``: every stored checkpoint and cosignature row, read in one snapshot,
   so a mirror holds exactly what ``poi ledger verify`` checks on the operator's file
-  (checkpoint history, cosignature rows). JSON, ``no-cache``.
+  (checkpoint history, cosignature rows). JSON, ``no-cache``; built once per commit.
 - ``poi/blobs/<sha256 hex>``: a blob the ledger names (updates, models, the reveal),
   as stored; the client checks the digest. Immutable.
 
@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
 from ledger.blobs import BLOB_DIR, BlobStore
 from ledger.errors import StoreError
@@ -89,7 +90,7 @@ def ledger_http_app(path: str | os.PathLike[str]) -> FastAPI:
         headers = {"Cache-Control": IMMUTABLE}
         if ref.is_entries:
             headers["Vary"] = "Accept-Encoding"
-            if "gzip" in request.headers.get("accept-encoding", ""):
+            if _accepts_gzip(request.headers.get("accept-encoding", "")):
                 data = gzip.compress(data, compresslevel=1, mtime=0)
                 headers["Content-Encoding"] = "gzip"
         return Response(data, media_type=_OCTETS, headers=headers)
@@ -100,39 +101,66 @@ def ledger_http_app(path: str | os.PathLike[str]) -> FastAPI:
         body = {"origin": view.origin, "log_key": view.log_key, "size": view.size}
         return JSONResponse(body, headers={"Cache-Control": MUTABLE})
 
+    # The body for (last checkpoint id, last cosignature id): rebuilt only after a commit.
+    cached: dict[tuple[int, ...], bytes] = {}
+
     @app.get("/poi/history")
     def history() -> Response:
         view = reader()
         with view.snapshot():
-            body: dict[str, Any] = {
-                "origin": view.origin,
-                "log_key": view.log_key,
-                "size": view.size,
-                "checkpoints": [
-                    {"id": row.id, "size": row.size, "root": _b64(row.root), "note": row.note}
-                    for row in view.stored_checkpoints()
-                ],
-                "cosignatures": [
-                    {"id": int(i), "checkpoint_id": int(c), "witness": str(w), "line": str(line)}
-                    for i, c, w, line in view.connection.execute(
-                        "SELECT id, checkpoint_id, CAST(witness AS TEXT), CAST(line AS TEXT) "
-                        "FROM cosignatures ORDER BY id"
-                    )
-                ],
-            }
-        return JSONResponse(body, headers={"Cache-Control": MUTABLE})
+            key = tuple(int(view.connection.execute(f"SELECT COALESCE(MAX(id), 0) FROM {t}")
+                            .fetchone()[0]) for t in ("checkpoints", "cosignatures"))
+            body = cached.get(key)
+            if body is None:
+                body = json.dumps(_history(view), separators=(",", ":")).encode()
+                cached.clear()
+                cached[key] = body
+        return Response(body, media_type="application/json", headers={"Cache-Control": MUTABLE})
 
     @app.get("/poi/blobs/{digest}")
     def blob(digest: str) -> Response:
         try:
-            data = blobs.path(digest).read_bytes()
+            path = blobs.path(digest)
         except StoreError as error:
             return PlainTextResponse(str(error), status_code=404)
-        except FileNotFoundError:
+        if not path.is_file():
             return PlainTextResponse(f"no blob {digest} in this run", status_code=404)
-        return Response(data, media_type=_OCTETS, headers={"Cache-Control": IMMUTABLE})
+        return FileResponse(path, media_type=_OCTETS, headers={"Cache-Control": IMMUTABLE})
 
     return app
+
+
+def _accepts_gzip(header: str) -> bool:
+    """Whether an ``Accept-Encoding`` header accepts gzip (``gzip;q=0`` refuses it)."""
+    for item in header.split(","):
+        name, _, params = item.strip().partition(";")
+        if name.strip().lower() in ("gzip", "*"):
+            quality = params.strip().removeprefix("q=").strip() if "q=" in params else "1"
+            try:
+                return float(quality) > 0
+            except ValueError:
+                return False
+    return False
+
+
+def _history(view: LogReader) -> dict[str, Any]:
+    """Every checkpoint and cosignature row (inside the caller's snapshot)."""
+    return {
+        "origin": view.origin,
+        "log_key": view.log_key,
+        "size": view.size,
+        "checkpoints": [
+            {"id": row.id, "size": row.size, "root": _b64(row.root), "note": row.note}
+            for row in view.stored_checkpoints()
+        ],
+        "cosignatures": [
+            {"id": int(i), "checkpoint_id": int(c), "witness": str(w), "line": str(line)}
+            for i, c, w, line in view.connection.execute(
+                "SELECT id, checkpoint_id, CAST(witness AS TEXT), CAST(line AS TEXT) "
+                "FROM cosignatures ORDER BY id"
+            )
+        ],
+    }
 
 
 def _b64(data: bytes) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
+import itertools
 import json
 import os
 import sqlite3
@@ -42,11 +42,23 @@ from ledger.audit import AuditReport, verify_log
 from ledger.blobs import BLOB_DIR
 from ledger.errors import StoreError
 from ledger.log import DB_NAME, create_schema, node_id
-from ledger.tiles import TILE_HEIGHT, TileRef, decode_bundle, split_hashes, tiles_for
+from ledger.tiles import (
+    MAX_ENTRY_SIZE,
+    TILE_HEIGHT,
+    TileRef,
+    count_tiles,
+    decode_bundle,
+    iter_tiles,
+    split_hashes,
+)
 
 __all__ = ["MirrorResult", "RemoteError", "fetch_blobs", "is_url", "mirror_log", "verify_remote"]
 
 _WINDOW = 64  # tiles in flight at once
+RESOURCE_SECONDS = 120.0  # the longest one resource may take, all of it
+MAX_HISTORY_BYTES = 256 << 20  # poi/history: ~300 bytes a checkpoint
+MAX_BLOB_BYTES = 256 << 20  # the default cap on one blob (fetch_blobs)
+MIRROR_MARK = ".poi-mirror"  # a folder holding this was made by mirror_log
 _decode = json.JSONDecoder().decode
 _TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
@@ -89,25 +101,35 @@ class _Fetcher:
         self.requests = 0
         self.bytes = 0
 
-    def get(self, path: str, *, missing_ok: bool = False) -> bytes | None:
+    def get(self, path: str, *, limit: int, missing_ok: bool = False) -> bytes | None:
+        """The body of ``path``, decoded, refused past ``limit`` bytes (a gzip bomb
+        stops there) or past :data:`RESOURCE_SECONDS` in all (a slow drip)."""
         url = self.base + path
+        deadline = time.monotonic() + RESOURCE_SECONDS
         try:
-            response = self.client.get(url)
+            with self.client.stream("GET", url) as response:
+                self.requests += 1
+                if response.status_code == 404 and missing_ok:
+                    return None
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise RemoteError(f"expected at most {limit} bytes from {url}, got more")
+                    if time.monotonic() > deadline:
+                        raise RemoteError(f"{url} took more than {RESOURCE_SECONDS} s",
+                                          unreachable=True)
+                self.bytes += response.num_bytes_downloaded
         except httpx.HTTPError as error:
             raise RemoteError(f"cannot fetch {url}: {error}", unreachable=True) from error
-        self.requests += 1
-        self.bytes += response.num_bytes_downloaded
-        if response.status_code == 404 and missing_ok:
-            return None
         if response.status_code != 200:
-            raise RemoteError(
-                f"expected 200 from {url}, got {response.status_code}: {response.text[:200]}",
-                unreachable=response.status_code >= 500,
-            )
-        return response.content
+            text = bytes(body[:200]).decode("utf-8", "replace")
+            raise RemoteError(f"expected 200 from {url}, got {response.status_code}: {text}",
+                              unreachable=response.status_code >= 500)
+        return bytes(body)
 
     def json(self, path: str) -> Any:
-        data = self.get(path)
+        data = self.get(path, limit=MAX_HISTORY_BYTES)
         try:
             return json.loads(data or b"")
         except (ValueError, RecursionError) as error:
@@ -163,9 +185,16 @@ def _interior(level: int, start: int, hashes: Sequence[bytes]) -> Iterator[tuple
         yield from ((node_id(level + up, index + i), digest) for i, digest in enumerate(row))
 
 
-def _fresh_database(dest: Path) -> sqlite3.Connection:
+def _fresh_database(dest: Path, url: str) -> sqlite3.Connection:
+    """An empty database in ``dest``, replacing only an earlier mirror's: a folder with
+    a ``ledger.db`` that :func:`mirror_log` did not make (a run's own ledger) is
+    refused."""
     dest.mkdir(parents=True, exist_ok=True)
     path = dest / DB_NAME
+    if path.exists() and not (dest / MIRROR_MARK).is_file():
+        raise RemoteError(f"{dest} holds a ledger.db that is not a mirror; expected an empty "
+                          f"folder or an earlier mirror (marked by {MIRROR_MARK})")
+    (dest / MIRROR_MARK).write_text(url + "\n")
     for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
         stale.unlink(missing_ok=True)
     db = sqlite3.connect(path, isolation_level=None)
@@ -192,7 +221,7 @@ def mirror_log(
     started = time.perf_counter()
     fetcher = _Fetcher(url, client)
     try:
-        served = (fetcher.get("checkpoint") or b"").decode("utf-8", "replace")
+        served = (fetcher.get("checkpoint", limit=1 << 20) or b"").decode("utf-8", "replace")
         history = fetcher.json("poi/history")
         origin = _field(history, "origin", str, "poi/history")
         log_key = _field(history, "log_key", str, "poi/history")
@@ -201,7 +230,7 @@ def mirror_log(
         cosignatures = _field(history, "cosignatures", list, "poi/history")
         if size < 0:
             raise RemoteError(f"expected poi/history.size >= 0, got {size}")
-        db = _fresh_database(Path(dest))
+        db = _fresh_database(Path(dest), url)
         try:
             db.execute("BEGIN")
             create_schema(db)
@@ -224,8 +253,9 @@ def mirror_log(
             _insert(db, "cosignatures", rows)
             _fetch_tiles(fetcher, db, size, workers, progress)
             db.execute("COMMIT")
-        except sqlite3.Error as error:
-            raise RemoteError(f"cannot build the mirror in {dest}: {error}") from error
+        except (sqlite3.Error, OverflowError, UnicodeError) as error:
+            raise RemoteError(f"cannot build the mirror in {dest} from what {url} served: "
+                              f"{type(error).__name__}: {error}") from error
         finally:
             db.close()
     finally:
@@ -244,6 +274,8 @@ def _insert(db: sqlite3.Connection, table: str, rows: list[tuple[Any, ...]]) -> 
         db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
     except sqlite3.IntegrityError as error:
         raise RemoteError(f"expected distinct row ids in the served {table}: {error}") from error
+    except (OverflowError, UnicodeError) as error:
+        raise RemoteError(f"expected storable values in the served {table}: {error}") from error
 
 
 def _fetch_tiles(
@@ -253,11 +285,13 @@ def _fetch_tiles(
     workers: int,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    refs = tiles_for(size)
+    refs = iter_tiles(size)  # lazily: a huge claimed size fails at its first missing tile
+    total = count_tiles(size)
     done = 0
 
     def fetch(ref: TileRef) -> tuple[TileRef, list[bytes]]:
-        data = fetcher.get(ref.path) or b""
+        limit = ref.width * (MAX_ENTRY_SIZE + 2) if ref.is_entries else ref.size
+        data = fetcher.get(ref.path, limit=limit) or b""
         try:
             if ref.is_entries:
                 return ref, decode_bundle(data, ref.width)
@@ -266,8 +300,8 @@ def _fetch_tiles(
             raise RemoteError(f"{fetcher.base}{ref.path}: {error}") from error
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for offset in range(0, len(refs), _WINDOW):
-            for ref, items in pool.map(fetch, refs[offset : offset + _WINDOW]):
+        while window := list(itertools.islice(refs, _WINDOW)):
+            for ref, items in pool.map(fetch, window):
                 if ref.is_entries:
                     _insert_entries(db, ref.start, items)
                 else:
@@ -275,21 +309,23 @@ def _fetch_tiles(
                                    _interior(ref.node_level, ref.start, items))
                 done += 1
                 if progress is not None:
-                    progress(done, len(refs))
+                    progress(done, total)
 
 
 def _insert_entries(db: sqlite3.Connection, start: int, leaves: list[bytes]) -> None:
     rows = [(start + i, leaf, *_columns(start + i, leaf)) for i, leaf in enumerate(leaves)]
     try:
         db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?)", rows)
-    except sqlite3.IntegrityError:  # two leaves claim one (author, seq): row by row
+    except (sqlite3.IntegrityError, OverflowError, UnicodeError):  # row by row, below
+        # Two leaves claim one (author, seq), or a column SQLite cannot store (a seq of
+        # 2**63, a lone surrogate): columns no real entry has, for the audit to report.
         for index, leaf, author, seq, kind in rows:
             try:
                 db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
                            (index, leaf, author, seq, kind))
-            except sqlite3.IntegrityError:
+            except (sqlite3.IntegrityError, OverflowError, UnicodeError):
                 db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
-                           (index, leaf, f"!duplicate-{index}", -1, kind))
+                           (index, leaf, f"!unstorable-{index}", -1, "!unstorable"))
 
 
 def verify_remote(
@@ -311,10 +347,12 @@ def verify_remote(
     return report, result
 
 
-def fetch_blobs(url: str, mirror: str | os.PathLike[str], digests: Sequence[str]) -> list[str]:
+def fetch_blobs(url: str, mirror: str | os.PathLike[str], digests: Sequence[str], *,
+                max_bytes: int = MAX_BLOB_BYTES) -> list[str]:
     """Fetch the named blobs from ``url`` into ``mirror/blobs/`` as served (a damaged one
     is kept as is, so the audit reports it as damaged); returns those the server did not
-    have. Blobs already there, whole, are not fetched again."""
+    have. Every blob is asked for, so a copy left by an earlier mirror never hides one
+    the server withholds; a blob over ``max_bytes`` is refused (:class:`RemoteError`)."""
     folder = Path(mirror) / BLOB_DIR
     folder.mkdir(parents=True, exist_ok=True)
     fetcher = _Fetcher(url, None)
@@ -324,10 +362,9 @@ def fetch_blobs(url: str, mirror: str | os.PathLike[str], digests: Sequence[str]
             if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
                 continue  # not a digest: the audit names it
             target = folder / digest
-            if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == digest:
-                continue
-            data = fetcher.get(f"poi/blobs/{digest}", missing_ok=True)
+            data = fetcher.get(f"poi/blobs/{digest}", limit=max_bytes, missing_ok=True)
             if data is None:
+                target.unlink(missing_ok=True)
                 missing.append(digest)
                 continue
             temporary = folder / f".part-{digest}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ledger.errors import StoreError
@@ -35,7 +36,9 @@ __all__ = [
     "TileError",
     "TileRef",
     "decode_bundle",
+    "count_tiles",
     "encode_bundle",
+    "iter_tiles",
     "parse_tile_path",
     "split_hashes",
     "tile_width",
@@ -140,10 +143,9 @@ def tile_width(level: int, index: int, size: int) -> int:
     return max(0, min(TILE_WIDTH, count - index * TILE_WIDTH))
 
 
-def tiles_for(size: int, *, entries: bool = True) -> list[TileRef]:
-    """Every resource that represents the tree of ``size`` leaves: its entry bundles
-    (``entries``), then each level's full tiles and partial tile, bottom up."""
-    refs: list[TileRef] = []
+def iter_tiles(size: int, *, entries: bool = True) -> Iterator[TileRef]:
+    """Every resource that represents the tree of ``size`` leaves, lazily: its entry
+    bundles (``entries``), then each level's full tiles and partial tile, bottom up."""
     levels = [-1] if entries else []
     level = 0
     while size >> (level * TILE_HEIGHT):
@@ -152,10 +154,23 @@ def tiles_for(size: int, *, entries: bool = True) -> list[TileRef]:
     for level in levels:
         count = size >> (max(level, 0) * TILE_HEIGHT)
         full, partial = divmod(count, TILE_WIDTH)
-        refs.extend(TileRef(level, index) for index in range(full))
+        yield from (TileRef(level, index) for index in range(full))
         if partial:
-            refs.append(TileRef(level, full, partial))
-    return refs
+            yield TileRef(level, full, partial)
+
+
+def tiles_for(size: int, *, entries: bool = True) -> list[TileRef]:
+    """:func:`iter_tiles` as a list."""
+    return list(iter_tiles(size, entries=entries))
+
+
+def count_tiles(size: int, *, entries: bool = True) -> int:
+    """``len(tiles_for(size))`` without listing them."""
+    total, level = 0, 0
+    while count := size >> (level * TILE_HEIGHT):
+        total += -(-count // TILE_WIDTH) * (2 if level == 0 and entries else 1)
+        level += 1
+    return total
 
 
 def encode_bundle(leaves: list[bytes]) -> bytes:
@@ -190,8 +205,11 @@ def decode_bundle(data: bytes, count: int) -> list[bytes]:
             )
         leaves.append(bytes(view[offset : offset + length]))
         offset += length
-    if len(leaves) != count:
-        raise TileError(f"expected {count} entries in the bundle, got {len(leaves)}")
+        if len(leaves) > count:
+            break
+    if len(leaves) != count or offset != end:
+        raise TileError(f"expected {count} entries in the bundle, got "
+                        f"{'more' if len(leaves) > count else len(leaves)}")
     return leaves
 
 

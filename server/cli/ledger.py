@@ -79,7 +79,7 @@ def verify(
     PATH may be a URL serving the log as C2SP tiles (``poi ledger serve``): the tiles
     are mirrored to a local file and that file audited in full."""
     report = _verified(path, mirror, log_key=log_key,
-                       trusted_checkpoints=_notes(checkpoint or []),
+                       trusted_checkpoints=read_notes(checkpoint or []),
                        excused_witnesses=excuse_witness or ())
     _stdout.print(
         f"[green]OK[/green] {path}: {report.size} entries, "
@@ -143,7 +143,7 @@ def _progress(what: str) -> Iterator[Callable[[int, int], None]]:
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def _notes(paths: list[Path]) -> list[str]:
+def read_notes(paths: list[Path]) -> list[str]:
     """Note texts from files, or from every ``*.note`` under a directory."""
     found: list[str] = []
     for path in paths:
@@ -165,7 +165,7 @@ def witness_check(
     Every note must verify with the log key and be reproduced by the leaves (same
     size, same root), and the log must verify in full (witnessed to the end). PATH may
     be a URL (as for ``verify``)."""
-    texts = _notes(notes)
+    texts = read_notes(notes)
     if not texts:
         _stderr.print(f"[red]error:[/red] no *.note files under {', '.join(map(str, notes))}")
         raise typer.Exit(2)

@@ -14,6 +14,7 @@ import typer
 
 from ledger.remote import is_url
 from server.cli.common import console
+from server.cli.ledger import read_notes
 
 app = typer.Typer()
 
@@ -65,17 +66,21 @@ def audit(
              "there (default: a temporary folder, audit.json in the current one).")] = None,
     log_key: Annotated[str | None, typer.Option(
         help="Pin the operator's note verifier key.")] = None,
+    notes: Annotated[list[Path] | None, typer.Option(
+        help="Checkpoint notes subscribers cosigned (a file, or a folder of *.note; "
+             "repeatable): the leaves must reproduce every one.")] = None,
 ) -> None:
     """Independently re-check a task from its ledger, blobs and revealed validation set:
     commitments, the replayed model, every published score and the settlement. Writes
     audit.json (in RUN_DIR for a folder); exit 0 only when everything matches."""
     from server.market.audit import audit_run, write_audit
 
+    held = read_notes(notes or [])
     with contextlib.ExitStack() as stack:
         if is_url(source):
             folder = mirror or Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            served = _mirror_market(source, folder)
-            result = audit_run(folder, log_key=log_key, trusted_checkpoints=[served])
+            trusted = _mirror_market(source, folder, log_key=log_key, notes=held)
+            result = audit_run(folder, log_key=log_key, trusted_checkpoints=trusted)
             path = write_audit(mirror or Path.cwd(), result)
             report = None
         else:
@@ -83,7 +88,7 @@ def audit(
             if not (run_dir / "ledger.db").is_file():
                 console.print(f"[red]expected {run_dir / 'ledger.db'}, found none[/red]")
                 raise typer.Exit(2)
-            result = audit_run(run_dir, log_key=log_key)
+            result = audit_run(run_dir, log_key=log_key, trusted_checkpoints=held)
             path = write_audit(run_dir, result)
             report_path = run_dir / "report.json"
             report = json.loads(report_path.read_text()) if report_path.is_file() else None
@@ -105,42 +110,40 @@ def audit(
     raise typer.Exit(1)
 
 
-def _mirror_market(url: str, folder: Path) -> str:
-    """Mirror the ledger served at ``url`` and every blob it names into ``folder``;
-    returns the served checkpoint (the audit holds the leaves to it). Exit 2 when the
-    server cannot be reached; what it serves wrongly is the audit's to report."""
-    from ledger import LogReader
+def _mirror_market(url: str, folder: Path, *, log_key: str | None,
+                   notes: list[str]) -> list[str]:
+    """Mirror the ledger served at ``url`` into ``folder`` and, once it verifies, the
+    blobs its verified entries name; returns the checkpoints the audit must hold the
+    leaves to (the served one and ``notes``). Exit 2 when the server cannot be reached;
+    what it serves wrongly is the audit's to report."""
+    from ledger import LedgerError, LogReader, verify_log
     from ledger.remote import RemoteError, fetch_blobs, mirror_log
     from server.market.audit import named_blobs
 
     try:
         fetched = mirror_log(url, folder)
-        with LogReader.open(fetched.path) as reader:
-            digests = named_blobs(_readable_entries(reader))
-        missing = fetch_blobs(url, folder, digests)
+        trusted = [fetched.checkpoint, *notes]
+        report = verify_log(fetched.path, log_key=log_key, trusted_checkpoints=trusted)
+        digests: list[str] = []
+        missing: list[str] = []
+        if report.ok:  # blobs only for entries that verified: nothing else is fetched
+            with LogReader.open(fetched.path) as reader:
+                digests = named_blobs(list(reader.entries(end=report.size)))
+            missing = fetch_blobs(url, folder, digests)
     except RemoteError as exc:
         console.print(f"[red]{'cannot reach' if exc.unreachable else 'bad ledger at'} "
                       f"{url}:[/red] {exc}")
         raise typer.Exit(2 if exc.unreachable else 1) from None
+    except LedgerError as exc:
+        console.print(f"[red]cannot audit {url}:[/red] {exc}")
+        raise typer.Exit(2) from None
     console.print(f"mirrored {fetched.size} entries and {len(digests) - len(missing)} blobs "
                   f"from {url} in {fetched.seconds:.1f} s"
                   + (f" ({len(missing)} blobs the server does not have)" if missing else ""))
-    return fetched.checkpoint
-
-
-def _readable_entries(reader: Any) -> list[Any]:
-    """The entries that parse (the audit reports the others)."""
-    from ledger import LedgerError
-    from ledger.entries import parse_entry
-
-    out = []
-    for index, leaf in reader.connection.execute(
-            "SELECT idx, CAST(leaf AS BLOB) FROM entries ORDER BY idx"):
-        try:
-            out.append((int(index), parse_entry(bytes(leaf))))
-        except LedgerError:
-            continue
-    return out
+    if log_key is None:
+        console.print(f"[yellow]log key not pinned[/yellow]: trusting the key the server "
+                      f"sent, {fetched.log_key} (pin it with --log-key)")
+    return trusted
 
 
 buyer_app = typer.Typer(help="Buyer accounts on a run's ledger.", no_args_is_help=True)

@@ -524,3 +524,97 @@ def test_a_remote_audit_of_a_live_log_has_no_false_failure(tmp_path: Path) -> No
                 writer.join()
         assert failures == []
         assert log.size > 600
+
+
+# --------------------------------------------------------------------------- attacker review
+class Bomb(httpx.BaseTransport):
+    """A server whose one resource ``target`` is ``body`` (gzip-encoded when ``gzipped``)."""
+
+    def __init__(self, target: str, body: bytes, *, gzipped: bool = False) -> None:
+        self.real, self.target, self.body, self.gzipped = (
+            httpx.HTTPTransport(), target, body, gzipped)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.lstrip("/") != self.target:
+            return self.real.handle_request(request)
+        headers = {"content-encoding": "gzip"} if self.gzipped else {}
+        return httpx.Response(200, headers=headers, content=self.body)
+
+
+@pytest.mark.parametrize("target", ["tile/0/000", "tile/entries/000", "checkpoint"])
+def test_a_gzip_bomb_is_refused_at_the_resources_bound(
+    witnessed: tuple[Path, Served], tmp_path: Path, target: str,
+) -> None:
+    _, server = witnessed
+    bomb = gzip.compress(bytes(200 << 20), compresslevel=9)  # 200 MiB of zeros in ~200 KB
+    client = httpx.Client(transport=Bomb(target, bomb, gzipped=True), timeout=30)
+    with pytest.raises(RemoteError, match="expected at most"):
+        mirror_log(server.url, tmp_path, client=client)
+    client.close()
+
+
+def test_a_huge_claimed_size_fails_at_its_first_missing_tile(
+    witnessed: tuple[Path, Served], tmp_path: Path,
+) -> None:
+    _, server = witnessed
+    client = httpx.Client(transport=Hostile(_history(lambda d: d.update(size=2**50))),
+                          timeout=30)
+    started = time.monotonic()
+    with pytest.raises(RemoteError, match="expected 200"):
+        mirror_log(server.url, tmp_path, client=client)
+    client.close()
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("value", ["\ud800", 2**63])
+def test_values_sqlite_cannot_store_are_refused_not_a_traceback(
+    witnessed: tuple[Path, Served], tmp_path: Path, value: object,
+) -> None:
+    _, server = witnessed
+
+    def change(document: dict) -> None:
+        if isinstance(value, str):
+            document["checkpoints"][2]["note"] += value
+        else:
+            document["cosignatures"][0]["id"] = value
+
+    client = httpx.Client(transport=Hostile(_history(change)), timeout=30)
+    with pytest.raises(RemoteError, match="served"):
+        mirror_log(server.url, tmp_path, client=client)
+    client.close()
+
+
+def test_mirroring_never_replaces_a_ledger_it_did_not_make(
+    witnessed: tuple[Path, Served], tmp_path: Path,
+) -> None:
+    path, server = witnessed
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(path, run / "ledger.db")
+    before = (run / "ledger.db").read_bytes()
+    with pytest.raises(RemoteError, match="not a mirror"):
+        mirror_log(server.url, run)
+    assert (run / "ledger.db").read_bytes() == before
+    result = CliRunner().invoke(ledger_app, ["mirror", server.url, str(run)])
+    assert result.exit_code == 1 and (run / "ledger.db").read_bytes() == before
+    mirror_log(server.url, tmp_path / "m")
+    mirror_log(server.url, tmp_path / "m")  # an earlier mirror is replaced
+
+
+def test_gzip_only_when_the_client_accepts_it(spec_sized: tuple[Path, Served]) -> None:
+    _, server = spec_sized
+    for header, gzipped in (("gzip", True), ("gzip;q=0", False), ("identity", False),
+                            ("br, gzip;q=0.5", True), ("*", True), ("gzip;q=0.0, br", False)):
+        with httpx.stream("GET", server.url + "tile/entries/000",
+                          headers={"Accept-Encoding": header}) as response:
+            assert (response.headers.get("content-encoding") == "gzip") is gzipped, header
+
+
+def test_history_is_built_once_per_commit(witnessed: tuple[Path, Served]) -> None:
+    path, server = witnessed
+    first = server.get("poi/history").content
+    assert server.get("poi/history").content == first
+    document = json.loads(first)
+    with LogReader.open(path) as reader:
+        assert document["size"] == reader.size
+        assert len(document["checkpoints"]) == len(reader.stored_checkpoints())

@@ -130,3 +130,35 @@ def test_an_unreachable_url_is_an_error_not_a_verdict(tmp_path: Path) -> None:
         port = probe.getsockname()[1]
     result = CliRunner().invoke(app, ["audit", f"http://127.0.0.1:{port}/"])
     assert result.exit_code == 2 and "cannot reach" in result.output
+
+
+def test_a_blob_left_in_a_reused_mirror_never_hides_one_the_server_withholds(
+    honest: tuple[Path, dict], tmp_path: Path,  # noqa: F811
+) -> None:
+    out, _ = honest
+    run = _copy(out, tmp_path)
+    mirror = tmp_path / "m"
+    with served(run) as url:
+        assert CliRunner().invoke(app, ["audit", url, "--mirror", str(mirror)]).exit_code == 0
+    with LogReader.open(run / "ledger.db") as reader:
+        digest = next(str(e.fields["update_digest"]) for _, e in reader.entries()
+                      if e.kind == "candidate")
+    (run / "blobs" / digest).unlink()  # the server now withholds it; the mirror still has it
+    with served(run) as url:
+        result = CliRunner().invoke(app, ["audit", url, "--mirror", str(mirror)])
+    assert result.exit_code == 1
+    audit = json.loads((mirror / "audit.json").read_text())
+    assert any(digest in m and "missing" in m for m in audit["mismatches"])
+
+
+def test_no_blob_is_fetched_for_a_ledger_that_does_not_verify(
+    honest: tuple[Path, dict], tmp_path: Path,  # noqa: F811
+) -> None:
+    out, _ = honest
+    run = _copy(out, tmp_path)
+    with served(run) as url:
+        result = CliRunner().invoke(app, ["audit", url, "--mirror", str(tmp_path / "m"),
+                                          "--log-key", "other+00000000+AQ=="])
+    assert result.exit_code == 1
+    blobs = tmp_path / "m" / "blobs"
+    assert not blobs.exists() or not any(blobs.iterdir())
