@@ -22,6 +22,9 @@ ATTACKS = ("none", "label-flip", "sign-flip", "noise", "fake-data", "free-rider"
 MODEL_POISONING_ATTACKS = ("alie", "ipm", "min-max", "min-sum")  # client.model_poisoning
 PARTITIONERS = ("iid", "dirichlet")
 VOTE_AGGREGATIONS = ("median", "trimmed-mean", "rank-median")
+# The selection entry grows ~300 bytes a candidate (12,781 bytes at 40): 128 keeps it
+# under half of the 65,535-byte entry bound. Beyond, its lists must move into a blob.
+MAX_SUBSCRIBERS = 128
 VOTE_RULES = ("marginal", "single")
 PAYOUT_GAMES = ("fixed-k", "mean")
 MAX_ACCEPTED = 16  # payout-game mean: exact Shapley costs 2^k evaluations
@@ -167,6 +170,11 @@ class RunConfig:
         _one_of("accountant", self.accountant, ACCOUNTANTS)
         _at_least("num-server-rounds", self.num_server_rounds, 1)
         _at_least("num-subscribers", self.num_subscribers, 2)
+        if self.num_subscribers > MAX_SUBSCRIBERS:
+            raise ConfigError(
+                f"num-subscribers: expected at most {MAX_SUBSCRIBERS} (a round's selection "
+                f"entry lists every candidate, about 300 bytes each, and a ledger entry holds "
+                f"at most 65,535 bytes, the C2SP tiles bound), got {self.num_subscribers}")
         _at_least("top-k", self.top_k, 1)
         _at_least("votes-per-candidate", self.votes_per_candidate, 0)
         _at_least("local-epochs", self.local_epochs, 1)

@@ -46,6 +46,7 @@ def test_parses_kebab_case_and_coerces() -> None:
         ({"target-delta": 1.5}, r"target-delta: expected 0 < delta < 1"),
         ({"votes-per-candidate": 10, "num-subscribers": 10},
          r"votes-per-candidate: expected at most num-subscribers - 1"),
+        ({"num-subscribers": 129}, r"num-subscribers: expected at most 128 .*got 129"),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(raw: dict[str, object], match: str) -> None:
