@@ -7,8 +7,8 @@ nothing the operator or the Scientist say outside the ledger) it
 2. checks the escrow covers the offer's terms;
 3. checks the revealed examples against the salted commitments' Merkle root;
 4. replays the model from the initial weights through every selected update, checking
-   each round's model digest, and recomputes every published score (and coalition
-   loss) on the revealed set within the offer's tolerance;
+   each round's model digest, and recomputes every published score (and the round-game
+   losses in the blob the score names) on the revealed set within the offer's tolerance;
 5. recomputes the settlement (including any forfeiture) and compares it, amount by
    amount, with the operator's ``settlement`` entry;
 6. checks every buyer fee settlement (the buyer's signed voucher, the amount, the
@@ -93,7 +93,7 @@ BLOB_FIELDS: dict[str, tuple[str, ...]] = {
     "offer": ("model_digest",),
     "candidate": ("update_digest",),
     "model": ("model_digest",),
-    "score": ("model_digest",),
+    "score": ("model_digest", "game_losses_digest"),
     "reveal": ("validation_digest",),
 }
 

@@ -7,6 +7,7 @@ models and the losses from the blobs and the revealed validation set,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,12 @@ from server.market.attribution import (
     draw_permutations,
     permutation_seed,
     taylor_shapley,
+)
+from server.market.game_losses import (
+    GAME_LOSSES_DIGEST,
+    GameLosses,
+    GameLossesError,
+    decode_game_losses,
 )
 from server.market.scientist import (
     MAX_TOLERANCE_MICRO,
@@ -67,12 +74,18 @@ from server.round.selection import apply_updates
 # ------------------------------------------------------------------ reading the ledger
 @dataclass
 class ScoreRecord:
+    """The Scientist's ``score`` entry for a round. Its round-game losses are in the blob
+    ``game_losses_digest`` names (:func:`published_game_losses` reads it) or, in a ledger
+    written before that field, inline in the entry (``inline``); ``malformed`` says why
+    the entry's round-game losses cannot be used at all."""
+
     index: int
     loss_micro: int
     model_digest: str
-    coalitions_micro: dict[int, int]
     shapley_root: str = ""  # hex; rounds beyond the rule's exact_max updates
-    prefix_losses_micro: list[list[int]] = field(default_factory=list)
+    game_losses_digest: str = ""  # hex SHA-256 of the round-game losses blob
+    inline: GameLosses = field(default_factory=GameLosses)  # old ledgers: in the entry
+    malformed: str = ""
 
 
 @dataclass
@@ -184,6 +197,48 @@ def _prefix_rows(value: object) -> list[list[int]] | None:
             return None
         rows.append([int(v) for v in row])
     return rows
+
+
+INLINE_GAME_FIELDS = ("coalitions_micro", "prefix_losses_micro")  # before the blob
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _read_score(record: MarketRecord, index: int, f: Mapping[str, Any]) -> ScoreRecord:
+    """A score entry's record: its round-game losses named by ``game_losses_digest`` or,
+    in a ledger written before that field, inline (``coalitions_micro``,
+    ``prefix_losses_micro``, read as they always were). Both at once, or a digest that
+    is not a lowercase SHA-256 hex string, is malformed (a problem, and a score
+    mismatch in the replay)."""
+    rnd = int(f["round"])
+    score = ScoreRecord(index=index, loss_micro=int(f["loss_micro"]),
+                        model_digest=str(f.get("model_digest", "")),
+                        shapley_root=str(f.get("shapley_root", "")))
+    digest = f.get(GAME_LOSSES_DIGEST)
+    inline = [name for name in INLINE_GAME_FIELDS if name in f]
+    if digest is not None:
+        if inline:
+            score.malformed = (f"score entry {index} carries both {GAME_LOSSES_DIGEST} and "
+                               f"the inline {inline}, expected one of them")
+        elif not isinstance(digest, str) or not _HEX_DIGEST.fullmatch(digest):
+            score.malformed = (f"score entry {index}: expected {GAME_LOSSES_DIGEST} as a "
+                               f"lowercase SHA-256 hex digest, got {str(digest)[:80]!r}")
+        else:
+            score.game_losses_digest = digest
+        if score.malformed:
+            record.problems.append(f"entry {index}: round {rnd}: {score.malformed}")
+        return score
+    raw = f.get("coalitions_micro", {})
+    try:
+        coalitions = {int(m): int(v) for m, v in dict(raw).items()}
+    except (TypeError, ValueError):
+        record.problems.append(f"entry {index}: malformed coalitions_micro")
+        coalitions = {}
+    prefixes = _prefix_rows(f.get("prefix_losses_micro", []))
+    if prefixes is None:
+        record.problems.append(f"entry {index}: malformed prefix_losses_micro")
+        prefixes = []
+    score.inline = GameLosses(coalitions_micro=coalitions, prefix_losses_micro=prefixes)
+    return score
 
 
 def _amounts(value: object) -> dict[str, int] | None:
@@ -311,28 +366,15 @@ def read_market(entries: Iterable[tuple[int, Entry]]) -> MarketRecord:
             if index + 1 == size:
                 record.model_roots[rnd] = root_from_frontier(frontier).hex()
         elif kind == "score" and author == record.scientist and record.scientist:
-            raw = f.get("coalitions_micro", {})
-            try:
-                coalitions = {int(m): int(v) for m, v in dict(raw).items()}
-            except (TypeError, ValueError):
-                record.problems.append(f"entry {index}: malformed coalitions_micro")
-                coalitions = {}
-            prefixes = _prefix_rows(f.get("prefix_losses_micro", []))
-            if prefixes is None:
-                record.problems.append(f"entry {index}: malformed prefix_losses_micro")
-                prefixes = []
             rnd = int(f["round"])
-            score = ScoreRecord(index=index, loss_micro=int(f["loss_micro"]),
-                                model_digest=str(f.get("model_digest", "")),
-                                coalitions_micro=coalitions,
-                                shapley_root=str(f.get("shapley_root", "")),
-                                prefix_losses_micro=prefixes)
+            score = _read_score(record, index, f)
             known = record.scores.get(rnd)
             if known is None:
                 record.scores[rnd] = score
-            elif (known.loss_micro, known.coalitions_micro, known.shapley_root,
-                  known.prefix_losses_micro) != (score.loss_micro, score.coalitions_micro,
-                                                 score.shapley_root, score.prefix_losses_micro):
+            elif (known.loss_micro, known.shapley_root, known.game_losses_digest,
+                  known.inline, known.malformed) != (
+                    score.loss_micro, score.shapley_root, score.game_losses_digest,
+                    score.inline, score.malformed):
                 conflicting.add(rnd)
                 record.problems.append(f"entry {index}: a second, different score for round {rnd}")
         elif kind == "validation_marginals" and author == record.scientist and record.scientist:
@@ -429,6 +471,9 @@ class Replay:
     losses: dict[int, int] = field(default_factory=dict)  # round -> replayed loss (micro)
     coalitions: dict[int, dict[int, int]] = field(default_factory=dict)
     prefixes: dict[int, list[list[int]]] = field(default_factory=dict)  # sampled rounds
+    # round -> the round-game losses the Scientist published (its score entry's blob, or
+    # inline in an old ledger); a round whose numbers could not be read is absent.
+    published: dict[int, GameLosses] = field(default_factory=dict)
     # The closed-form (second-order Taylor) Shapley estimate of every applied update, in
     # micro loss units, beside the credit (rule v2 only; a cross-check, never paid).
     taylor: dict[int, list[float]] = field(default_factory=dict)
@@ -485,11 +530,40 @@ def check_reveal(record: MarketRecord, blobs: BlobStore) -> tuple[str, str, Reve
     return "valid", "", revealed
 
 
+def published_game_losses(record: MarketRecord, blobs: BlobStore
+                          ) -> tuple[dict[int, GameLosses], list[str]]:
+    """Every scored round's round-game losses as the Scientist published them: decoded
+    from the blob its score entry names (present, hashing to its name, the canonical
+    JSON of :mod:`server.market.game_losses`), or inline in a ledger written before the
+    blob. A round whose numbers cannot be read is left out and named, with the blob,
+    in the second list: numbers nobody can check are no published score (the replay
+    counts them as a score mismatch; nothing is paid on them)."""
+    published: dict[int, GameLosses] = {}
+    problems: list[str] = []
+    for server_round, score in sorted(record.scores.items()):
+        if score.malformed:
+            problems.append(f"round {server_round}: {score.malformed}")
+            continue
+        digest = score.game_losses_digest
+        if not digest:
+            published[server_round] = score.inline
+            continue
+        try:
+            published[server_round] = decode_game_losses(blobs.get(digest))
+        except (LedgerError, GameLossesError) as exc:
+            problems.append(f"round {server_round}: game losses blob {digest} (score entry "
+                            f"{score.index}) cannot be read: {exc}")
+    return published, problems
+
+
 def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
     """Recompute every round's model from the initial weights and the selected updates,
     checking each against the ledger's ``model`` digests; with a valid reveal, recompute
-    every published score (and coalition loss) and compare within the tolerance."""
+    every published score (and coalition loss, read from the score's blob) and compare
+    within the tolerance."""
     out = Replay()
+    out.published, unreadable = published_game_losses(record, blobs)
+    out.score_mismatches.extend(unreadable)
     status, detail, revealed = check_reveal(record, blobs)
     out.reveal_status, out.reveal_detail = status, detail
     data = (Dataset(x=revealed.x, y=revealed.y) if revealed is not None else None)
@@ -514,7 +588,9 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
             return
         if server_round in record.conflicting_scores:
             out.score_mismatches.append(f"round {server_round}: two different scores published")
-        if coalitions and published.coalitions_micro.get(max(coalitions)) != published.loss_micro:
+        game = out.published.get(server_round)  # None: unreadable, already a mismatch
+        if game is not None and coalitions \
+                and game.coalitions_micro.get(max(coalitions)) != published.loss_micro:
             out.score_mismatches.append(
                 f"round {server_round}: the full coalition's published loss differs from the "
                 f"round's score {published.loss_micro}")
@@ -522,16 +598,19 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
             out.score_mismatches.append(
                 f"round {server_round}: published loss {published.loss_micro} micro, replay "
                 f"gives {replayed} (tolerance {tolerance})")
+        if game is None:
+            return
         for mask, value in coalitions.items():
-            claimed = published.coalitions_micro.get(mask)
+            claimed = game.coalitions_micro.get(mask)
             if claimed is None or abs(claimed - value) > tolerance:
                 out.score_mismatches.append(
                     f"round {server_round}: coalition {mask} published {claimed}, "
                     f"replay gives {value}")
                 break
         if prefixes is not None:
-            _compare_prefixes(out, published, server_round, prefixes,
-                              record.model_roots.get(server_round, ""), tolerance)
+            _compare_prefixes(out, published.shapley_root, game.prefix_losses_micro,
+                              server_round, prefixes, record.model_roots.get(server_round, ""),
+                              tolerance)
 
     try:
         out.mismatches.extend(replay_vote(record, blobs, out.vote_rounds))
@@ -544,18 +623,18 @@ def replay(record: MarketRecord, blobs: BlobStore) -> Replay:
     return out
 
 
-def _compare_prefixes(out: Replay, published: ScoreRecord, server_round: int,
-                      prefixes: list[list[int]], root_hex: str, tolerance: int) -> None:
+def _compare_prefixes(out: Replay, shapley_root: str, claimed: list[list[int]],
+                      server_round: int, prefixes: list[list[int]], root_hex: str,
+                      tolerance: int) -> None:
     """A sampled round's published orderings: drawn from the ledger root after the
-    round's model entry, one list of k-1 prefix losses each, every loss within the
-    tolerance of the replay's."""
-    if published.shapley_root != root_hex:
+    round's model entry (``shapley_root``), one list of k-1 prefix losses each
+    (``claimed``), every loss within the tolerance of the replay's."""
+    if shapley_root != root_hex:
         out.score_mismatches.append(
             f"round {server_round}: Shapley orderings drawn from root "
-            f"{published.shapley_root[:16]!r}, the ledger's root after the model entry is "
+            f"{shapley_root[:16]!r}, the ledger's root after the model entry is "
             f"{root_hex[:16]!r}")
         return
-    claimed = published.prefix_losses_micro
     if [len(row) for row in claimed] != [len(row) for row in prefixes]:
         out.score_mismatches.append(
             f"round {server_round}: expected {len(prefixes)} orderings of "
@@ -877,8 +956,12 @@ def settlement_of(record: MarketRecord, result: Replay) -> tuple[Settlement, lis
                            rule=rule, eligible=eligible),
                     [result.losses[t] for t in rounds])
         published = {t: record.scores[t].loss_micro for t in rounds}
-        coalitions = {t: record.scores[t].coalitions_micro for t in rounds}
-        prefixes = {t: record.scores[t].prefix_losses_micro for t in rounds}
+        unread = [t for t in rounds if t not in result.published]
+        if unread:  # the replay's score mismatches say why; never pay on unread numbers
+            raise MarketError(f"cannot settle: no readable round-game losses for rounds "
+                              f"{unread}")
+        coalitions = {t: result.published[t].coalitions_micro for t in rounds}
+        prefixes = {t: result.published[t].prefix_losses_micro for t in rounds}
         outcomes = round_outcomes(record, published, coalitions, prefixes)
         return (settle(terms, published[0], outcomes, rule=rule, eligible=eligible),
                 [published[t] for t in rounds])

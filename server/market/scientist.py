@@ -3,12 +3,14 @@
 offer names, and :class:`Scientist`, which holds its own Ed25519 key and the private
 validation set, commits to every example (salted SHA-256, a Merkle root in the
 ``offer``), publishes the validation loss of every round's model (``score``, micro-units,
-float64 on CPU) and reveals the set at the end (``reveal`` + blob). Also the loss
-functions the replay shares with it (:func:`loss_micro`, :func:`coalition_losses`).
+float64 on CPU; the round-game losses in a blob the entry names) and reveals the set at
+the end (``reveal`` + blob). Also the loss functions the replay shares with it
+(:func:`loss_micro`, :func:`coalition_losses`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -44,6 +46,7 @@ from server.market.attribution import (
     permutation_seed,
     prefix_losses,
 )
+from server.market.game_losses import GAME_LOSSES_DIGEST, GameLosses, encode_game_losses
 from server.market.settlement import (
     PayoutRule,
     Terms,
@@ -275,12 +278,16 @@ class Scientist:
     def score_fields(self, server_round: int, weights: Mapping[str, np.ndarray],
                      base: Mapping[str, np.ndarray] | None = None,
                      deltas: Sequence[Mapping[str, np.ndarray]] = (),
-                     root: bytes | None = None) -> dict[str, Any]:
+                     root: bytes | None = None) -> tuple[dict[str, Any], bytes | None]:
         """The ``score`` entry for the model after ``server_round`` (round 0: the
-        initial model): its loss and, when several updates were applied, what the
-        offer's payout rule needs to split the round: the loss of every coalition, or
-        beyond ``exact_max`` updates the loss after each prefix of the orderings drawn
-        from ``root`` (the ledger root after the round's ``model`` entry)."""
+        initial model) and the round-game losses blob it names. The entry carries the
+        model's loss and, when several updates were applied, ``game_losses_digest``: the
+        SHA-256 of the blob (:mod:`server.market.game_losses`) holding what the offer's
+        payout rule needs to split the round: the loss of every coalition, or beyond
+        ``exact_max`` updates the loss after each prefix of the orderings drawn from
+        ``root`` (the ledger root after the round's ``model`` entry, kept inline as
+        ``shapley_root``). The blob is None when the round has no game; the caller
+        stores it before it appends the entry."""
         loss = self.measure(weights)
         coalitions: dict[int, int] = {}
         orderings: list[list[int]] = []
@@ -297,11 +304,15 @@ class Scientist:
             orderings = [[int(v * INFLATE_FACTOR) for v in row] for row in orderings]
         self._track(loss)
         self.published[server_round] = loss
-        return {"task_id": self.task_id, "round": server_round, "loss_micro": loss,
-                "model_digest": tensors_digest(weights),
-                "coalitions_micro": {str(m): v for m, v in sorted(coalitions.items())},
-                **({"shapley_root": root_hex, "prefix_losses_micro": orderings}
-                   if root_hex else {})}
+        game = GameLosses(coalitions_micro=dict(sorted(coalitions.items())),
+                          prefix_losses_micro=orderings)
+        blob = None if game.empty else encode_game_losses(game)
+        return ({"task_id": self.task_id, "round": server_round, "loss_micro": loss,
+                 "model_digest": tensors_digest(weights),
+                 **({"shapley_root": root_hex} if root_hex else {}),
+                 **({GAME_LOSSES_DIGEST: hashlib.sha256(blob).hexdigest()}
+                    if blob is not None else {})},
+                blob)
 
     def marginal_fields(self, server_round: int, base: Mapping[str, np.ndarray], *,
                         trusted_mean: Mapping[str, np.ndarray], trusted_size: int,

@@ -20,6 +20,7 @@ from flwr.common import log
 
 from client.config import RunConfig
 from client.task import Dataset
+from server.market.game_losses import GAME_LOSSES_DIGEST
 from server.market.replay import (
     MarketRecord,
     Replay,
@@ -69,7 +70,7 @@ class MarketSession:
         ledger.append_signed(signer, [("offer", scientist.offer_fields(model_digest=model_digest))])
         ledger.append_operator([("escrow", {"task_id": ledger.task_id,
                                             "account": scientist.key_id, "amount": escrow})])
-        ledger.append_signed(signer, [("score", scientist.score_fields(0, initial_weights))])
+        session.append_score(*scientist.score_fields(0, initial_weights))
         log(INFO, "poi market: reward %s, escrow %s, %s validation examples committed",
             scientist.terms.reward, escrow, len(validation))
         return session
@@ -82,12 +83,21 @@ class MarketSession:
         Shapley orderings, when the round needs them, are drawn from the ledger root of
         the tree whose last leaf is the round's ``model`` entry, whatever came since)."""
         size = self.ledger.model_sizes.get(server_round)
-        fields = self.scientist.score_fields(
+        fields, game_losses = self.scientist.score_fields(
             server_round, weights, base, deltas,
             root=self.ledger.root(size) if size is not None else None)
-        self.ledger.append_signed(self.scientist.signer, [("score", fields)])
+        self.append_score(fields, game_losses)
         self.last_round = server_round
         return int(fields["loss_micro"])
+
+    def append_score(self, fields: Mapping[str, Any], game_losses: bytes | None) -> None:
+        """Store the round-game losses blob, then append the ``score`` entry naming it
+        (blob first: a crash between the two leaves an unnamed blob, never a ledger
+        naming a blob that is not there)."""
+        if game_losses is not None:
+            digest = self.ledger.blobs.put(game_losses)
+            assert fields.get(GAME_LOSSES_DIGEST) == digest, "score names another blob"
+        self.ledger.append_signed(self.scientist.signer, [("score", fields)])
 
     def publish_marginals(self, server_round: int, base: Mapping[str, np.ndarray], *,
                           trusted_mean: Mapping[str, np.ndarray], trusted_size: int,

@@ -23,7 +23,14 @@ from ledger import LogReader, Signer
 from ledger.blobs import BlobStore
 from ledger.entries import sign_entry
 from server.market.audit import audit_run
-from server.market.replay import balances, read_market, replay, settlement_of
+from server.market.game_losses import decode_game_losses, encode_game_losses
+from server.market.replay import (
+    balances,
+    published_game_losses,
+    read_market,
+    replay,
+    settlement_of,
+)
 from server.market.settlement import FORFEIT_MISMATCH, FORFEIT_NO_REVEAL, FORFEIT_SCORE
 from server.server_app import run_task
 from tests.conftest import InProcessGrid, make_contexts, set_task_identity
@@ -96,13 +103,15 @@ def test_the_selected_author_is_credited_with_the_round_improvement(
     out, report = honest
     audit = json.loads((out / "audit.json").read_text())
     record = read_market(_entries(out))
+    published, unreadable = published_game_losses(record, BlobStore.beside(out / "ledger.db"))
+    assert unreadable == []
     losses = audit["losses_micro"]
     credit: dict[str, Fraction] = {}
     assert any(len(r["selected"]) > 1 for r in audit["rounds"][1:])  # the marginal vote
     for rnd in audit["rounds"][1:]:
         t, authors = rnd["round"], rnd["selected"]
         before = losses[t - 1]
-        coalition = dict(record.scores[t].coalitions_micro)
+        coalition = dict(published[t].coalitions_micro)
         coalition[(1 << len(authors)) - 1] = losses[t]
 
         def utility(mask: int, before: int = before, coalition: dict = coalition) -> int:
@@ -279,7 +288,9 @@ def test_top_k_splits_each_round_by_exact_shapley(tmp_path: Path) -> None:
     report = market_run(tmp_path, **{"top-k": 2, "num-server-rounds": 1})
     entries = _entries(tmp_path)
     score = next(e for _, e in entries if e.kind == "score" and e.fields["round"] == 1)
-    coalitions = {int(k): v for k, v in score.fields["coalitions_micro"].items()}
+    assert "coalitions_micro" not in score.fields  # in the blob the score names
+    coalitions = decode_game_losses(BlobStore.beside(tmp_path / "ledger.db").get(
+        score.fields["game_losses_digest"])).coalitions_micro
     assert set(coalitions) == {1, 2, 3} and coalitions[3] == score.fields["loss_micro"]
     l0 = next(e for _, e in entries if e.kind == "score" and e.fields["round"] == 0)
     base = l0.fields["loss_micro"]
@@ -367,17 +378,21 @@ def test_sampled_shapley_rounds_replay_and_a_changed_prefix_loss_forfeits(
     entries = _entries(tmp_path)
     record = read_market(entries)
     assert record.offer["payout"]["exact_max"] == 1
-    sampled = [t for t, s in record.scores.items() if s.prefix_losses_micro]
+    blobs = BlobStore.beside(tmp_path / "ledger.db")
+    published, _ = published_game_losses(record, blobs)
+    sampled = [t for t, game in published.items() if game.prefix_losses_micro]
     assert sampled, "expected a round with at least 2 applied updates"
     t = sampled[0]
     k = len(record.selections[t].selected)
-    assert [len(r) for r in record.scores[t].prefix_losses_micro] == [k - 1] * 4
+    assert [len(r) for r in published[t].prefix_losses_micro] == [k - 1] * 4
+    assert published[t].coalitions_micro == {}
     assert record.scores[t].shapley_root == record.model_roots[t]
-    blobs = BlobStore.beside(tmp_path / "ledger.db")
     assert replay(record, blobs).score_mismatches == []
 
-    lying = copy.deepcopy(record)
-    lying.scores[t].prefix_losses_micro[0][0] += 5_000
+    lying = copy.deepcopy(record)  # the Scientist signed a blob with one changed number
+    game = copy.deepcopy(published[t])
+    game.prefix_losses_micro[0][0] += 5_000
+    lying.scores[t].game_losses_digest = blobs.put(encode_game_losses(game))
     result = replay(lying, blobs)
     assert any("ordering 0 prefix 1" in m for m in result.score_mismatches)
     settlement, _ = settlement_of(lying, result)
