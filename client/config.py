@@ -66,6 +66,7 @@ class RunConfig:
     max_accepted: int = 12
     reputation_floor: float = 0.0
     center_author_scores: bool = True
+    tally_trim: float = 0.5
     validation_first_rounds: int = 1
     max_update_norm: float = 10.0
     noise_multiplier: float = 0.8
@@ -163,6 +164,9 @@ class RunConfig:
         if self.max_accepted > limit:
             raise ConfigError(f"max-accepted: expected at most {limit} under payout-game "
                               f"{self.payout_game!r}, got {self.max_accepted}")
+        if not 0.0 < self.tally_trim <= 0.5:
+            raise ConfigError(f"tally-trim: expected 0 < trim <= 0.5 (0.5: the weighted "
+                              f"median), got {self.tally_trim}")
         if not 0.0 <= self.reputation_floor <= 1.0:
             raise ConfigError(
                 f"reputation-floor: expected 0 <= floor <= 1, got {self.reputation_floor}")

@@ -62,6 +62,9 @@ class MarginalConfig:
     center_author_scores: bool = True  # steps measured from the round's median score
     validation_first_rounds: int = 1  # author steps from the Scientist's numbers alone
     votes_per_candidate: int = 0  # committee size (0: every voter scores every candidate)
+    # Weight cut at each end before averaging a candidate's ballots: 0.5 (the default)
+    # is the weighted lower median; less is a weighted trimmed mean.
+    tally_trim: float = 0.5
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.reputation_rate) and self.reputation_rate >= 0):
@@ -76,6 +79,8 @@ class MarginalConfig:
         if not 0.0 <= self.reputation_floor <= 1.0:
             raise TallyError(
                 f"reputation-floor: expected 0 <= floor <= 1, got {self.reputation_floor}")
+        if not 0.0 < self.tally_trim <= 0.5:
+            raise TallyError(f"tally-trim: expected 0 < trim <= 0.5, got {self.tally_trim}")
         if self.validation_first_rounds < 0:
             raise TallyError("validation-first-rounds: expected >= 0, got "
                              f"{self.validation_first_rounds}")
@@ -90,7 +95,8 @@ class MarginalConfig:
                 "reputation_floor_micro": round(self.reputation_floor * MICRO),
                 "center_author_scores": int(self.center_author_scores),
                 "validation_first_rounds": self.validation_first_rounds,
-                "votes_per_candidate": self.votes_per_candidate}
+                "votes_per_candidate": self.votes_per_candidate,
+                "tally_trim_micro": round(self.tally_trim * MICRO)}
 
     @classmethod
     def from_terms(cls, terms: Mapping[str, object]) -> MarginalConfig:
@@ -103,13 +109,18 @@ class MarginalConfig:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10**12:
                 raise TallyError(f"vote.{name}: expected an integer in 0..10^12, got {value!r}")
             values[name] = value
+        trim = terms.get("tally_trim_micro", MICRO // 2)  # offers before the knob: median
+        if isinstance(trim, bool) or not isinstance(trim, int) or not 0 < trim <= MICRO // 2:
+            raise TallyError(f"vote.tally_trim_micro: expected an integer in 1..{MICRO // 2}, "
+                             f"got {trim!r}")
         return cls(reputation_rate=values["reputation_rate_micro"] / MICRO,
                    author_score_clip=values["author_score_clip_micro"] / MICRO,
                    min_trusted=values["min_trusted"], max_accepted=values["max_accepted"],
                    reputation_floor=values["reputation_floor_micro"] / MICRO,
                    center_author_scores=bool(values["center_author_scores"]),
                    validation_first_rounds=values["validation_first_rounds"],
-                   votes_per_candidate=values["votes_per_candidate"])
+                   votes_per_candidate=values["votes_per_candidate"],
+                   tally_trim=trim / MICRO)
 
 
 @dataclass(frozen=True)
@@ -142,7 +153,7 @@ def marginal_config_of(config: RunConfig) -> MarginalConfig:
         reputation_floor=config.reputation_floor,
         center_author_scores=config.center_author_scores,
         validation_first_rounds=config.validation_first_rounds,
-        votes_per_candidate=config.votes_per_candidate)
+        votes_per_candidate=config.votes_per_candidate, tally_trim=config.tally_trim)
     return MarginalConfig.from_terms(knobs.to_terms())
 
 
@@ -207,6 +218,33 @@ def weighted_lower_median(values: Sequence[tuple[float, float, str]]) -> float:
     return ordered[-1][0]
 
 
+def weighted_trimmed_mean(values: Sequence[tuple[float, float, str]], trim: float) -> float:
+    """The weighted mean of ``(value, weight, tiebreak)`` after cutting ``trim`` of the
+    total weight from each end (an entry straddling a cut counts for the part inside).
+    ``trim`` = 0.5 is :func:`weighted_lower_median`; with every weight zero, the plain
+    values count 1 each."""
+    if not values:
+        raise TallyError("weighted trimmed mean of no values")
+    if trim >= 0.5:
+        return weighted_lower_median(values)
+    ordered = sorted(values, key=lambda t: (t[0], t[2]))
+    if sum(w for _, w, _ in ordered) <= 0.0:
+        ordered = [(v, 1.0, t) for v, _, t in ordered]
+    total = sum(w for _, w, _ in ordered)
+    low, high = trim * total, (1.0 - trim) * total
+    kept = weight_sum = 0.0
+    start = 0.0
+    for value, weight, _ in ordered:
+        end = start + weight
+        inside = max(0.0, min(end, high) - max(start, low))
+        kept += inside * value
+        weight_sum += inside
+        start = end
+    if weight_sum <= 0.0:  # all weight at one point
+        return weighted_lower_median(values)
+    return kept / weight_sum
+
+
 # ------------------------------------------------------------------------- the tally
 def update_reputation(log_weights: Mapping[str, float],
                       ballots: Mapping[str, Mapping[str, float]],
@@ -237,9 +275,9 @@ def normalised_weights(log_weights: Mapping[str, float], voters: Sequence[str], 
 
 
 def candidate_scores(ballots: Mapping[str, Mapping[str, float]], authors: Mapping[str, str],
-                     weights: Mapping[str, float]) -> dict[str, float]:
-    """score_c = the weighted lower median of c's ballots, its author's own excluded.
-    Candidates nobody else scored get no score."""
+                     weights: Mapping[str, float], *, trim: float = 0.5) -> dict[str, float]:
+    """score_c = the weighted lower median (``trim`` 0.5) or weighted trimmed mean of
+    c's ballots, its author's own excluded. Candidates nobody else scored get no score."""
     per_candidate: dict[str, list[tuple[float, float, str]]] = {}
     for voter in sorted(ballots):
         for candidate, value in ballots[voter].items():
@@ -247,7 +285,7 @@ def candidate_scores(ballots: Mapping[str, Mapping[str, float]], authors: Mappin
                 continue
             per_candidate.setdefault(candidate, []).append(
                 (float(value), weights.get(voter, 0.0), voter))
-    return {c: weighted_lower_median(v) for c, v in sorted(per_candidate.items())}
+    return {c: weighted_trimmed_mean(v, trim) for c, v in sorted(per_candidate.items())}
 
 
 def update_author_scores(author_scores: Mapping[str, float], scores: Mapping[str, float],
@@ -301,7 +339,7 @@ def tally_round(state: VoteState, *, authors: Mapping[str, str],
     log_weights, agreement = update_reputation(
         state.log_weights, as_float, validation, rate=config.reputation_rate)
     weights = normalised_weights(log_weights, sorted(as_float), floor=config.reputation_floor)
-    scores = candidate_scores(as_float, authors, weights)
+    scores = candidate_scores(as_float, authors, weights, trim=config.tally_trim)
     # The first rounds' author scores come from the Scientist's numbers alone: before any
     # reputation exists, a colluding bloc holds its full share of the voting weight.
     steps = scores

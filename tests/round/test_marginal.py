@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.stats import spearmanr
+from scipy.stats import spearmanr, trim_mean
 
 from client.marginal import BallotError, marginal_ballot, marginal_models, mean_update
 from client.task import Dataset, evaluate, make_model, set_weights
@@ -28,6 +28,7 @@ from server.round.marginal import (
     update_author_scores,
     update_reputation,
     weighted_lower_median,
+    weighted_trimmed_mean,
 )
 
 finite = st.floats(min_value=-5, max_value=5, allow_nan=False, allow_infinity=False)
@@ -187,6 +188,60 @@ def test_marginal_config_round_trips_through_the_offer_terms() -> None:
         MarginalConfig.from_terms({**config.to_terms(), "reputation_rate_micro": 0.5})
     with pytest.raises(TallyError, match="min-trusted"):
         MarginalConfig(min_trusted=0)
+
+
+def test_tally_trim_travels_in_the_offer_and_old_offers_mean_the_median() -> None:
+    config = MarginalConfig(tally_trim=0.2)
+    assert MarginalConfig.from_terms(config.to_terms()) == config
+    old = {k: v for k, v in config.to_terms().items() if k != "tally_trim_micro"}
+    assert MarginalConfig.from_terms(old).tally_trim == 0.5
+    for bad in (0, 500_001, True, 0.2):
+        with pytest.raises(TallyError, match="tally_trim_micro"):
+            MarginalConfig.from_terms({**config.to_terms(), "tally_trim_micro": bad})
+    with pytest.raises(TallyError, match="tally-trim"):
+        MarginalConfig(tally_trim=0.0)
+
+
+@given(st.lists(st.tuples(finite, st.floats(0, 3), st.text(max_size=2)), min_size=1,
+                max_size=12))
+def test_a_trim_of_one_half_is_the_weighted_lower_median(
+    values: list[tuple[float, float, str]],
+) -> None:
+    assert weighted_trimmed_mean(values, 0.5) == weighted_lower_median(values)
+
+
+@given(st.lists(finite, min_size=1, max_size=15), st.integers(0, 7))
+def test_equal_weights_give_scipys_trimmed_mean(values: list[float], cut: int) -> None:
+    """Differential check against scipy.stats.trim_mean where the cut falls between
+    values (k of n cut at each end)."""
+    n = len(values)
+    if 2 * cut >= n:
+        return
+    got = weighted_trimmed_mean([(v, 1.0, str(i)) for i, v in enumerate(values)], cut / n)
+    assert got == pytest.approx(trim_mean(values, cut / n), abs=1e-9)
+
+
+def test_a_light_bloc_at_the_extremes_is_cut_off() -> None:
+    """A bloc holding less than the trimmed weight at one end moves the score only by
+    which honest weight it displaces, never by what it reports; the honest values are
+    averaged, not just their middle one."""
+    honest = [(0.010, 1.0, "h1"), (0.012, 1.0, "h2"), (0.020, 1.0, "h3"), (0.030, 1.0, "h4")]
+    for side in (-1.0, 1.0):
+        got = {weighted_trimmed_mean(honest + [(side * size, 0.2, f"b{i}") for i in range(4)],
+                                     0.2)
+               for size in (1e3, 1e6, 1e12)}  # 0.8 of 4.8 in all: less than the 0.96 cut
+        assert len(got) == 1 and 0.010 <= got.pop() <= 0.030
+    assert weighted_trimmed_mean(honest, 0.25) == pytest.approx(0.016)  # h2 and h3
+    assert weighted_trimmed_mean([(1.0, 0.0, "a"), (3.0, 0.0, "b")], 0.25) == 2.0
+
+
+def test_candidate_scores_use_the_configured_trim() -> None:
+    authors = {"c": "author"}
+    ballots = {"v1": {"c": 0.0}, "v2": {"c": 1.0}, "v3": {"c": 5.0}, "author": {"c": 99.0}}
+    weights = {"v1": 1.0, "v2": 1.0, "v3": 1.0, "author": 1.0}
+    assert candidate_scores(ballots, authors, weights)["c"] == 1.0  # the median
+    assert candidate_scores(ballots, authors, weights, trim=0.1)["c"] == pytest.approx(
+        (0.7 * 0.0 + 1.0 + 0.7 * 5.0) / 2.4)
 
 
 # --------------------------------------------------------------- the ballots
