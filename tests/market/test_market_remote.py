@@ -111,9 +111,10 @@ def test_a_blob_the_server_withholds_or_damages_fails_the_audit_by_name(
     assert ("missing" if harm == "withheld" else "damaged") in named[0]
 
 
-def test_a_server_showing_another_log_key_fails_a_pinned_audit(
+def test_a_server_showing_another_log_key_fails_a_pinned_audit_and_gets_no_fetch(
     honest: tuple[Path, dict], tmp_path: Path,  # noqa: F811
 ) -> None:
+    """...and no blob is fetched for a ledger that does not verify."""
     out, _ = honest
     run = _copy(out, tmp_path)
     with served(run) as url:
@@ -122,6 +123,8 @@ def test_a_server_showing_another_log_key_fails_a_pinned_audit(
     assert result.exit_code == 1
     audit = json.loads((tmp_path / "m" / "audit.json").read_text())
     assert "expected log key" in audit["mismatches"][0]
+    blobs = tmp_path / "m" / "blobs"
+    assert not blobs.exists() or not any(blobs.iterdir())
 
 
 def test_an_unreachable_url_is_an_error_not_a_verdict(tmp_path: Path) -> None:
@@ -149,16 +152,3 @@ def test_a_blob_left_in_a_reused_mirror_never_hides_one_the_server_withholds(
     assert result.exit_code == 1
     audit = json.loads((mirror / "audit.json").read_text())
     assert any(digest in m and "missing" in m for m in audit["mismatches"])
-
-
-def test_no_blob_is_fetched_for_a_ledger_that_does_not_verify(
-    honest: tuple[Path, dict], tmp_path: Path,  # noqa: F811
-) -> None:
-    out, _ = honest
-    run = _copy(out, tmp_path)
-    with served(run) as url:
-        result = CliRunner().invoke(app, ["audit", url, "--mirror", str(tmp_path / "m"),
-                                          "--log-key", "other+00000000+AQ=="])
-    assert result.exit_code == 1
-    blobs = tmp_path / "m" / "blobs"
-    assert not blobs.exists() or not any(blobs.iterdir())
