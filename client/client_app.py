@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,13 @@ from client.attacks import (
 )
 from client.collusion import CHANNEL, ChannelKey, HonestUpdate, extend_history
 from client.config import ConfigError, RunConfig
-from client.marginal import BallotError, marginal_ballot, trusted_digest
+from client.marginal import (
+    BallotError,
+    marginal_ballot,
+    marginal_contributions,
+    private_ballot,
+    trusted_digest,
+)
 from client.privacy import (
     HistoryEntry,
     PrivacyBudgetExceeded,
@@ -264,6 +272,17 @@ def _save_history(context: Context, history: tuple[HistoryEntry, ...], noise: fl
         "steps": [h[2] for h in history],
         "calibrated-noise": noise,
     })
+
+
+def _keep_history(context: Context, history: Sequence[HistoryEntry]) -> None:
+    """Store the accountant history after a private ballot, keeping the calibrated
+    training noise (if any) as it was."""
+    record = context.state.get(STATE_PRIVACY, None)
+    fields: dict[str, Any] = {"noise": [h[0] for h in history], "rates": [h[1] for h in history],
+                              "steps": [h[2] for h in history]}
+    if isinstance(record, ConfigRecord) and "calibrated-noise" in record:
+        fields["calibrated-noise"] = record["calibrated-noise"]
+    context.state[STATE_PRIVACY] = ConfigRecord(fields)
 
 
 def _calibrated_noise(context: Context, subscriber: Subscriber, config: ConfigRecord) -> float:
@@ -594,8 +613,8 @@ def vote(msg: Message, context: Context) -> Message:
     cfg = subscriber.config
     model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
     if str(config.get(P.VOTE_RULE, "single")) == "marginal":
-        return _marginal_vote(msg, config, subscriber, duty, model, base, candidate_ids,
-                              authors, deltas)
+        return _marginal_vote(msg, context, config, subscriber, duty, model, base,
+                              candidate_ids, authors, deltas)
     try:
         step = _num(config.get(P.VOTE_STEP, 1.0))
         scaled = deltas if step == 1.0 else [{k: v * np.float32(step) for k, v in d.items()}
@@ -627,8 +646,8 @@ def vote(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _marginal_vote(msg: Message, config: ConfigRecord, subscriber: Subscriber,
-                   duty: LedgerDuty | None, model: torch.nn.Module,
+def _marginal_vote(msg: Message, context: Context, config: ConfigRecord,
+                   subscriber: Subscriber, duty: LedgerDuty | None, model: torch.nn.Module,
                    base: dict[str, np.ndarray], candidate_ids: list[str], authors: list[str],
                    deltas: list[dict[str, np.ndarray]]) -> Message:
     """A marginal ballot (``client.marginal``): for each assigned candidate, how much
@@ -653,13 +672,36 @@ def _marginal_vote(msg: Message, config: ConfigRecord, subscriber: Subscriber,
     if duty is not None and base_digest != str(config.get(P.BASE_DIGEST, "")):
         return _error(msg, P.ERROR_REQUEST, "base-digest is not the digest of the model "
                       "received: refusing to sign a ballot on it")
+    cfg = subscriber.config
     try:
         server_round = int(_num(config[P.SERVER_ROUND]))
-        marginals = marginal_ballot(model, base, trusted_mean, trusted_size, deltas, flags,
-                                    data_for_round(subscriber, server_round))
+        data = data_for_round(subscriber, server_round)
+        if cfg.vote_noise_multiplier > 0:
+            history = extend_history(_load_history(context),
+                                     noise_multiplier=cfg.vote_noise_multiplier,
+                                     sample_rate=1.0, steps=1)
+            epsilon = epsilon_of(history, target_delta=cfg.target_delta,
+                                 accountant=cfg.accountant)
+            if subscriber.max_epsilon is not None and epsilon > subscriber.max_epsilon:
+                spent = epsilon_of(_load_history(context), target_delta=cfg.target_delta,
+                                   accountant=cfg.accountant)
+                return _error(msg, P.ERROR_BUDGET, (
+                    f"max-epsilon {subscriber.max_epsilon:g} would be exceeded: spent "
+                    f"{spent:.4f}, this ballot would reach {epsilon:.4f} "
+                    f"(delta {cfg.target_delta:g})"))
+            contributions = marginal_contributions(model, base, trusted_mean, trusted_size,
+                                                   deltas, flags, data)
+            seed = (_seed(cfg.seed, "vote", server_round, subscriber.partition_id)
+                    if subscriber.simulated else secrets.randbits(128))
+            marginals = private_ballot(contributions, clip=cfg.vote_clip,
+                                       noise_multiplier=cfg.vote_noise_multiplier,
+                                       rng=np.random.default_rng(seed))
+            _keep_history(context, history)  # spent whether or not the reply arrives
+        else:
+            marginals = marginal_ballot(model, base, trusted_mean, trusted_size, deltas,
+                                        flags, data)
     except (BallotError, RuntimeError, KeyError, ValueError) as exc:
         return _error(msg, P.ERROR_REQUEST, f"candidates do not fit the task model: {exc}")
-    cfg = subscriber.config
     if "collude" in attacks_for_round(subscriber, server_round):
         attacker_ids = {str(a) for a in cfg.attacker_ids}
         marginals = collude_marginals(marginals, [a in attacker_ids for a in authors])

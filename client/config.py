@@ -67,6 +67,8 @@ class RunConfig:
     reputation_floor: float = 0.0
     center_author_scores: bool = True
     tally_trim: float = 0.5
+    vote_noise_multiplier: float = 0.0  # > 0: ballots under DP, counted in epsilon
+    vote_clip: float = 0.1  # L2 bound on one example's part of a ballot (nats)
     validation_first_rounds: int = 1
     max_update_norm: float = 10.0
     noise_multiplier: float = 0.8
@@ -164,6 +166,10 @@ class RunConfig:
         if self.max_accepted > limit:
             raise ConfigError(f"max-accepted: expected at most {limit} under payout-game "
                               f"{self.payout_game!r}, got {self.max_accepted}")
+        if not (math.isfinite(self.vote_noise_multiplier) and self.vote_noise_multiplier >= 0):
+            raise ConfigError(f"vote-noise-multiplier: expected a finite number >= 0 (0: "
+                              f"ballots without noise), got {self.vote_noise_multiplier}")
+        _positive_finite("vote-clip", self.vote_clip)
         if not 0.0 < self.tally_trim <= 0.5:
             raise ConfigError(f"tally-trim: expected 0 < trim <= 0.5 (0.5: the weighted "
                               f"median), got {self.tally_trim}")

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from torch import nn
 
-from client.task import Dataset, candidate_losses
+from client.task import Dataset, candidate_example_losses, candidate_losses
 
 MAX_MARGINAL = 100.0  # nats: ballots and the Scientist's numbers are clamped to +-this
 
@@ -93,3 +93,42 @@ def marginal_ballot(model: nn.Module, base: Mapping[str, np.ndarray],
     # member: loss(without c) - loss(T); non-member: loss(T) - loss(with c)
     return [clamp_marginal(float(variant) - mean_loss if member else mean_loss - float(variant))
             for variant, member in zip(losses[1:], members, strict=True)]
+
+
+def marginal_contributions(model: nn.Module, base: Mapping[str, np.ndarray],
+                           trusted_mean: Mapping[str, np.ndarray], trusted_size: int,
+                           deltas: Sequence[Mapping[str, np.ndarray]], members: Sequence[bool],
+                           data: Dataset) -> np.ndarray:
+    """Each example's part of every candidate's marginal, shape (n, K): row i holds
+    ``l_i(without c) - l_i(with c)`` for every candidate c, so the column means are the
+    unclamped :func:`marginal_ballot`. What a private ballot clips, row by row."""
+    pairs = marginal_models(trusted_mean, trusted_size, deltas, members)
+    variants = [without if member else with_ for (without, with_), member
+                in zip(pairs, members, strict=True)]
+    losses = candidate_example_losses(model, base, [dict(trusted_mean), *variants], data)
+    flags = np.asarray(members, dtype=bool)[:, None]
+    return np.where(flags, losses[1:] - losses[0], losses[0] - losses[1:]).T
+
+
+def private_ballot(contributions: np.ndarray, *, clip: float, noise_multiplier: float,
+                   rng: np.random.Generator) -> list[float]:
+    """The Gaussian mechanism on a ballot: every example's row of ``contributions`` (n, K)
+    clipped to L2 norm ``clip``, summed, plus N(0, (noise_multiplier * clip)^2) on each
+    of the K numbers, divided by n, clamped.
+
+    Adding or removing one example moves the clipped sum by at most ``clip`` in L2: the
+    sensitivity the noise is scaled to. ``n`` is treated as public (as Opacus divides by
+    the expected batch size); one ballot is one full-batch step of the subsampled
+    Gaussian mechanism at sample rate 1, and composes with training in the accountant
+    (:func:`client.privacy.epsilon_of`)."""
+    if not (np.isfinite(clip) and clip > 0):
+        raise BallotError(f"vote-clip: expected a number > 0, got {clip}")
+    rows = np.asarray(contributions, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        raise BallotError(f"expected contributions of shape (n >= 1, K), got {rows.shape}")
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    scale = np.divide(clip, norms, out=np.ones_like(norms), where=norms > clip)
+    total = (rows * scale).sum(axis=0)
+    total = total + rng.normal(0.0, noise_multiplier * clip, size=total.shape)
+    return [clamp_marginal(float(v) / rows.shape[0]) for v in total]
+

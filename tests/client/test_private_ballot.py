@@ -1,0 +1,162 @@
+"""Ballots under differential privacy (issue 16, part 2): the Gaussian mechanism on a
+marginal ballot, its sensitivity bound, its noise, and its place in the subscriber's
+cumulative epsilon (composed with training in the same accountant)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from opacus.accountants import RDPAccountant
+
+from client import protocol as P
+from client.client_app import vote
+from client.marginal import (
+    BallotError,
+    marginal_ballot,
+    marginal_contributions,
+    mean_update,
+    private_ballot,
+)
+from client.privacy import epsilon_of
+from client.task import Dataset, get_weights, make_model
+from server.round.strategy import numpy_to_arrays
+from tests.conftest import make_contexts
+
+RUN = {"num-subscribers": 4, "partitioner": "iid", "hidden-units": 8, "local-epochs": 1}
+
+
+def _setup(seed: int = 0, k: int = 4) -> tuple:
+    rng = np.random.default_rng(seed)
+    model = make_model(hidden_units=8, activation="square", seed=0)
+    base = get_weights(model)
+    deltas = [{n: rng.normal(0, 0.05, v.shape).astype(np.float32) for n, v in base.items()}
+              for _ in range(k)]
+    members = [i % 2 == 0 for i in range(k)]
+    trusted = mean_update([d for d, m in zip(deltas, members, strict=True) if m])
+    data = Dataset(rng.random((40, 64), dtype=np.float32), rng.integers(0, 10, 40))
+    return model, base, trusted, sum(members), deltas, members, data
+
+
+def test_contributions_average_to_the_ballot() -> None:
+    """Differential: the column means of the per-example parts are the ballot the
+    Scientist, the auditor and a noiseless voter compute."""
+    model, base, trusted, size, deltas, members, data = _setup()
+    rows = marginal_contributions(model, base, trusted, size, deltas, members, data)
+    assert rows.shape == (len(data), len(deltas))
+    expected = marginal_ballot(model, base, trusted, size, deltas, members, data)
+    np.testing.assert_allclose(rows.mean(axis=0), expected, atol=1e-12)
+    noiseless = private_ballot(rows, clip=1e9, noise_multiplier=0.0,
+                               rng=np.random.default_rng(0))
+    np.testing.assert_allclose(noiseless, expected, atol=1e-12)
+
+
+rows_strategy = arrays(np.float64, st.tuples(st.integers(1, 12), st.integers(1, 6)),
+                       elements=st.floats(-3, 3, allow_nan=False))
+
+
+@settings(max_examples=200)
+@given(rows_strategy, arrays(np.float64, 6, elements=st.floats(-50, 50, allow_nan=False)),
+       st.floats(0.01, 5))
+def test_one_example_moves_the_clipped_sum_by_at_most_the_clip(
+    rows: np.ndarray, extra: np.ndarray, clip: float,
+) -> None:
+    """The sensitivity the noise is scaled to: adding one example (any values at all)
+    changes the sum of clipped rows by at most ``clip`` in L2."""
+    extra = extra[: rows.shape[1]]
+    zero = np.random.default_rng(0)
+
+    def clipped_sum(matrix: np.ndarray) -> np.ndarray:
+        return np.asarray(private_ballot(matrix, clip=clip, noise_multiplier=0.0, rng=zero)) \
+            * matrix.shape[0]
+
+    grown = np.vstack([rows, extra[None, :]])
+    assume_unclamped = np.abs(clipped_sum(rows)).max() < 100 and np.abs(
+        clipped_sum(grown)).max() < 100
+    if assume_unclamped:
+        moved = np.linalg.norm(clipped_sum(grown) - clipped_sum(rows))
+        assert moved <= clip * (1 + 1e-9)
+
+
+def test_the_noise_has_the_mechanisms_scale() -> None:
+    """Zero contributions: every number is N(0, (sigma * clip / n)^2); 4,000 of them."""
+    n, sigma, clip = 50, 1.5, 0.2
+    values = private_ballot(np.zeros((n, 4000)), clip=clip, noise_multiplier=sigma,
+                            rng=np.random.default_rng(7))
+    assert np.std(values) == pytest.approx(sigma * clip / n, rel=0.05)
+    assert abs(np.mean(values)) < 4 * sigma * clip / n / np.sqrt(4000)
+
+
+def test_bad_parameters_are_refused() -> None:
+    with pytest.raises(BallotError, match="vote-clip"):
+        private_ballot(np.zeros((2, 2)), clip=0.0, noise_multiplier=1.0,
+                       rng=np.random.default_rng(0))
+    with pytest.raises(BallotError, match="shape"):
+        private_ballot(np.zeros((0, 2)), clip=1.0, noise_multiplier=1.0,
+                       rng=np.random.default_rng(0))
+
+
+def test_a_ballot_composes_with_training_as_opacus_accounts_it() -> None:
+    """Differential against Opacus' RDPAccountant: training steps, then one full-batch
+    Gaussian step per ballot (sample rate 1)."""
+    history = [(1.1, 0.25, 40), (2.0, 1.0, 1), (1.1, 0.25, 40), (2.0, 1.0, 1)]
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    assert epsilon_of(history, target_delta=1e-5, accountant="rdp") == pytest.approx(
+        accountant.get_epsilon(delta=1e-5), rel=1e-12)
+
+
+# ----------------------------------------------------------------- the subscriber
+def _marginal_msg(weights: dict, deltas: dict, trusted: list[str]) -> Message:
+    mean = mean_update([deltas[c] for c in trusted])
+    content = RecordDict({
+        P.ARRAYS: numpy_to_arrays(weights),
+        P.TRUSTED_MEAN: numpy_to_arrays({k: v.astype(np.float64) for k, v in mean.items()}),
+        P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1, P.CANDIDATE_IDS: list(deltas),
+                                P.CANDIDATE_AUTHORS: ["0", "1", "3"], P.VOTE_RULE: "marginal",
+                                P.TRUSTED_SIZE: len(trusted), P.TRUSTED_IDS: trusted}),
+    })
+    for cid, delta in deltas.items():
+        content[P.CANDIDATE_PREFIX + cid] = numpy_to_arrays(delta)
+    return Message(content=content, dst_node_id=1002, message_type=P.VOTE_MESSAGE_TYPE)
+
+
+def _candidates() -> tuple[dict, dict]:
+    weights = get_weights(make_model(hidden_units=8, activation="square", seed=42))
+    rng = np.random.default_rng(3)
+    deltas = {c: {k: rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in weights.items()}
+              for c in ("c1", "c2", "c3")}
+    return weights, deltas
+
+
+def test_a_private_ballot_is_counted_in_the_subscribers_epsilon() -> None:
+    weights, deltas = _candidates()
+    plain_ctx = make_contexts(RUN, 4)[1002]
+    plain = vote(_marginal_msg(weights, deltas, ["c1", "c2"]), plain_ctx)
+    assert not plain.has_error()
+    assert "privacy" not in plain_ctx.state  # no noise: nothing spent, nothing recorded
+    ctx = make_contexts({**RUN, "vote-noise-multiplier": 2.0}, 4)[1002]
+    first = vote(_marginal_msg(weights, deltas, ["c1", "c2"]), ctx)
+    second = vote(_marginal_msg(weights, deltas, ["c1", "c2"]), ctx)
+    assert not first.has_error() and not second.has_error()
+    assert list(ctx.state["privacy"]["noise"]) == [2.0]
+    assert list(ctx.state["privacy"]["rates"]) == [1.0]
+    assert list(ctx.state["privacy"]["steps"]) == [2]
+    noisy = first.content[P.METRICS][P.MARGINALS]
+    assert noisy != plain.content[P.METRICS][P.MARGINALS]
+    assert len(noisy) == 3
+
+
+def test_a_ballot_past_max_epsilon_is_refused_and_spends_nothing() -> None:
+    weights, deltas = _candidates()
+    ctx = make_contexts({**RUN, "vote-noise-multiplier": 0.5}, 4, **{"max-epsilon": 20.0})[1002]
+    replies = [vote(_marginal_msg(weights, deltas, ["c1", "c2"]), ctx) for _ in range(12)]
+    refused = [r for r in replies if r.has_error()]
+    assert refused and refused[0].error.code == P.ERROR_BUDGET
+    assert "max-epsilon 20 would be exceeded" in refused[0].error.reason
+    answered = sum(not r.has_error() for r in replies)
+    assert list(ctx.state["privacy"]["steps"]) == [answered]
+    assert epsilon_of([(0.5, 1.0, answered)], target_delta=1e-5, accountant="rdp") <= 20.0
