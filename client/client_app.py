@@ -311,7 +311,7 @@ def _round_noise(cfg: RunConfig, config: ConfigRecord, num_examples: int) -> flo
         num_examples=num_examples, batch_size=cfg.batch_size,
         epochs_per_round=cfg.local_epochs,
         planned_rounds=int(config[P.PLANNED_ROUNDS]),  # type: ignore[arg-type]
-        accountant=cfg.accountant,
+        accountant=cfg.accountant, ballot_noise=cfg.vote_noise_multiplier,
     )
 
 
@@ -390,7 +390,10 @@ def train(msg: Message, context: Context) -> Message:
         return _error(msg, P.ERROR_REQUEST, f"global model does not fit the task model: {exc}")
 
     history = _load_history(context)
-    noise = _calibrated_noise(context, subscriber, config)
+    try:
+        noise = _calibrated_noise(context, subscriber, config)
+    except ValueError as exc:  # the ballots alone would spend target-epsilon
+        return _error(msg, P.ERROR_BUDGET, str(exc))
     target_delta = _num(config[P.TARGET_DELTA])
     attacks = attacks_for_round(subscriber, server_round)
     data = data_for_round(subscriber, server_round)

@@ -87,16 +87,47 @@ def epsilon_of(history: Sequence[HistoryEntry], *, target_delta: float, accounta
 
 def calibrate_noise_multiplier(
     *, target_epsilon: float, target_delta: float, num_examples: int, batch_size: int,
-    epochs_per_round: int, planned_rounds: int, accountant: str,
+    epochs_per_round: int, planned_rounds: int, accountant: str, ballot_noise: float = 0.0,
 ) -> float:
-    """The noise multiplier that spends exactly ``target_epsilon`` over all planned rounds
-    (calibrated once, up front, not per round)."""
+    """The training noise multiplier that spends exactly ``target_epsilon`` over all
+    planned rounds (calibrated once, up front, not per round). With ``ballot_noise`` > 0
+    the budget also pays one private ballot a round (a sample-rate-1 Gaussian step of
+    that multiplier, :func:`client.marginal.private_ballot`), so training and ballots
+    together end at the target. Raises :class:`ValueError` when the ballots alone would
+    spend it."""
     q = sample_rate(num_examples, batch_size)
     steps = planned_rounds * epochs_per_round * steps_per_epoch(num_examples, batch_size)
-    return float(get_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=q,
-        steps=steps, accountant=accountant,
-    ))
+    if ballot_noise <= 0:
+        return float(get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=q,
+            steps=steps, accountant=accountant,
+        ))
+    ballots = (ballot_noise, 1.0, planned_rounds)
+    alone = epsilon_of([ballots], target_delta=target_delta, accountant=accountant)
+    if alone >= target_epsilon:
+        raise ValueError(
+            f"target-epsilon {target_epsilon:g}: the {planned_rounds} ballots alone spend "
+            f"{alone:.3f} at vote-noise-multiplier {ballot_noise:g}; expected a larger "
+            "vote-noise-multiplier or target")
+
+    def spent(noise: float) -> float:
+        return epsilon_of([(noise, q, steps), ballots], target_delta=target_delta,
+                          accountant=accountant)
+
+    low, high = 0.01, 1.0
+    while spent(high) > target_epsilon:  # epsilon falls as the noise grows
+        low, high = high, high * 2
+        if high > 1e6:
+            raise ValueError(f"target-epsilon {target_epsilon:g}: no training noise reaches it")
+    for _ in range(60):  # bisection to a relative 1e-6 of the noise
+        middle = (low + high) / 2
+        if spent(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+        if high - low <= 1e-6 * high:
+            break
+    return high
 
 
 def projected_epsilon(

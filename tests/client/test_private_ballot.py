@@ -160,3 +160,36 @@ def test_a_ballot_past_max_epsilon_is_refused_and_spends_nothing() -> None:
     answered = sum(not r.has_error() for r in replies)
     assert list(ctx.state["privacy"]["steps"]) == [answered]
     assert epsilon_of([(0.5, 1.0, answered)], target_delta=1e-5, accountant="rdp") <= 20.0
+
+
+def test_target_epsilon_pays_for_training_and_ballots_together() -> None:
+    from client.privacy import calibrate_noise_multiplier, sample_rate, steps_per_epoch
+
+    knobs = {"target_epsilon": 8.0, "target_delta": 1e-5, "num_examples": 60,
+             "batch_size": 16, "epochs_per_round": 1, "planned_rounds": 20,
+             "accountant": "rdp"}
+    alone = calibrate_noise_multiplier(**knobs)
+    joint = calibrate_noise_multiplier(**knobs, ballot_noise=4.0)
+    assert joint > alone  # training gives up part of the budget to the ballots
+    q, steps = sample_rate(60, 16), 20 * steps_per_epoch(60, 16)
+    total = epsilon_of([(joint, q, steps), (4.0, 1.0, 20)], target_delta=1e-5,
+                       accountant="rdp")
+    assert total == pytest.approx(8.0, rel=1e-4)
+    assert total <= 8.0
+    with pytest.raises(ValueError, match="ballots alone spend"):
+        calibrate_noise_multiplier(**knobs, ballot_noise=1.0)  # 20 ballots: epsilon 30
+
+
+def test_a_subscriber_whose_ballots_alone_spend_the_target_refuses_to_train() -> None:
+    from client.client_app import train
+
+    weights, _ = _candidates()
+    ctx = make_contexts({**RUN, "vote-noise-multiplier": 1.0}, 4)[1002]
+    config = ConfigRecord({P.SERVER_ROUND: 1, P.NOISE_MULTIPLIER: 1.0, P.TARGET_EPSILON: 8.0,
+                           P.MAX_GRAD_NORM: 1.0, P.TARGET_DELTA: 1e-5, P.PLANNED_ROUNDS: 20,
+                           P.UPDATE_KIND: "delta"})
+    reply = train(Message(content=RecordDict({P.ARRAYS: numpy_to_arrays(weights),
+                                              P.CONFIG: config}),
+                          dst_node_id=1002, message_type="train"), ctx)
+    assert reply.has_error() and reply.error.code == P.ERROR_BUDGET
+    assert "ballots alone spend" in reply.error.reason
