@@ -708,8 +708,11 @@ def _marginal_vote(msg: Message, context: Context, config: ConfigRecord,
     if "collude" in attacks_for_round(subscriber, server_round):
         attacker_ids = {str(a) for a in cfg.attacker_ids}
         marginals = collude_marginals(marginals, [a in attacker_ids for a in authors])
+    metrics: dict[str, Any] = {P.MARGINALS: [float(m) for m in marginals]}
+    if cfg.vote_noise_multiplier > 0:  # the cumulative epsilon, this ballot included
+        metrics[P.SAMPLE_EPSILON] = float(epsilon)
     content = RecordDict({
-        P.METRICS: MetricRecord({P.MARGINALS: [float(m) for m in marginals]}),
+        P.METRICS: MetricRecord(metrics),
         P.CONFIG: ConfigRecord({P.CANDIDATE_IDS: candidate_ids,
                                 P.AGGREGATE_DIGEST: aggregate_digest}),
     })

@@ -469,6 +469,7 @@ class ProofOfIntelligence(FedAvg):
         answered: set[str] = set()
         pending: list[PendingEntries] = []
         accepted: dict[str, dict[str, float]] = {}
+        authors_by_node = {str(c.node_id): c.author for c in by_id.values()}
         for msg in replies:
             voter = str(msg.metadata.src_node_id)
             answered.add(voter)
@@ -488,6 +489,10 @@ class ProofOfIntelligence(FedAvg):
                 record.rejected_votes.append({"voter": voter, "reason": str(exc)})
                 continue
             accepted[voter] = ballot
+            spent = msg.content[P.METRICS].get(P.SAMPLE_EPSILON)  # private ballots only
+            author = authors_by_node.get(voter)
+            if isinstance(spent, float) and math.isfinite(spent) and spent >= 0 and author:
+                record.epsilon[author] = max(record.epsilon.get(author, 0.0), spent)
         for voter, reason in self.ledger.commit(pending).items():
             accepted.pop(voter, None)
             record.rejected_votes.append({"voter": voter, "reason": reason})

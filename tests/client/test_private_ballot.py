@@ -4,6 +4,9 @@ cumulative epsilon (composed with training in the same accountant)."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -193,3 +196,19 @@ def test_a_subscriber_whose_ballots_alone_spend_the_target_refuses_to_train() ->
                           dst_node_id=1002, message_type="train"), ctx)
     assert reply.has_error() and reply.error.code == P.ERROR_BUDGET
     assert "ballots alone spend" in reply.error.reason
+
+
+def test_the_report_counts_the_last_rounds_ballot() -> None:
+    """A whole market in process with private ballots: each subscriber's epsilon in the
+    report is above what its last training reply said, by the last round's ballot."""
+    from tests.conftest import set_task_identity
+    from tests.market.test_market import market_run
+
+    set_task_identity()
+    with tempfile.TemporaryDirectory() as folder:
+        report = market_run(Path(folder), **{"vote-noise-multiplier": 2.0})
+    last = report["rounds"][-1]
+    trained = {str(c["author"]): c["sample_epsilon"] for c in last["candidates"]}
+    assert trained
+    for sub in report["subscribers"]:
+        assert sub["epsilon"] > trained[str(sub["partition_id"])]
