@@ -87,6 +87,7 @@ app = ClientApp()
 STATE_PRIVACY = "privacy"
 STATE_PREVIOUS_GLOBAL = "previous-global"
 STATE_LEDGER = "ledger"
+STATE_BALLOT = "private-ballot"  # the round of the last private ballot
 
 
 @dataclass(frozen=True)
@@ -615,6 +616,13 @@ def vote(msg: Message, context: Context) -> Message:
                               "with that digest: refusing to vote on it")
     cfg = subscriber.config
     model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
+    private = cfg.vote_noise_multiplier > 0
+    if private and str(config.get(P.VOTE_RULE, "single")) != "marginal":
+        # Only the marginal ballot has a private form: a request for the old rule's raw
+        # losses would switch the noise off from the server's side.
+        return _error(msg, P.ERROR_REQUEST, "this subscriber votes under differential "
+                      "privacy (vote-noise-multiplier > 0): expected vote-rule marginal, got "
+                      f"{config.get(P.VOTE_RULE, 'single')!r}")
     if str(config.get(P.VOTE_RULE, "single")) == "marginal":
         return _marginal_vote(msg, context, config, subscriber, duty, model, base,
                               candidate_ids, authors, deltas)
@@ -680,6 +688,15 @@ def _marginal_vote(msg: Message, context: Context, config: ConfigRecord,
         server_round = int(_num(config[P.SERVER_ROUND]))
         data = data_for_round(subscriber, server_round)
         if cfg.vote_noise_multiplier > 0:
+            if not all(np.all(np.isfinite(v)) for tensors in (base, trusted_mean, *deltas)
+                       for v in tensors.values()):
+                return _error(msg, P.ERROR_REQUEST, "a private ballot needs finite models: "
+                              "the base, trusted mean or a candidate holds NaN or inf")
+            last = context.state.get(STATE_BALLOT, None)
+            if isinstance(last, ConfigRecord) and int(_num(last["round"])) >= server_round:
+                return _error(msg, P.ERROR_REQUEST, (
+                    f"one private ballot a round: already voted in round {last['round']}, "
+                    f"asked again for round {server_round}"))
             history = extend_history(_load_history(context),
                                      noise_multiplier=cfg.vote_noise_multiplier,
                                      sample_rate=1.0, steps=1)
@@ -700,6 +717,7 @@ def _marginal_vote(msg: Message, context: Context, config: ConfigRecord,
                                        noise_multiplier=cfg.vote_noise_multiplier,
                                        rng=np.random.default_rng(seed))
             _keep_history(context, history)  # spent whether or not the reply arrives
+            context.state[STATE_BALLOT] = ConfigRecord({"round": server_round})
         else:
             marginals = marginal_ballot(model, base, trusted_mean, trusted_size, deltas,
                                         flags, data)

@@ -170,6 +170,9 @@ class RunConfig:
             raise ConfigError(f"vote-noise-multiplier: expected a finite number >= 0 (0: "
                               f"ballots without noise), got {self.vote_noise_multiplier}")
         _positive_finite("vote-clip", self.vote_clip)
+        if self.vote_noise_multiplier > 0 and self.vote_rule != "marginal":
+            raise ConfigError(f"vote-noise-multiplier: private ballots need vote-rule "
+                              f"marginal, got {self.vote_rule!r}")
         if not 0.0 < self.tally_trim <= 0.5:
             raise ConfigError(f"tally-trim: expected 0 < trim <= 0.5 (0.5: the weighted "
                               f"median), got {self.tally_trim}")

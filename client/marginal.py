@@ -27,6 +27,8 @@ def clamp_marginal(value: float) -> float:
     """Clamp to +-MAX_MARGINAL: one crafted update within the norm bound can move a mean
     cross-entropy by hundreds of nats, and an unbounded number would let it push honest
     ballots out of range or the Scientist's entry out of the ledger's bounds."""
+    if value != value:  # NaN: min/max would turn it into +MAX_MARGINAL
+        raise BallotError("expected a finite marginal, got NaN")
     return max(-MAX_MARGINAL, min(MAX_MARGINAL, value))
 
 
@@ -126,6 +128,8 @@ def private_ballot(contributions: np.ndarray, *, clip: float, noise_multiplier: 
     rows = np.asarray(contributions, dtype=np.float64)
     if rows.ndim != 2 or rows.shape[0] == 0:
         raise BallotError(f"expected contributions of shape (n >= 1, K), got {rows.shape}")
+    if not np.all(np.isfinite(rows)):  # a NaN norm would skip the clip of its whole row
+        raise BallotError("expected finite per-example losses, got NaN or inf")
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     scale = np.divide(clip, norms, out=np.ones_like(norms), where=norms > clip)
     total = (rows * scale).sum(axis=0)

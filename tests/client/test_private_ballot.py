@@ -113,13 +113,14 @@ def test_a_ballot_composes_with_training_as_opacus_accounts_it() -> None:
 
 
 # ----------------------------------------------------------------- the subscriber
-def _marginal_msg(weights: dict, deltas: dict, trusted: list[str]) -> Message:
+def _marginal_msg(weights: dict, deltas: dict, trusted: list[str], server_round: int = 1,
+                  rule: str = "marginal") -> Message:
     mean = mean_update([deltas[c] for c in trusted])
     content = RecordDict({
         P.ARRAYS: numpy_to_arrays(weights),
         P.TRUSTED_MEAN: numpy_to_arrays({k: v.astype(np.float64) for k, v in mean.items()}),
-        P.CONFIG: ConfigRecord({P.SERVER_ROUND: 1, P.CANDIDATE_IDS: list(deltas),
-                                P.CANDIDATE_AUTHORS: ["0", "1", "3"], P.VOTE_RULE: "marginal",
+        P.CONFIG: ConfigRecord({P.SERVER_ROUND: server_round, P.CANDIDATE_IDS: list(deltas),
+                                P.CANDIDATE_AUTHORS: ["0", "1", "3"], P.VOTE_RULE: rule,
                                 P.TRUSTED_SIZE: len(trusted), P.TRUSTED_IDS: trusted}),
     })
     for cid, delta in deltas.items():
@@ -143,7 +144,7 @@ def test_a_private_ballot_is_counted_in_the_subscribers_epsilon() -> None:
     assert "privacy" not in plain_ctx.state  # no noise: nothing spent, nothing recorded
     ctx = make_contexts({**RUN, "vote-noise-multiplier": 2.0}, 4)[1002]
     first = vote(_marginal_msg(weights, deltas, ["c1", "c2"]), ctx)
-    second = vote(_marginal_msg(weights, deltas, ["c1", "c2"]), ctx)
+    second = vote(_marginal_msg(weights, deltas, ["c1", "c2"], server_round=2), ctx)
     assert not first.has_error() and not second.has_error()
     assert list(ctx.state["privacy"]["noise"]) == [2.0]
     assert list(ctx.state["privacy"]["rates"]) == [1.0]
@@ -156,7 +157,8 @@ def test_a_private_ballot_is_counted_in_the_subscribers_epsilon() -> None:
 def test_a_ballot_past_max_epsilon_is_refused_and_spends_nothing() -> None:
     weights, deltas = _candidates()
     ctx = make_contexts({**RUN, "vote-noise-multiplier": 0.5}, 4, **{"max-epsilon": 20.0})[1002]
-    replies = [vote(_marginal_msg(weights, deltas, ["c1", "c2"]), ctx) for _ in range(12)]
+    replies = [vote(_marginal_msg(weights, deltas, ["c1", "c2"], server_round=r), ctx)
+               for r in range(1, 13)]
     refused = [r for r in replies if r.has_error()]
     assert refused and refused[0].error.code == P.ERROR_BUDGET
     assert "max-epsilon 20 would be exceeded" in refused[0].error.reason
@@ -212,3 +214,47 @@ def test_the_report_counts_the_last_rounds_ballot() -> None:
     assert trained
     for sub in report["subscribers"]:
         assert sub["epsilon"] > trained[str(sub["partition_id"])]
+
+
+
+# ----------------------------------------------------------------- attacker review
+def test_a_server_cannot_switch_the_noise_off_by_asking_for_the_old_rule() -> None:
+    weights, deltas = _candidates()
+    ctx = make_contexts({**RUN, "vote-noise-multiplier": 2.0}, 4)[1002]
+    for rule in ("single", ""):
+        reply = vote(_marginal_msg(weights, deltas, ["c1", "c2"], rule=rule), ctx)
+        assert reply.has_error() and "expected vote-rule marginal" in reply.error.reason
+    assert "privacy" not in ctx.state
+    from client.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="private ballots need vote-rule marginal"):
+        RunConfig.from_mapping({"vote-noise-multiplier": 1.0, "vote-rule": "single"})
+
+
+def test_one_private_ballot_a_round() -> None:
+    weights, deltas = _candidates()
+    ctx = make_contexts({**RUN, "vote-noise-multiplier": 2.0}, 4)[1002]
+    assert not vote(_marginal_msg(weights, deltas, ["c1", "c2"], server_round=3), ctx).has_error()
+    for again in (3, 2):  # the same round, or an earlier one: refused, nothing spent
+        reply = vote(_marginal_msg(weights, deltas, ["c1", "c2"], server_round=again), ctx)
+        assert reply.has_error() and "one private ballot a round" in reply.error.reason
+    assert list(ctx.state["privacy"]["steps"]) == [1]
+
+
+def test_a_nan_candidate_cannot_switch_the_clipping_off() -> None:
+    weights, deltas = _candidates()
+    deltas["c3"]["fc1.weight"][0, 0] = np.nan
+    ctx = make_contexts({**RUN, "vote-noise-multiplier": 2.0}, 4)[1002]
+    reply = vote(_marginal_msg(weights, deltas, ["c1", "c2"]), ctx)
+    assert reply.has_error() and "finite" in reply.error.reason
+    assert "privacy" not in ctx.state  # refused before anything was computed or spent
+    rows = np.ones((3, 2))
+    rows[1, 0] = np.nan
+    with pytest.raises(BallotError, match="finite"):
+        private_ballot(rows, clip=0.1, noise_multiplier=1.0, rng=np.random.default_rng(0))
+    from client.marginal import clamp_marginal
+
+    with pytest.raises(BallotError, match="NaN"):
+        clamp_marginal(float("nan"))
+    plain = vote(_marginal_msg(weights, deltas, ["c1", "c2"]), make_contexts(RUN, 4)[1002])
+    assert plain.has_error()  # the noiseless ballot no longer turns NaN into +100
