@@ -171,8 +171,8 @@ def load_partition(
 
 def load_data_file(path: str | Path, *, label_column: str = "label") -> Dataset:
     """A subscriber's own data: ``.npz`` with ``x`` (n, 64) and ``y`` (n,), or ``.csv``
-    with 64 feature columns and a ``label`` column. Pixel values above 1 are taken as
-    0..16 digits intensities and scaled to [0, 1]."""
+    with 64 feature columns and a ``label`` column. A row with a value above 1 is taken
+    as 0..16 digits intensities and scaled to [0, 1] (row by row)."""
     x, y = _read_table(path, label_column=label_column, labels=True, what="data-path")
     assert y is not None
     return _checked_dataset(x, y, source=Path(path).name)
@@ -240,8 +240,11 @@ def _checked_dataset(x: np.ndarray, y: np.ndarray, *, source: str) -> Dataset:
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= NUM_CLASSES:
         raise DataError(f"{source}: expected integer labels in 0..{NUM_CLASSES - 1}")
     x = x.astype(np.float32)
-    if x.max() > 1.0:
-        x = x / 16.0
+    # Each row on its own: a row with a value above 1 is 0..16 intensities. Deciding for
+    # the whole file would let one example change how every other is scaled, which
+    # breaks the per-example sensitivity DP-SGD and private ballots rely on.
+    raw = x.max(axis=1) > 1.0
+    x[raw] = x[raw] / 16.0
     return Dataset(x.astype(np.float32), y.astype(np.int64))
 
 

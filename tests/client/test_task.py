@@ -101,6 +101,19 @@ def test_data_file_npz_and_csv_round_trip(tmp_path) -> None:  # type: ignore[no-
     np.testing.assert_array_equal(from_csv.y, y)
 
 
+def test_one_example_never_changes_how_another_is_scaled(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Rows are scaled one by one (per-example sensitivity): adding a raw 0..16 row to a
+    file of rows already in [0, 1] leaves those rows as they were."""
+    split = digits_split()
+    scaled, y = split.test.x[:10], split.test.y[:10]
+    np.savez(tmp_path / "a.npz", x=scaled, y=y)
+    raw = np.vstack([scaled, split.test.x[10:11] * 16])
+    np.savez(tmp_path / "b.npz", x=raw, y=np.append(y, split.test.y[10]))
+    alone, mixed = load_data_file(tmp_path / "a.npz"), load_data_file(tmp_path / "b.npz")
+    np.testing.assert_array_equal(mixed.x[:10], alone.x)
+    np.testing.assert_allclose(mixed.x[10], split.test.x[10], rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("writer", "match"),
     [
