@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from client import protocol as P
 from client.attacks import targeted_flip_metrics
-from client.config import RunConfig
+from client.config import MAX_SUBSCRIBERS, RunConfig
 from client.task import (
     digits_split,
     evaluate,
@@ -114,6 +114,10 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
     out_dir.mkdir(parents=True, exist_ok=True)
     log(INFO, "poi: strategy %s, writing to %s", config.strategy, out_dir)
     num_nodes = wait_for_nodes(grid, config.num_subscribers)
+    if num_nodes > MAX_SUBSCRIBERS:  # every connected node is sent a round's work
+        raise RuntimeError(
+            f"expected at most {MAX_SUBSCRIBERS} subscribers (a round's selection entry must "
+            f"fit one 65,535-byte ledger entry), {num_nodes} SuperNodes connected")
     model = make_model(hidden_units=config.hidden_units, activation=config.activation,
                        seed=config.seed)
     initial = ArrayRecord(model.state_dict())

@@ -52,3 +52,15 @@ def test_parses_kebab_case_and_coerces() -> None:
 def test_bad_values_name_the_key_and_allowed_values(raw: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_mapping(raw)
+
+
+def test_a_task_with_more_supernodes_than_the_ledger_holds_refuses_to_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every connected node gets a round's work, whatever num-subscribers says: more than
+    128 would overflow the selection entry mid-task, so the task refuses at the start."""
+    from server.server_app import run_task
+    from tests.conftest import InProcessGrid, make_contexts
+
+    run = {"num-subscribers": 2, "out-dir": str(tmp_path)}
+    grid = InProcessGrid(make_contexts(run, 129), {})
+    with pytest.raises(RuntimeError, match="at most 128 subscribers .* 129 SuperNodes"):
+        run_task(grid, RunConfig.from_mapping(run), tmp_path)
