@@ -16,10 +16,15 @@ from pathlib import Path
 
 from ledger.errors import StoreError
 
-__all__ = ["BLOB_DIR", "BlobStore"]
+__all__ = ["BLOB_DIR", "BlobStore", "is_digest"]
 
 BLOB_DIR = "blobs"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def is_digest(text: object) -> bool:
+    """Whether ``text`` is a blob's name: a lowercase SHA-256 hex digest."""
+    return isinstance(text, str) and bool(_DIGEST.fullmatch(text))
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,7 @@ class BlobStore:
         return self.root / digest
 
     def __contains__(self, digest: object) -> bool:
-        return (
-            isinstance(digest, str)
-            and bool(_DIGEST.fullmatch(digest))
-            and self.path(digest).is_file()
-        )
+        return is_digest(digest) and self.path(str(digest)).is_file()
 
     def put(self, data: bytes) -> str:
         """Store ``data`` durably; returns its digest. Idempotent."""

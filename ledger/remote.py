@@ -39,7 +39,7 @@ import httpx
 
 from ledger import merkle
 from ledger.audit import AuditReport, verify_log
-from ledger.blobs import BLOB_DIR
+from ledger.blobs import BLOB_DIR, is_digest
 from ledger.errors import StoreError
 from ledger.log import DB_NAME, create_schema, node_id
 from ledger.tiles import (
@@ -359,7 +359,7 @@ def fetch_blobs(url: str, mirror: str | os.PathLike[str], digests: Sequence[str]
     missing = []
     try:
         for digest in dict.fromkeys(digests):
-            if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            if not is_digest(digest):
                 continue  # not a digest: the audit names it
             target = folder / digest
             data = fetcher.get(f"poi/blobs/{digest}", limit=max_bytes, missing_ok=True)

@@ -31,6 +31,8 @@ __all__ = [
     "GameLossesError",
     "decode_game_losses",
     "encode_game_losses",
+    "parse_coalitions",
+    "parse_prefix_rows",
 ]
 
 GAME_LOSSES_DIGEST = "game_losses_digest"  # the score entry's field naming the blob
@@ -91,8 +93,8 @@ def decode_game_losses(data: bytes) -> GameLosses:
     if not isinstance(value, dict) or sorted(value) != sorted(_KEYS):
         got = sorted(value) if isinstance(value, dict) else type(value).__name__
         raise GameLossesError(f"expected an object with keys {list(_KEYS)}, got {got}")
-    losses = GameLosses(coalitions_micro=_coalitions(value["coalitions_micro"]),
-                        prefix_losses_micro=_prefix_rows(value["prefix_losses_micro"]))
+    losses = GameLosses(coalitions_micro=parse_coalitions(value["coalitions_micro"]),
+                        prefix_losses_micro=parse_prefix_rows(value["prefix_losses_micro"]))
     if encode_game_losses(losses) != data:
         raise GameLossesError("expected RFC 8785 canonical JSON, got another encoding of "
                               "the numbers (key order, whitespace, escapes or a duplicate key)")
@@ -103,7 +105,9 @@ def _is_integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _coalitions(value: object) -> dict[int, int]:
+def parse_coalitions(value: object) -> dict[int, int]:
+    """``{"<mask>": int}`` with decimal masks >= 1 (the blob's, and an old score entry's
+    inline ``coalitions_micro``); :class:`GameLossesError` otherwise."""
     if not isinstance(value, Mapping):
         raise GameLossesError(f"expected coalitions_micro as an object, got "
                               f"{type(value).__name__}")
@@ -119,7 +123,8 @@ def _coalitions(value: object) -> dict[int, int]:
     return out
 
 
-def _prefix_rows(value: object) -> list[list[int]]:
+def parse_prefix_rows(value: object) -> list[list[int]]:
+    """A list of lists of integer losses; :class:`GameLossesError` otherwise."""
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise GameLossesError(f"expected prefix_losses_micro as a list, got "
                               f"{type(value).__name__}")

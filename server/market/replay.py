@@ -7,7 +7,6 @@ models and the losses from the blobs and the revealed validation set,
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,7 @@ from crypto.commitments import (
     decode_reveal,
 )
 from crypto.digests import TensorEncodingError, parse_canonical_tensor_bytes, tensors_digest
-from ledger.blobs import BlobStore
+from ledger.blobs import BlobStore, is_digest
 from ledger.entries import Entry
 from ledger.errors import LedgerError
 from ledger.merkle import frontier_append, hash_leaf, root_from_frontier, root_from_leaf_hashes
@@ -40,6 +39,8 @@ from server.market.game_losses import (
     GameLosses,
     GameLossesError,
     decode_game_losses,
+    parse_coalitions,
+    parse_prefix_rows,
 )
 from server.market.scientist import (
     MAX_TOLERANCE_MICRO,
@@ -186,21 +187,7 @@ def _selection_cap(offer: Mapping[str, Any]) -> int:
     return MAX_SELECTED
 
 
-def _prefix_rows(value: object) -> list[list[int]] | None:
-    """A list of lists of integer losses (micro), or None when it is not one."""
-    if not isinstance(value, list):
-        return None
-    rows = []
-    for row in value:
-        if not isinstance(row, list) or any(
-                isinstance(v, bool) or not isinstance(v, int) for v in row):
-            return None
-        rows.append([int(v) for v in row])
-    return rows
-
-
 INLINE_GAME_FIELDS = ("coalitions_micro", "prefix_losses_micro")  # before the blob
-_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def _read_score(record: MarketRecord, index: int, f: Mapping[str, Any]) -> ScoreRecord:
@@ -219,7 +206,7 @@ def _read_score(record: MarketRecord, index: int, f: Mapping[str, Any]) -> Score
         if inline:
             score.malformed = (f"score entry {index} carries both {GAME_LOSSES_DIGEST} and "
                                f"the inline {inline}, expected one of them")
-        elif not isinstance(digest, str) or not _HEX_DIGEST.fullmatch(digest):
+        elif not is_digest(digest):
             score.malformed = (f"score entry {index}: expected {GAME_LOSSES_DIGEST} as a "
                                f"lowercase SHA-256 hex digest, got {str(digest)[:80]!r}")
         else:
@@ -227,16 +214,16 @@ def _read_score(record: MarketRecord, index: int, f: Mapping[str, Any]) -> Score
         if score.malformed:
             record.problems.append(f"entry {index}: round {rnd}: {score.malformed}")
         return score
-    raw = f.get("coalitions_micro", {})
+    coalitions: dict[int, int] = {}
+    prefixes: list[list[int]] = []
     try:
-        coalitions = {int(m): int(v) for m, v in dict(raw).items()}
-    except (TypeError, ValueError):
+        coalitions = parse_coalitions(f.get("coalitions_micro", {}))
+    except GameLossesError:
         record.problems.append(f"entry {index}: malformed coalitions_micro")
-        coalitions = {}
-    prefixes = _prefix_rows(f.get("prefix_losses_micro", []))
-    if prefixes is None:
+    try:
+        prefixes = parse_prefix_rows(f.get("prefix_losses_micro", []))
+    except GameLossesError:
         record.problems.append(f"entry {index}: malformed prefix_losses_micro")
-        prefixes = []
     score.inline = GameLosses(coalitions_micro=coalitions, prefix_losses_micro=prefixes)
     return score
 
