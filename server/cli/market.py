@@ -79,8 +79,9 @@ def audit(
     with contextlib.ExitStack() as stack:
         if is_url(source):
             folder = mirror or Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            trusted = _mirror_market(source, folder, log_key=log_key, notes=held)
-            result = audit_run(folder, log_key=log_key, trusted_checkpoints=trusted)
+            trusted, verified = _mirror_market(source, folder, log_key=log_key, notes=held)
+            result = audit_run(folder, log_key=log_key, trusted_checkpoints=trusted,
+                               verified=verified)
             path = write_audit(mirror or Path.cwd(), result)
             report = None
         else:
@@ -111,11 +112,12 @@ def audit(
 
 
 def _mirror_market(url: str, folder: Path, *, log_key: str | None,
-                   notes: list[str]) -> list[str]:
+                   notes: list[str]) -> tuple[list[str], Any]:
     """Mirror the ledger served at ``url`` into ``folder`` and, once it verifies, the
     blobs its verified entries name; returns the checkpoints the audit must hold the
-    leaves to (the served one and ``notes``). Exit 2 when the server cannot be reached;
-    what it serves wrongly is the audit's to report."""
+    leaves to (the served one and ``notes``) and the mirror's ``verify_log`` report (the
+    audit reuses it). Exit 2 when the server cannot be reached; what it serves wrongly
+    is the audit's to report."""
     from ledger import LedgerError, LogReader, verify_log
     from ledger.remote import RemoteError, fetch_blobs, mirror_log
     from server.market.audit import named_blobs
@@ -143,7 +145,7 @@ def _mirror_market(url: str, folder: Path, *, log_key: str | None,
     if log_key is None:
         console.print(f"[yellow]log key not pinned[/yellow]: trusting the key the server "
                       f"sent, {fetched.log_key} (pin it with --log-key)")
-    return trusted
+    return trusted, report
 
 
 buyer_app = typer.Typer(help="Buyer accounts on a run's ledger.", no_args_is_help=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from crypto import vouchers
-from ledger import LedgerError, LogReader, verify_log
+from ledger import AuditReport, LedgerError, LogReader, verify_log
 from ledger.blobs import BlobStore
 from ledger.entries import Entry
 from server.market.fees import split_fee
@@ -198,15 +198,18 @@ def check_fee_settlements(entries: Sequence[tuple[int, Entry]], record: MarketRe
 
 
 def audit_run(run_dir: Path, *, log_key: str | None = None,
-              trusted_checkpoints: Sequence[str] = ()) -> MarketAudit:
+              trusted_checkpoints: Sequence[str] = (),
+              verified: AuditReport | None = None) -> MarketAudit:
     """Audit the task recorded in ``run_dir/ledger.db`` (module docstring). Never
     raises for what a ledger holds: anything unexpected becomes a mismatch.
     ``log_key`` pins the operator's key; ``trusted_checkpoints`` are notes the leaves
-    must reproduce (a served checkpoint, subscribers' notes)."""
+    must reproduce (a served checkpoint, subscribers' notes). ``verified`` is the
+    caller's own ``verify_log`` report of this very file, with those options (a mirror
+    that nothing writes to): the log is then not verified a second time."""
     audit = MarketAudit()
     try:
         return _audit(Path(run_dir), audit, log_key=log_key,
-                      trusted_checkpoints=trusted_checkpoints)
+                      trusted_checkpoints=trusted_checkpoints, verified=verified)
     except Exception as exc:  # noqa: BLE001 - a hostile ledger must give a verdict
         audit.mismatches.append(f"audit could not complete: {type(exc).__name__}: {exc}")
         audit.ok = False
@@ -214,10 +217,11 @@ def audit_run(run_dir: Path, *, log_key: str | None = None,
 
 
 def _audit(run_dir: Path, audit: MarketAudit, *, log_key: str | None,
-           trusted_checkpoints: Sequence[str]) -> MarketAudit:
+           trusted_checkpoints: Sequence[str], verified: AuditReport | None) -> MarketAudit:
     db = run_dir / LEDGER_FILE if run_dir.is_dir() else run_dir
     try:
-        report = verify_log(db, log_key=log_key, trusted_checkpoints=trusted_checkpoints)
+        report = verified or verify_log(db, log_key=log_key,
+                                        trusted_checkpoints=trusted_checkpoints)
     except LedgerError as exc:
         audit.mismatches.append(f"ledger: {exc}")
         return audit
