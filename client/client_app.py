@@ -266,22 +266,16 @@ def _load_history(context: Context) -> list[HistoryEntry]:
     return [(_num(n), _num(q), int(_num(s))) for n, q, s in zip(noise, rates, steps, strict=True)]
 
 
-def _save_history(context: Context, history: tuple[HistoryEntry, ...], noise: float) -> None:
-    context.state[STATE_PRIVACY] = ConfigRecord({
-        "noise": [h[0] for h in history],
-        "rates": [h[1] for h in history],
-        "steps": [h[2] for h in history],
-        "calibrated-noise": noise,
-    })
-
-
-def _keep_history(context: Context, history: Sequence[HistoryEntry]) -> None:
-    """Store the accountant history after a private ballot, keeping the calibrated
-    training noise (if any) as it was."""
+def _save_history(context: Context, history: Sequence[HistoryEntry],
+                  noise: float | None = None) -> None:
+    """Store the accountant history, with the training noise ``noise`` (a training
+    round) or the stored one kept as it was (``None``: a private ballot)."""
     record = context.state.get(STATE_PRIVACY, None)
     fields: dict[str, Any] = {"noise": [h[0] for h in history], "rates": [h[1] for h in history],
                               "steps": [h[2] for h in history]}
-    if isinstance(record, ConfigRecord) and "calibrated-noise" in record:
+    if noise is not None:
+        fields["calibrated-noise"] = noise
+    elif isinstance(record, ConfigRecord) and "calibrated-noise" in record:
         fields["calibrated-noise"] = record["calibrated-noise"]
     context.state[STATE_PRIVACY] = ConfigRecord(fields)
 
@@ -716,7 +710,7 @@ def _marginal_vote(msg: Message, context: Context, config: ConfigRecord,
             marginals = private_ballot(contributions, clip=cfg.vote_clip,
                                        noise_multiplier=cfg.vote_noise_multiplier,
                                        rng=np.random.default_rng(seed))
-            _keep_history(context, history)  # spent whether or not the reply arrives
+            _save_history(context, history)  # spent whether or not the reply arrives
             context.state[STATE_BALLOT] = ConfigRecord({"round": server_round})
         else:
             marginals = marginal_ballot(model, base, trusted_mean, trusted_size, deltas,
