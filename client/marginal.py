@@ -79,6 +79,16 @@ def mean_update(deltas: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndar
 
 
 
+def _variants(trusted_mean: Mapping[str, np.ndarray], trusted_size: int,
+              deltas: Sequence[Mapping[str, np.ndarray]], members: Sequence[bool]
+              ) -> list[dict[str, np.ndarray]]:
+    """Per candidate, the aggregate that differs from T's mean by it: T without it (a
+    member) or T with it (any other)."""
+    pairs = marginal_models(trusted_mean, trusted_size, deltas, members)
+    return [without if member else with_ for (without, with_), member
+            in zip(pairs, members, strict=True)]
+
+
 def marginal_ballot(model: nn.Module, base: Mapping[str, np.ndarray],
                     trusted_mean: Mapping[str, np.ndarray], trusted_size: int,
                     deltas: Sequence[Mapping[str, np.ndarray]], members: Sequence[bool],
@@ -87,9 +97,7 @@ def marginal_ballot(model: nn.Module, base: Mapping[str, np.ndarray],
 
     One batched pass over ``1 + len(deltas)`` models: T's mean, and for each candidate
     the mean with it left out (member) or added (non-member)."""
-    pairs = marginal_models(trusted_mean, trusted_size, deltas, members)
-    variants = [without if member else with_ for (without, with_), member
-                in zip(pairs, members, strict=True)]
+    variants = _variants(trusted_mean, trusted_size, deltas, members)
     _, losses = candidate_losses(model, base, [dict(trusted_mean), *variants], data)
     mean_loss = float(losses[0])
     # member: loss(without c) - loss(T); non-member: loss(T) - loss(with c)
@@ -104,9 +112,7 @@ def marginal_contributions(model: nn.Module, base: Mapping[str, np.ndarray],
     """Each example's part of every candidate's marginal, shape (n, K): row i holds
     ``l_i(without c) - l_i(with c)`` for every candidate c, so the column means are the
     unclamped :func:`marginal_ballot`. What a private ballot clips, row by row."""
-    pairs = marginal_models(trusted_mean, trusted_size, deltas, members)
-    variants = [without if member else with_ for (without, with_), member
-                in zip(pairs, members, strict=True)]
+    variants = _variants(trusted_mean, trusted_size, deltas, members)
     losses = candidate_example_losses(model, base, [dict(trusted_mean), *variants], data)
     flags = np.asarray(members, dtype=bool)[:, None]
     return np.where(flags, losses[1:] - losses[0], losses[0] - losses[1:]).T

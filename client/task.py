@@ -317,6 +317,13 @@ def poly_mlp_losses(model: nn.Module, stacked: Mapping[str, torch.Tensor], x: to
     return poly_mlp_example_losses(model, stacked, x, y).mean(dim=1)
 
 
+def _stacked(base: Mapping[str, torch.Tensor], deltas: Sequence[Mapping[str, np.ndarray]]
+             ) -> dict[str, torch.Tensor]:
+    """base + delta for every delta, stacked along a new first axis (float64)."""
+    return {k: torch.stack([base[k] + torch.as_tensor(np.asarray(d[k]), dtype=torch.float64)
+                            for d in deltas]) for k in base}
+
+
 def candidate_example_losses(model: nn.Module, base: Mapping[str, np.ndarray],
                              deltas: Sequence[Mapping[str, np.ndarray]], data: Dataset
                              ) -> np.ndarray:
@@ -327,9 +334,7 @@ def candidate_example_losses(model: nn.Module, base: Mapping[str, np.ndarray],
     reference = functional_float64(model)
     base_t = {k: torch.as_tensor(np.asarray(v), dtype=torch.float64) for k, v in base.items()}
     with torch.no_grad():
-        stacked = {k: torch.stack([base_t[k] + torch.as_tensor(np.asarray(d[k]),
-                                                               dtype=torch.float64)
-                                   for d in deltas]) for k in base_t}
+        stacked = _stacked(base_t, deltas)
         if isinstance(model, PolyMLP) and set(stacked) == set(POLY_MLP_PARAMETERS):
             losses = poly_mlp_example_losses(reference, stacked, x, y)
         else:
@@ -361,13 +366,7 @@ def candidate_losses(
         base_loss = float(loss_of(base_t))
         if not deltas:
             return base_loss, np.zeros(0)
-        stacked = {
-            k: torch.stack([
-                base_t[k] + torch.as_tensor(np.asarray(d[k]), dtype=torch.float64)
-                for d in deltas
-            ])
-            for k in base_t
-        }
+        stacked = _stacked(base_t, deltas)
         if isinstance(model, PolyMLP) and set(stacked) == set(POLY_MLP_PARAMETERS):
             losses = poly_mlp_losses(reference, stacked, x, y)
         else:
