@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from ledger.entries import make_key_entry, sign_entry
 from ledger.keys import Signer
 from ledger.log import Log
 from ledger.remote import verify_remote
+from server.deploy.processes import free_port
 
 ORIGIN = "bench.poi.example/ledger"
 
@@ -106,7 +106,7 @@ def bench_remote(folder: Path, *, entries: int, batch: int, repeats: int) -> dic
                 started = time.perf_counter()
                 log.append_many(chunk)
                 rates.append(len(chunk) / (time.perf_counter() - started))
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "ledger", "serve", str(folder), "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -145,12 +145,6 @@ def bench_remote(folder: Path, *, entries: int, batch: int, repeats: int) -> dic
         "resources_fetched": fetched.requests,
         "bytes_fetched": fetched.bytes,
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_for(url: str, seconds: float = 60.0) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import gzip
 import json
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from ledger.tiles import (
     tiles_for,
 )
 from server.cli.ledger import ledger_app
+from server.deploy.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 EMPTY_ROOT_HEX = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -141,9 +141,7 @@ class Served:
     """A ledger served by uvicorn on a free port, in a thread."""
 
     def __init__(self, path: Path) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         config = uvicorn.Config(ledger_http_app(path), host="127.0.0.1", port=port,
                                 log_level="warning")
         self.server = uvicorn.Server(config)
@@ -466,9 +464,7 @@ def test_serve_and_verify_a_url_from_the_command_line(
     witnessed: tuple[Path, Served], tmp_path: Path,
 ) -> None:
     path, _ = witnessed
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "ledger", "serve", str(path), "--port", str(port)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from typer.testing import CliRunner
 from ledger import LogReader
 from ledger.http import ledger_http_app
 from server.cli import app
+from server.deploy.processes import free_port
 from server.market.audit import named_blobs
 
 
@@ -36,9 +36,7 @@ def served(run: Path, *, inference: bool = False) -> Iterator[str]:
         prefix = "ledger/"
     else:
         asgi, prefix = ledger_http_app(run), ""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -128,9 +126,7 @@ def test_a_server_showing_another_log_key_fails_a_pinned_audit_and_gets_no_fetch
 
 
 def test_an_unreachable_url_is_an_error_not_a_verdict(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     result = CliRunner().invoke(app, ["audit", f"http://127.0.0.1:{port}/"])
     assert result.exit_code == 2 and "cannot reach" in result.output
 
