@@ -9,6 +9,11 @@ fresh ``PrivacyEngine`` each round and so reports a per-round epsilon; we do not
 
 ``secure_mode=True`` needs ``torchcsprng``, which does not install for torch 2.13: the
 noise comes from torch's default generator (documented in docs/privacy.md).
+
+Opacus is imported inside the functions that use it, not at module import: ``import
+opacus`` costs about 1.4 s of CPU (it pulls in ``torch.distributed.tensor``, SciPy and
+SymPy), and a deployed ClientApp is a fresh interpreter per message, so a vote or
+witness message, which needs no accountant, should not pay for it.
 """
 
 from __future__ import annotations
@@ -21,12 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from client.task import Dataset
 
@@ -60,6 +60,9 @@ def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     """RDP of one subsampled-Gaussian step at Opacus' default orders (Mironov et al.
     2019). Composition is additive, so ``steps`` steps cost ``steps`` times this; caching
     it turns the 0.1 s Opacus spends per query into microseconds."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     return np.asarray(rdp_analysis.compute_rdp(
         q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
         orders=RDPAccountant.DEFAULT_ALPHAS,
@@ -74,6 +77,9 @@ def epsilon_of(history: Sequence[HistoryEntry], *, target_delta: float, accounta
     """
     if not history:
         return 0.0
+    from opacus.accountants import RDPAccountant, create_accountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     if accountant == "rdp":
         total = sum(steps * _rdp_per_step(q, nm) for nm, q, steps in history)
         epsilon, _ = rdp_analysis.get_privacy_spent(
@@ -98,6 +104,8 @@ def calibrate_noise_multiplier(
     q = sample_rate(num_examples, batch_size)
     steps = planned_rounds * epochs_per_round * steps_per_epoch(num_examples, batch_size)
     if ballot_noise <= 0:
+        from opacus.accountants.utils import get_noise_multiplier
+
         return float(get_noise_multiplier(
             target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=q,
             steps=steps, accountant=accountant,
@@ -174,6 +182,9 @@ def train_private(
                 f"max-epsilon {max_epsilon:g} would be exceeded: spent {spent:.4f}, "
                 f"this round would reach {projected:.4f} (delta {target_delta:g})"
             )
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
 
     generator = torch.Generator()
     if seed is not None:

@@ -213,4 +213,6 @@ def _add_market(report: dict[str, object], out_dir: Path, market: MarketSession,
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(dict(context.run_config))
-    run_task(grid, config, resolve_out_dir(config, context.run_id))
+    # Flower's own strategies (the baselines) call grid.send_and_receive: give them the
+    # same fast reply loop as ours, so deployed PoI and FedAvg are compared fairly.
+    run_task(PollingGrid(grid), config, resolve_out_dir(config, context.run_id))

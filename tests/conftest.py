@@ -36,7 +36,9 @@ Handler = Callable[[Any, Any], Any]
 class InProcessGrid:
     """A Flower ``Grid`` whose nodes are ClientApp handler functions in this process.
 
-    ``tamper`` may rewrite any reply (node id, reply) -> reply, to inject bad input."""
+    ``tamper`` may rewrite any reply (node id, reply) -> reply, to inject bad input; a
+    reply it turns into None is lost, and the reply loop then waits out its timeout in
+    this grid's simulated time (``clock``/``sleep``), not in real time."""
 
     def __init__(self, contexts: dict[int, Any], handlers: dict[str, Handler],
                  tamper: Callable[[int, Any], Any] | None = None) -> None:
@@ -44,13 +46,26 @@ class InProcessGrid:
         self.handlers = handlers
         self.tamper = tamper
         self.sent: list[Any] = []
+        self._replies: list[Any] = []
+        self._count = 0
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
-        replies = []
+    def push_messages(self, messages: Iterable[Any]) -> list[str]:
+        """Deliver each message now (as Flower's grid would, under a fresh message id);
+        the replies wait for :meth:`pull_messages`."""
+        ids = []
         for msg in messages:
+            self._count += 1
+            msg.metadata.__dict__["_message_id"] = f"m{self._count}"
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             handler = self.handlers.get(msg.metadata.message_type)
@@ -62,9 +77,21 @@ class InProcessGrid:
             reply = handler(msg, self.contexts[node])
             if self.tamper is not None:
                 reply = self.tamper(node, reply)
+            ids.append(msg.metadata.message_id)
             if reply is not None:
-                replies.append(reply)
-        return replies
+                self._replies.append(reply)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Any]:
+        wanted = set(message_ids)
+        out = [r for r in self._replies if r.metadata.reply_to_message_id in wanted]
+        self._replies = [r for r in self._replies if r not in out]
+        return out
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
+        from server.round.exchange import exchange
+
+        return exchange(self, messages, timeout=timeout)
 
 
 def make_contexts(run_config: dict[str, Any], num_nodes: int, **node_extra: Any) -> dict[int, Any]:

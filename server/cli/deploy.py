@@ -70,10 +70,12 @@ def up(
         "127.0.0.1",
     port: Annotated[int, typer.Option(help="SuperLink port (0: a free one).")] = 0,
     isolation: Annotated[str, typer.Option(
-        help="subprocess: each SuperNode starts its own SuperExec; process: we start it.")] =
-        "subprocess",
+        help="process: we start each node's SuperExec (--superexec); subprocess: each "
+             "SuperNode starts Flower's own.")] = "process",
     exec_poll: Annotated[float | None, typer.Option(
-        help="SuperExec task polling interval in seconds (Flower's default: 1).")] = None,
+        help="SuperExec task polling interval in seconds "
+             "(FLWR_SUPEREXEC_TASK_POLL_INTERVAL; Flower's default: 1).")] =
+        D.DEFAULT_EXEC_POLL_SECONDS,
     partitioner: Annotated[str, typer.Option(help="iid or dirichlet (node data files).")] =
         "dirichlet",
     dirichlet_alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
@@ -81,7 +83,8 @@ def up(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 120.0,
     superexec: Annotated[str, typer.Option(
         help="With --isolation process: the command serving as each node's SuperExec "
-             "(e.g. the experimental 'python scripts/warm-superexec.py').")] = "",
+             "(default: ours, python -m server.deploy.superexec, which forks a warm "
+             "interpreter per ClientApp; 'flower-superexec' for Flower's).")] = "",
 ) -> None:
     """Start the SuperLink and the SuperNodes; return once all are online.
 

@@ -47,7 +47,9 @@ from server.deploy.keys import (
     write_private,
 )
 from server.deploy.lifecycle import (
+    DEFAULT_EXEC_POLL_SECONDS,
     ISOLATIONS,
+    WARM_SUPEREXEC,
     NewNode,
     UpOptions,
     add_nodes,
@@ -85,12 +87,14 @@ from server.deploy.state import (
 __all__ = [
     "CONNECTION",
     "DEFAULT_SANS",
+    "DEFAULT_EXEC_POLL_SECONDS",
     "EXEC_POLL_ENV",
     "ISOLATIONS",
     "NODE_AUTH_CURVE",
     "STATE_FILE",
     "STATE_VERSION",
     "TLS_CURVE",
+    "WARM_SUPEREXEC",
     "DeployError",
     "DeployState",
     "KeyLayout",

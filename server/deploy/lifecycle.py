@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -52,6 +53,11 @@ from server.deploy.state import (
 )
 
 ISOLATIONS = ("subprocess", "process")
+# The SuperExec `up` runs for each node in process isolation unless told otherwise: ours,
+# which forks a warm interpreter per ClientApp (server.deploy.superexec).
+WARM_SUPEREXEC = (sys.executable, "-m", "server.deploy.superexec")
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL for every SuperExec `up` starts (Flower's default: 1 s).
+DEFAULT_EXEC_POLL_SECONDS = 0.1
 
 
 # -------------------------------------------------------------------------------- up
@@ -67,11 +73,11 @@ class UpOptions:
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     seed: int = 0
-    isolation: str = "subprocess"
-    exec_poll_seconds: float | None = None  # None: Flower's default (1 s)
+    isolation: str = "process"
+    exec_poll_seconds: float | None = DEFAULT_EXEC_POLL_SECONDS  # None: Flower's (1 s)
     timeout: float = 120.0
     # process isolation: the command that serves as each node's SuperExec (it gets
-    # --runtime-api-address, --insecure and --parent-pid); default flower-superexec
+    # --runtime-api-address, --insecure and --parent-pid); default WARM_SUPEREXEC
     superexec: tuple[str, ...] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
@@ -184,7 +190,7 @@ def _start_node(state: DeployState, *, name: str, node_id: str, auth_key: Path,
     if state.isolation == "process":
         # Flower's process isolation: we run the SuperExec that launches ClientApps.
         # (It cannot join the SuperNode's group: that is another session.)
-        superexec = state.superexec or [tool("flower-superexec")]
+        superexec = state.superexec or list(WARM_SUPEREXEC)
         address = f"127.0.0.1:{runtime_port}"
         exec_proc = _spawn([*superexec, "--runtime-api-address", address, "--insecure",
                             "--parent-pid", str(proc.pid)],

@@ -31,6 +31,7 @@ from ledger.entries import Entry, make_key_entry, parse_entry, sign_entry
 from ledger.errors import LedgerError
 from ledger.keys import Signer, key_id, parse_public_key
 from ledger.log import Log
+from server.round.exchange import exchange
 from server.round.validation import Rejected
 
 LEDGER_FILE = "ledger.db"
@@ -274,7 +275,7 @@ class RoundLedger:
                                     message_type=P.WITNESS_MESSAGE_TYPE,
                                     dst_node_id=int(node_id)))
         pending = []
-        for reply in grid.send_and_receive(messages=messages, timeout=timeout):
+        for reply in exchange(grid, messages, timeout=timeout):
             node_id = str(reply.metadata.src_node_id)
             if reply.has_error():
                 log(WARNING, "node %s did not witness the final checkpoint: %s", node_id,

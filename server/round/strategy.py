@@ -2,8 +2,9 @@
 train -> validate -> vote -> tally -> apply -> central evaluation.
 
 Flower's ``Strategy.start()`` has no hook between train and evaluate, so ``start()`` is
-overridden and the vote is sent with ``grid.send_and_receive`` as ``query.vote``
-messages. The algorithms (committees, tallies, selection, validation) are the pure
+overridden and the vote is sent as ``query.vote`` messages; every message phase goes
+through :func:`server.round.exchange.exchange` (push, then pull polling fast), not
+``grid.send_and_receive`` (3 s between pulls on a deployed SuperLink). The algorithms (committees, tallies, selection, validation) are the pure
 functions in ``server.round.selection`` and ``server.round.validation``; this class only wires them
 to Flower and records what happened in :class:`RoundRecord` objects for the report.
 """
@@ -28,6 +29,7 @@ from client.marginal import MAX_MARGINAL, trusted_digest
 from client.witness import MICRO, to_micro
 from crypto.digests import canonical_tensor_bytes, tensors_digest
 from server.round import marginal, selection
+from server.round.exchange import exchange
 from server.round.ledger_writer import PendingEntries, RoundLedger
 from server.round.marginal import MarginalConfig, RoundTally, VoteState
 
@@ -219,9 +221,8 @@ class ProofOfIntelligence(FedAvg):
             # --- TRAIN (subscribers) -----------------------------------------
             # -----------------------------------------------------------------
             t0 = time.perf_counter()
-            replies = list(grid.send_and_receive(
-                messages=self._train_messages(arrays, train_config, grid), timeout=timeout,
-            ))
+            replies = exchange(grid, self._train_messages(arrays, train_config, grid),
+                               timeout=timeout)
             record.phase_seconds["train"] = time.perf_counter() - t0
 
             # -----------------------------------------------------------------
@@ -465,7 +466,7 @@ class ProofOfIntelligence(FedAvg):
                 content[P.CANDIDATE_PREFIX + candidate_id] = encoded[candidate_id]
             messages.append(Message(content=content, message_type=P.VOTE_MESSAGE_TYPE,
                                     dst_node_id=int(voter)))
-        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        replies = exchange(grid, messages, timeout=timeout)
         answered: set[str] = set()
         pending: list[PendingEntries] = []
         accepted: dict[str, dict[str, float]] = {}
@@ -737,7 +738,7 @@ class ProofOfIntelligence(FedAvg):
                 content[P.CANDIDATE_PREFIX + candidate_id] = encoded[candidate_id]
             messages.append(Message(content=content, message_type=P.VOTE_MESSAGE_TYPE,
                                     dst_node_id=int(voter)))
-        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        replies = exchange(grid, messages, timeout=timeout)
         answered: set[str] = set()
         pending: list[PendingEntries] = []
         accepted: dict[str, Vote] = {}

@@ -105,11 +105,11 @@ _ORIGINS: dict[int, Message] = {}
 class OriginGrid(InProcessGrid):
     """Remembers each node's last request so a tampered reply can answer it."""
 
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
         messages = list(messages)
         for m in messages:
             _ORIGINS[m.metadata.dst_node_id] = m
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().push_messages(messages)
 
 
 def _origin(reply: Message) -> Message:

@@ -1,0 +1,176 @@
+"""A warm SuperExec for ``flower-supernode --isolation process``: ClientApps start in
+milliseconds instead of seconds.
+
+Flower 1.41 runs every message in a fresh ``flwr-clientapp`` interpreter that serves one
+task token and exits, so each train or vote message re-imports flwr, NumPy and torch
+(and Opacus for training): about 2.5 CPU-seconds a message on these machines, before a
+single example is touched. Flower has no long-running ClientApp in this version.
+
+This SuperExec imports those modules once and **forks one child per ClientApp task**; the
+child runs Flower's own ``run_clientapp`` (same Runtime API, same token protocol, same
+error replies, the app loaded from the run's FAB as Flower loads it), so each ClientApp
+still runs in a process of its own and nothing of one message survives into the next.
+Only third-party modules are preloaded, and each child forgets every module loaded from
+this repository before it loads the app (:func:`forget_modules_under`): the app's code
+always comes from the FAB that was submitted, not from whatever this interpreter has
+installed.
+
+It reuses Flower's SuperExec loop (``run_superexec``) with a fork-based executor. Those
+are internals of flwr, not a public API: on a flwr release other than the ones it was
+checked against (:data:`CHECKED_FLWR`), or where the internals are missing, it does not
+guess: it replaces itself with Flower's own ``flower-superexec`` (same arguments) and
+says so. Tasks other than ClientApps, and any task while this process holds a second
+thread (forking a threaded process is unsafe), go through Flower's subprocess launcher.
+
+  python -m server.deploy.superexec --runtime-api-address 127.0.0.1:9094 --insecure \\
+      [--parent-pid PID] [--preload numpy,torch,opacus,...]
+
+``poi deploy up`` uses it by default (``--isolation process``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+# flwr releases whose run_superexec / SubprocessExecutor / run_clientapp this was run
+# against (tests/deploy end to end); 1.42.0's files are identical to 1.41.0's.
+CHECKED_FLWR = ("1.41.0", "1.42.0")
+DEFAULT_PRELOAD = ("numpy,torch,opacus,flwr.app,flwr.clientapp,"
+                   "flwr.supernode.runtime.run_clientapp")
+# One thread per ClientApp: forking after BLAS or OpenMP started threads is unsafe, and
+# several nodes share the cores anyway.
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def forget_modules_under(root: Path, modules: dict[str, object] | None = None) -> list[str]:
+    """Drop from ``sys.modules`` every module whose file lies under ``root`` (this
+    interpreter's own copy of our code, imported to run this file), so that the app
+    loaded next imports its modules from the FAB. Returns the names dropped."""
+    modules = sys.modules if modules is None else modules  # type: ignore[assignment]
+    root = root.resolve()
+    dropped = []
+    for name, module in list(modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve().is_relative_to(root):
+            del modules[name]
+            dropped.append(name)
+    return sorted(dropped)
+
+
+def _fall_back(reason: str, argv: list[str]) -> None:
+    """Become Flower's own SuperExec with the same arguments (never returns)."""
+    print(f"poi superexec: {reason}; running Flower's flower-superexec instead",
+          file=sys.stderr, flush=True)
+    exe = shutil.which("flower-superexec") or os.path.join(os.path.dirname(sys.executable),
+                                                           "flower-superexec")
+    os.execv(exe, [exe, *argv])
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m server.deploy.superexec",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--root-certificates", default=None)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--preload", default=DEFAULT_PRELOAD,
+                        help="comma-separated third-party modules to import once, before "
+                             "any fork")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    import flwr
+
+    flower_argv = ["--runtime-api-address", args.runtime_api_address]
+    flower_argv += ["--insecure"] if args.insecure else []
+    flower_argv += ["--root-certificates", args.root_certificates] if args.root_certificates else []
+    flower_argv += ["--parent-pid", str(args.parent_pid)] if args.parent_pid else []
+    if flwr.__version__ not in CHECKED_FLWR:
+        _fall_back(f"flwr {flwr.__version__} is not one of {CHECKED_FLWR}", flower_argv)
+    try:
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec import run_superexec as superexec
+        from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor
+        from flwr.supernode.runtime.run_clientapp import run_clientapp
+    except ImportError as exc:
+        _fall_back(f"flwr internals missing ({exc})", flower_argv)
+
+    for name in THREAD_ENV:
+        os.environ.setdefault(name, "1")
+    started = time.perf_counter()
+    for module in filter(None, (m.strip() for m in args.preload.split(","))):
+        importlib.import_module(module)
+    print(f"poi superexec: preloaded {args.preload} in {time.perf_counter() - started:.1f} s; "
+          "forking one child per ClientApp task", flush=True)
+
+    certificates = None
+    if args.root_certificates:
+        with open(args.root_certificates, "rb") as fh:
+            certificates = fh.read()
+    parent = args.parent_pid
+
+    class ForkExecutor(SubprocessExecutor):  # type: ignore[misc,valid-type]
+        """Fork this warm interpreter for each ClientApp task; other task types, or a
+        threaded moment, as Flower does (a subprocess)."""
+
+        def launch(self, spec):  # type: ignore[no-untyped-def]
+            if spec.task_type != TaskType.CLIENT_APP or threading.active_count() > 1:
+                return super().launch(spec)
+            pid = os.fork()
+            if pid:
+                return LaunchResult.accepted()
+            code = 1
+            try:
+                forget_modules_under(REPO_ROOT)
+                run_clientapp(spec.runtime_api_address, spec.token, spec.insecure,
+                              certificates, parent_pid=None, runtime_dependency_install=False)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:  # noqa: BLE001 - a child must never return into the loop
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+
+        def reconcile(self) -> None:
+            # Reap finished children; stop when the SuperNode is gone (no monitor thread:
+            # threads and fork do not mix).
+            while True:
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+            if parent is not None:
+                try:
+                    os.kill(parent, 0)
+                except ProcessLookupError:
+                    raise SystemExit(0) from None
+
+    superexec.get_executor = lambda *a, **k: ForkExecutor()  # type: ignore[assignment]
+    superexec.run_superexec(
+        runtime_api_address=args.runtime_api_address, insecure=args.insecure,
+        root_certificates_path=args.root_certificates, parent_pid=None,
+        runtime_dependency_install=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
