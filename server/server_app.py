@@ -35,6 +35,7 @@ from server.market.audit import audit_run, write_audit
 from server.market.plot import plot_market
 from server.market.session import Closing, MarketSession
 from server.round.baselines import build_baseline, recording_evaluate_fn
+from server.round.exchange import PollingGrid
 from server.round.ledger_writer import RoundLedger
 from server.round.marginal import marginal_config_of
 from server.round.report import build_report, write_json

@@ -76,6 +76,10 @@ def up(
         help="SuperExec task polling interval in seconds "
              "(FLWR_SUPEREXEC_TASK_POLL_INTERVAL; Flower's default: 1).")] =
         D.DEFAULT_EXEC_POLL_SECONDS,
+    node_poll: Annotated[float, typer.Option(
+        help="Each SuperNode's first wait after an empty pull, doubling to Flower's 3 s "
+             "(python -m server.deploy.supernode); 0: Flower's flower-supernode as it is "
+             "(a flat 3 s).")] = D.DEFAULT_NODE_POLL_SECONDS,
     partitioner: Annotated[str, typer.Option(help="iid or dirichlet (node data files).")] =
         "dirichlet",
     dirichlet_alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
@@ -92,6 +96,7 @@ def up(
     options = D.UpOptions(work=workdir, keys=keys, nodes=nodes, host=host, port=port,
                           partitioner=partitioner, dirichlet_alpha=dirichlet_alpha, seed=seed,
                           isolation=isolation, exec_poll_seconds=exec_poll, timeout=timeout,
+                          node_poll_seconds=node_poll,
                           superexec=tuple(str(Path(t).resolve()) if Path(t).is_file() else t
                                           for t in shlex.split(superexec)))
     try:

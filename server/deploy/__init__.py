@@ -48,6 +48,7 @@ from server.deploy.keys import (
 )
 from server.deploy.lifecycle import (
     DEFAULT_EXEC_POLL_SECONDS,
+    DEFAULT_NODE_POLL_SECONDS,
     ISOLATIONS,
     WARM_SUPEREXEC,
     NewNode,
@@ -88,6 +89,7 @@ __all__ = [
     "CONNECTION",
     "DEFAULT_SANS",
     "DEFAULT_EXEC_POLL_SECONDS",
+    "DEFAULT_NODE_POLL_SECONDS",
     "EXEC_POLL_ENV",
     "ISOLATIONS",
     "NODE_AUTH_CURVE",

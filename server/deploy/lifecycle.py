@@ -58,6 +58,9 @@ ISOLATIONS = ("subprocess", "process")
 WARM_SUPEREXEC = (sys.executable, "-m", "server.deploy.superexec")
 # FLWR_SUPEREXEC_TASK_POLL_INTERVAL for every SuperExec `up` starts (Flower's default: 1 s).
 DEFAULT_EXEC_POLL_SECONDS = 0.1
+# The SuperNode's first idle wait after an empty pull (server.deploy.supernode; doubles
+# to Flower's 3 s). None or 0: Flower's flower-supernode as it is (a flat 3 s).
+DEFAULT_NODE_POLL_SECONDS = 0.1
 
 
 # -------------------------------------------------------------------------------- up
@@ -75,6 +78,7 @@ class UpOptions:
     seed: int = 0
     isolation: str = "process"
     exec_poll_seconds: float | None = DEFAULT_EXEC_POLL_SECONDS  # None: Flower's (1 s)
+    node_poll_seconds: float | None = DEFAULT_NODE_POLL_SECONDS  # None/0: Flower's (3 s)
     timeout: float = 120.0
     # process isolation: the command that serves as each node's SuperExec (it gets
     # --runtime-api-address, --insecure and --parent-pid); default WARM_SUPEREXEC
@@ -171,7 +175,11 @@ def _start_node(state: DeployState, *, name: str, node_id: str, auth_key: Path,
     runtime_port = free_port()
     config = node_config_string({"data-path": str(data_path), "ledger-key": str(ledger_key),
                                  "partition-id": partition_id})
-    cmd = [tool("flower-supernode"), "--superlink", state.address,
+    launcher = [tool("flower-supernode")]
+    if state.node_poll_seconds:
+        launcher = [sys.executable, "-m", "server.deploy.supernode", "--idle-poll",
+                    repr(float(state.node_poll_seconds)), "--"]
+    cmd = [*launcher, "--superlink", state.address,
            "--root-certificates", str(KeyLayout(Path(state.keys)).ca_cert),
            "--auth-supernode-private-key", str(auth_key),
            "--port", str(runtime_port), "--isolation", state.isolation,
@@ -232,6 +240,9 @@ def up(options: UpOptions, *, echo: Callable[[str], None] = print) -> DeployStat
         raise DeployError(f"--isolation: expected one of {ISOLATIONS}, got {options.isolation!r}")
     if options.partitioner not in ("iid", "dirichlet"):
         raise DeployError(f"--partitioner: expected iid or dirichlet, got {options.partitioner!r}")
+    if options.node_poll_seconds is not None and not 0 <= options.node_poll_seconds <= 3:
+        raise DeployError(f"--node-poll: expected 0 (Flower's 3 s) to 3 seconds, got "
+                          f"{options.node_poll_seconds:g}")
     if options.superexec and options.isolation != "process":
         raise DeployError("--superexec: only with --isolation process (in subprocess "
                           "isolation each SuperNode starts flower-superexec itself)")
@@ -255,6 +266,7 @@ def up(options: UpOptions, *, echo: Callable[[str], None] = print) -> DeployStat
         work=str(work), keys=str(keys.root), host=options.host, port=port,
         connect_host=_connect_host(options.host), flwr_home=str(work / "flwr-home"),
         isolation=options.isolation, exec_poll_seconds=options.exec_poll_seconds,
+        node_poll_seconds=options.node_poll_seconds or None,
         superexec=list(options.superexec), extra_env=dict(options.extra_env))
     state.save()
     try:

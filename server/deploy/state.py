@@ -64,6 +64,7 @@ class DeployState:
     flwr_home: str
     isolation: str
     exec_poll_seconds: float | None
+    node_poll_seconds: float | None = None  # None: Flower's flower-supernode as it is
     superexec: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
     superlink: ProcessRecord | None = None

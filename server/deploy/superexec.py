@@ -10,8 +10,8 @@ This SuperExec imports those modules once and **forks one child per ClientApp ta
 child runs Flower's own ``run_clientapp`` (same Runtime API, same token protocol, same
 error replies, the app loaded from the run's FAB as Flower loads it), so each ClientApp
 still runs in a process of its own and nothing of one message survives into the next.
-Only third-party modules are preloaded, and each child forgets every module loaded from
-this repository before it loads the app (:func:`forget_modules_under`): the app's code
+Only third-party modules are preloaded, and each child forgets every module of ours
+(``client``, ``crypto``, ``ledger``, ``server``) before it loads the app (:func:`forget_packages`): the app's code
 always comes from the FAB that was submitted, not from whatever this interpreter has
 installed.
 
@@ -38,7 +38,6 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 
 # flwr releases whose run_superexec / SubprocessExecutor / run_clientapp this was run
 # against (tests/deploy end to end); 1.42.0's files are identical to 1.41.0's.
@@ -50,22 +49,23 @@ DEFAULT_PRELOAD = ("numpy,torch,opacus,flwr.app,flwr.clientapp,"
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The app's top-level packages (pyproject.toml [tool.setuptools.packages.find]); the FAB
+# ships the same ones.
+APP_PACKAGES = ("client", "crypto", "ledger", "server")
 
 
-def forget_modules_under(root: Path, modules: dict[str, object] | None = None) -> list[str]:
-    """Drop from ``sys.modules`` every module whose file lies under ``root`` (this
-    interpreter's own copy of our code, imported to run this file), so that the app
-    loaded next imports its modules from the FAB. Returns the names dropped."""
+def forget_packages(packages: tuple[str, ...] = APP_PACKAGES,
+                    modules: dict[str, object] | None = None) -> list[str]:
+    """Drop ``packages`` and their submodules from ``sys.modules`` (this interpreter's
+    own, installed copy of our code, imported to run this file), so that the app loaded
+    next imports them from the FAB. By name, not by path: an installed copy lives in
+    site-packages beside torch, which must stay. Returns the names dropped."""
     modules = sys.modules if modules is None else modules  # type: ignore[assignment]
-    root = root.resolve()
-    dropped = []
-    for name, module in list(modules.items()):
-        file = getattr(module, "__file__", None)
-        if file and Path(file).resolve().is_relative_to(root):
-            del modules[name]
-            dropped.append(name)
-    return sorted(dropped)
+    dropped = sorted(name for name in modules
+                     if name.partition(".")[0] in packages)
+    for name in dropped:
+        del modules[name]
+    return dropped
 
 
 def _fall_back(reason: str, argv: list[str]) -> None:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                 return LaunchResult.accepted()
             code = 1
             try:
-                forget_modules_under(REPO_ROOT)
+                forget_packages()
                 run_clientapp(spec.runtime_api_address, spec.token, spec.insecure,
                               certificates, parent_pid=None, runtime_dependency_install=False)
                 code = 0

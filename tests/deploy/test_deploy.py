@@ -373,6 +373,16 @@ def test_up_started_one_flwr_home_data_file_and_ledger_key_per_node(
         assert node.ledger_key == str(deployment.keys.ledger_key(index))
     config = tomllib.loads((Path(state.flwr_home) / "config.toml").read_text())
     assert config["superlink"][D.CONNECTION]["root-certificates"] == str(deployment.keys.ca_cert)
+    # poi deploy's defaults: process isolation with our warm SuperExec, a 0.1 s task poll
+    assert state.isolation == "process" and state.exec_poll_seconds == 0.1
+    superexecs = [p for p in state.extra if p.name.endswith("-superexec")
+                  and p.name.startswith("node-")]
+    assert len(superexecs) == 3
+    for record in superexecs:
+        assert "forking one child per ClientApp task" in Path(record.log).read_text()
+    assert state.node_poll_seconds == 0.1
+    for node in state.nodes:  # the SuperNode launcher with the backoff idle wait
+        assert "poi supernode: idle poll 0.1 s" in Path(node.process.log).read_text()
 
 
 def test_a_supernode_whose_key_was_not_registered_is_refused(
@@ -425,6 +435,32 @@ def test_two_rounds_of_poi_complete_with_every_candidate_and_vote_on_the_ledger(
     assert verify.returncode == 0, verify.stdout + verify.stderr
     audit = poi("audit", out)
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_flowers_own_launcher_still_runs_a_round(deployment: Deployment, tmp_path: Path) -> None:
+    """--isolation subprocess (each SuperNode starts Flower's flower-superexec, a fresh
+    ClientApp interpreter per message, Flower's 1 s task poll): what a subscriber who
+    runs flower-supernode by hand gets."""
+    work = tmp_path / "flower-launcher"
+    up = poi("deploy", "up", "--nodes", "2", "--keys", deployment.keys.root, "--workdir", work,
+             "--isolation", "subprocess", "--node-poll", "0", "--exec-poll", "1")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = D.load_state(work)
+        assert state.isolation == "subprocess" and not [
+            p for p in state.extra if p.name.startswith("node-")]
+        assert state.node_poll_seconds is None  # --node-poll 0: flower-supernode as it is
+        assert "poi supernode" not in Path(state.nodes[0].process.log).read_text()
+        done = poi("deploy", "run", "--workdir", work,
+                   "--run-config", "num-server-rounds=1 local-epochs=1", timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads((work / "run" / "report.json").read_text())
+        (rnd,) = report["rounds"]
+        assert sorted(c["author"] for c in rnd["candidates"]) == [0, 1]
+        assert report["market"]["audit_ok"]
+    finally:
+        down = poi("deploy", "down", "--workdir", work)
+        assert down.returncode == 0, down.stdout + down.stderr
 
 
 def test_bad_node_configs_get_error_replies_and_the_round_goes_on(
