@@ -21,7 +21,8 @@ for start-up).
     python -m benchmarks.deploy --out benchmarks/results/deploy [--nodes 3,6] [--rounds 4]
         [--part all|startup|rounds] [--repeats 5]
 
-Writes OUT/deploy.json and OUT/deploy.md.
+Writes OUT/deploy.json and OUT/deploy.md; the runs, deployments and keys go to OUT/runs
+(git-ignored, so that ``flwr run`` does not package them into the app).
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def _warm(phases: list[str], data_path: Path) -> list[dict[str, float]]:
 def part_startup(out: Path, repeats: int) -> dict[str, Any]:
     from server.deploy.lifecycle import write_node_data
 
-    (data_path,) = write_node_data(out / "startup-data", nodes=1, partitioner="iid",
+    (data_path,) = write_node_data(out / "runs" / "startup-data", nodes=1, partitioner="iid",
                                    dirichlet_alpha=0.5, seed=0)
     samples: dict[str, dict[str, list[dict[str, float]]]] = {}
     for repeat in range(repeats):  # interleaved, so drift hits every mode alike
@@ -245,6 +246,7 @@ def _deployed(out: Path, keys: Path, nodes: int, rounds: int, strategies: list[s
 def part_rounds(out: Path, node_counts: list[int], rounds: int) -> dict[str, Any]:
     from server import deploy as D
 
+    out = out / "runs"  # git-ignored: flwr run packages the app folder minus .gitignore
     keys = out / "keys"
     D.create_keys(keys, nodes=max(node_counts))
     rows: dict[str, Any] = {}
