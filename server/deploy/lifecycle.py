@@ -55,7 +55,8 @@ from server.deploy.state import (
 ISOLATIONS = ("subprocess", "process")
 # The SuperExec `up` runs for each node in process isolation unless told otherwise: ours,
 # which forks a warm interpreter per ClientApp (server.deploy.superexec).
-WARM_SUPEREXEC = (sys.executable, "-m", "server.deploy.superexec")
+# One thread per ClientApp: every node of a `poi deploy` shares this machine's cores.
+WARM_SUPEREXEC = (sys.executable, "-m", "server.deploy.superexec", "--threads", "1")
 # FLWR_SUPEREXEC_TASK_POLL_INTERVAL for every SuperExec `up` starts (Flower's default: 1 s).
 DEFAULT_EXEC_POLL_SECONDS = 0.1
 # The SuperNode's first idle wait after an empty pull (server.deploy.supernode; doubles

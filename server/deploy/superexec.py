@@ -17,10 +17,20 @@ installed.
 
 It reuses Flower's SuperExec loop (``run_superexec``) with a fork-based executor. Those
 are internals of flwr, not a public API: on a flwr release other than the ones it was
-checked against (:data:`CHECKED_FLWR`), or where the internals are missing, it does not
-guess: it replaces itself with Flower's own ``flower-superexec`` (same arguments) and
-says so. Tasks other than ClientApps, and any task while this process holds a second
-thread (forking a threaded process is unsafe), go through Flower's subprocess launcher.
+checked against (:data:`server.deploy.waits.CHECKED_FLWR`), or where the internals are
+missing, it does not guess: it replaces itself with Flower's own ``flower-superexec``
+(same arguments) and says so. Tasks other than ClientApps, and any task while this
+process holds a second thread (forking a threaded process is unsafe), go through
+Flower's subprocess launcher.
+
+Each child starts with default signal handlers and none of Flower's exit handlers of the
+SuperExec, watches the SuperExec as Flower's ClientApps do (``parent_pid``), and retries
+a message's arrays after 0.05 s instead of 1 s (:mod:`server.deploy.waits`: the child
+often asks before its SuperNode has them). The SuperExec itself exits within a second
+of its SuperNode (checked by a timer signal, not a thread). A child inherits the
+SuperExec's open sockets (the Runtime API on 127.0.0.1, which any local process can
+reach anyway) and its preloaded NumPy, torch and Opacus: an app that ships other
+versions of those gets these, as it would with runtime dependency installation off.
 
   python -m server.deploy.superexec --runtime-api-address 127.0.0.1:9094 --insecure \\
       [--parent-pid PID] [--preload numpy,torch,opacus,...]
@@ -34,18 +44,19 @@ import argparse
 import importlib
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
 import traceback
 
-# flwr releases whose run_superexec / SubprocessExecutor / run_clientapp this was run
-# against (tests/deploy end to end); 1.42.0's files are identical to 1.41.0's.
-CHECKED_FLWR = ("1.41.0", "1.42.0")
+from server.deploy.waits import fast_object_pulls, unchecked_reason
+
+PARENT_CHECK_SECONDS = 1.0
+CHILD_OBJECT_PULL_CAP = 0.2
 DEFAULT_PRELOAD = ("numpy,torch,opacus,flwr.app,flwr.clientapp,"
                    "flwr.supernode.runtime.run_clientapp")
-# One thread per ClientApp: forking after BLAS or OpenMP started threads is unsafe, and
-# several nodes share the cores anyway.
+# Set by --threads before anything imports NumPy or torch.
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -87,30 +98,67 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--preload", default=DEFAULT_PRELOAD,
                         help="comma-separated third-party modules to import once, before "
                              "any fork")
-    return parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="OpenMP/BLAS threads per ClientApp (0: the libraries' default; "
+                             "poi deploy, which puts every node on one machine, uses 1)")
+    args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.error(f"--threads: expected 0 or more, got {args.threads}")
+    return args
+
+
+def parent_gone(pid: int | None) -> bool:
+    """Whether the SuperNode ``pid`` is gone (as Flower's own monitor judges: any error
+    from signal 0 counts as gone)."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return True
+    return False
+
+
+def reset_inherited_state() -> None:
+    """In a fresh child: Flower's process-wide exit handlers and signal handlers belong
+    to the SuperExec, not to this ClientApp (run_clientapp registers its own)."""
+    for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGALRM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+    try:
+        from flwr.supercore.exit import exit_handler
+    except ImportError:
+        return
+    handlers = getattr(exit_handler, "registered_exit_handlers", None)
+    if isinstance(handlers, list):
+        handlers.clear()
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    import flwr
-
+    if args.threads:  # before anything imports NumPy (flwr does)
+        for name in THREAD_ENV:
+            os.environ[name] = str(args.threads)
     flower_argv = ["--runtime-api-address", args.runtime_api_address]
     flower_argv += ["--insecure"] if args.insecure else []
     flower_argv += ["--root-certificates", args.root_certificates] if args.root_certificates else []
     flower_argv += ["--parent-pid", str(args.parent_pid)] if args.parent_pid else []
-    if flwr.__version__ not in CHECKED_FLWR:
-        _fall_back(f"flwr {flwr.__version__} is not one of {CHECKED_FLWR}", flower_argv)
+    reason = unchecked_reason()
+    if reason:
+        _fall_back(reason, flower_argv)
     try:
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec import run_superexec as superexec
         from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor
         from flwr.supernode.runtime.run_clientapp import run_clientapp
-    except ImportError as exc:
+
+        # Inherited by every child. The child asks its own SuperNode (127.0.0.1), so a
+        # short cap costs nothing; it usually asks before the SuperNode has the arrays.
+        fast_object_pulls(cap=CHILD_OBJECT_PULL_CAP)
+    except (ImportError, KeyError) as exc:
         _fall_back(f"flwr internals missing ({exc})", flower_argv)
 
-    for name in THREAD_ENV:
-        os.environ.setdefault(name, "1")
     started = time.perf_counter()
     for module in filter(None, (m.strip() for m in args.preload.split(","))):
         importlib.import_module(module)
@@ -135,9 +183,12 @@ def main(argv: list[str] | None = None) -> None:
                 return LaunchResult.accepted()
             code = 1
             try:
+                reset_inherited_state()
                 forget_packages()
+                # parent_pid: Flower's monitor ends this ClientApp if the SuperExec dies
                 run_clientapp(spec.runtime_api_address, spec.token, spec.insecure,
-                              certificates, parent_pid=None, runtime_dependency_install=False)
+                              certificates, parent_pid=os.getppid(),
+                              runtime_dependency_install=False)
                 code = 0
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -149,21 +200,24 @@ def main(argv: list[str] | None = None) -> None:
                 os._exit(code)
 
         def reconcile(self) -> None:
-            # Reap finished children; stop when the SuperNode is gone (no monitor thread:
-            # threads and fork do not mix).
-            while True:
+            while True:  # reap finished children
                 try:
                     pid, _ = os.waitpid(-1, os.WNOHANG)
                 except ChildProcessError:
                     break
                 if pid == 0:
                     break
-            if parent is not None:
-                try:
-                    os.kill(parent, 0)
-                except ProcessLookupError:
-                    raise SystemExit(0) from None
 
+    # The SuperNode is watched by a timer signal, not a thread (threads and fork do not
+    # mix): it fires even while the loop is stuck retrying a call to a dead SuperNode.
+    def watch(signum: int, frame: object) -> None:
+        if parent_gone(parent):
+            print(f"poi superexec: SuperNode {parent} is gone; exiting", flush=True)
+            os._exit(0)
+
+    if parent is not None:
+        signal.signal(signal.SIGALRM, watch)
+        signal.setitimer(signal.ITIMER_REAL, PARENT_CHECK_SECONDS, PARENT_CHECK_SECONDS)
     superexec.get_executor = lambda *a, **k: ForkExecutor()  # type: ignore[assignment]
     superexec.run_superexec(
         runtime_api_address=args.runtime_api_address, insecure=args.insecure,

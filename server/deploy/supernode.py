@@ -8,19 +8,22 @@ waiting for the others), so every message phase of every round started up to 3 s
 for PoI's two phases, most of a deployed round on a small task.
 
 This launcher runs Flower's own ``flower-supernode`` entry point (same arguments, same
-behaviour otherwise) with two of that module's waits changed:
+behaviour otherwise) with three waits changed:
 
 - the idle wait after an empty pull starts at ``--idle-poll`` seconds (0.1) and doubles
-  on every further empty pull up to Flower's 3 s, and returns to the start as soon as a
-  message arrives: a node polls fast while a round is under way and as Flower does when
-  idle (about 6 pulls in the first 3 s after a reply instead of 1);
+  on every further empty pull up to Flower's 3 s (each wait jittered by ±20 %, so that
+  many nodes do not pull in step), and returns to the start as soon as a message
+  arrives: a node polls fast while a round is under way and as Flower does when idle
+  (about 6 pulls in the first 3 s after a reply instead of 1);
 - the wait for the ClientApp's reply is checked every ``--reply-poll`` seconds (0.05)
-  instead of 0.5 s (a local lookup in the SuperNode's own state, no network).
+  instead of 0.5 s (a local lookup in the SuperNode's own state, no network);
+- a message's arrays that are not on the SuperLink yet are asked for again after 0.05 s
+  doubling to 1 s, not 1 s doubling to 10 s (:mod:`server.deploy.waits`).
 
 Only ``flwr.supernode.start_client_internal`` sees the changed clock. Like
 :mod:`server.deploy.superexec` this touches flwr internals: on a flwr release it was not
-checked against (:data:`CHECKED_FLWR`), or when those internals are missing, it changes
-nothing, says so, and runs Flower's SuperNode as it is.
+checked against (:data:`server.deploy.waits.CHECKED_FLWR`), or when those internals are
+missing, it changes nothing, says so, and runs Flower's SuperNode as it is.
 
   python -m server.deploy.supernode [--idle-poll 0.1] [--reply-poll 0.05] -- \\
       --superlink HOST:PORT --root-certificates ca.crt ...   (flower-supernode's arguments)
@@ -29,13 +32,15 @@ nothing, says so, and runs Flower's SuperNode as it is.
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time as _time
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-CHECKED_FLWR = ("1.41.0", "1.42.0")
+from server.deploy.waits import fast_object_pulls, unchecked_reason
+
 FLOWER_IDLE_WAIT = 3  # the literal in start_client_internal's loop
 FLOWER_REPLY_WAIT = 0.5  # the literal in _push_messages / yield_object_contents
 DEFAULT_IDLE_POLL = 0.1
@@ -47,12 +52,13 @@ class BackoffClock:
     attribute is the real one; ``sleep`` maps Flower's two waits to ours."""
 
     def __init__(self, idle_poll: float, reply_poll: float,
-                 sleep: Callable[[float], None] = _time.sleep) -> None:
+                 sleep: Callable[[float], None] = _time.sleep,
+                 jitter: Callable[[], float] = lambda: random.uniform(-0.2, 0.2)) -> None:
         if not 0 < idle_poll <= FLOWER_IDLE_WAIT or not 0 < reply_poll <= FLOWER_REPLY_WAIT:
             raise ValueError(f"expected 0 < idle-poll <= {FLOWER_IDLE_WAIT} and 0 < "
                              f"reply-poll <= {FLOWER_REPLY_WAIT}, got {idle_poll}, {reply_poll}")
         self.idle_poll, self.reply_poll = idle_poll, reply_poll
-        self._sleep = sleep
+        self._sleep, self._jitter = sleep, jitter
         self.next_idle = idle_poll
 
     def message_arrived(self) -> None:
@@ -60,8 +66,8 @@ class BackoffClock:
 
     def sleep(self, seconds: float) -> None:
         if seconds == FLOWER_IDLE_WAIT:
-            wait = self.next_idle
-            self.next_idle = min(FLOWER_IDLE_WAIT, wait * 2)
+            wait = self.next_idle * (1 + self._jitter())
+            self.next_idle = min(FLOWER_IDLE_WAIT, self.next_idle * 2)
         elif seconds == FLOWER_REPLY_WAIT:
             wait = self.reply_poll
         else:
@@ -97,12 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(ours)
     clock = BackoffClock(args.idle_poll, args.reply_poll)  # refuses bad values first
 
-    import flwr
-
-    reason = None
-    if flwr.__version__ not in CHECKED_FLWR:
-        reason = f"flwr {flwr.__version__} is not one of {CHECKED_FLWR}"
-    else:
+    reason = unchecked_reason()
+    if reason is None:
         try:
             from flwr.supernode import start_client_internal as internal
 
@@ -110,14 +112,16 @@ def main(argv: list[str] | None = None) -> None:
                     getattr(internal, "time", None) is not _time:
                 raise ImportError("start_client_internal has no _pull_and_store_message "
                                   "or time")
+            fast_object_pulls()
             install(internal, clock)
-        except ImportError as exc:
+        except (ImportError, KeyError) as exc:
             reason = f"flwr internals missing ({exc})"
     if reason:
         print(f"poi supernode: {reason}; Flower's waits unchanged", file=sys.stderr, flush=True)
     else:
         print(f"poi supernode: idle poll {args.idle_poll:g} s doubling to "
-              f"{FLOWER_IDLE_WAIT} s, reply poll {args.reply_poll:g} s", flush=True)
+              f"{FLOWER_IDLE_WAIT} s, reply poll {args.reply_poll:g} s, object pulls retried "
+              "after 0.05 s doubling to 1 s", flush=True)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *flower]

@@ -10,7 +10,9 @@ as a reply arrives, and stops at the first complete set of replies or at the tim
 Lost replies are handled as Flower handles them: a node that went away gets an error
 reply from the SuperLink (which counts as an answer), a node that never answers is
 waited for until ``timeout``, and whatever came by then is returned. A second reply to
-the same request (never sent by Flower) is dropped, not returned twice.
+the same request (never sent by Flower) is dropped, not returned twice; an error the
+SuperLink made for a node is returned as that node's error (Flower's carries the
+SuperLink's node id as its sender, which the strategy would have blamed on node 1).
 
 :class:`PollingGrid` wraps a ``Grid`` so that code we do not own (Flower's ``FedAvg.start``,
 used by the baselines) gets the same loop from ``send_and_receive``.
@@ -22,13 +24,14 @@ import time
 from collections.abc import Callable, Iterable
 from logging import WARNING
 
-from flwr.app import Message
+from flwr.app import Error, Message
 from flwr.common import log
 from flwr.serverapp import Grid
 
 FIRST_POLL_SECONDS = 0.05
 MAX_POLL_SECONDS = 0.2
 BACKOFF = 1.5
+SLOW_PHASE_SECONDS = 30.0
 
 
 def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None,
@@ -36,39 +39,72 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None,
              backoff: float = BACKOFF, clock: Callable[[], float] | None = None,
              sleep: Callable[[float], None] | None = None) -> list[Message]:
     """Push ``messages`` and return their replies (at most one per request), in arrival
-    order. ``timeout`` None waits for every reply, as ``send_and_receive`` does.
+    order. ``timeout`` (counted from the end of the push, as Flower does) None waits for
+    every reply, as ``send_and_receive`` does.
+
+    Every reply returned comes from the node its request was sent to: an error reply
+    the SuperLink or the grid made on a node's behalf (sender: the SuperLink) is re-made
+    as that node's error, with the same code and reason, so that the node is the one
+    it is recorded against; any other reply whose sender is not the node asked is
+    dropped and logged.
 
     ``clock`` and ``sleep`` default to the grid's own ``clock`` and ``sleep`` where it has
     them (a grid that keeps simulated time, as the tests' in-process grid does), else to
     ``time.monotonic`` and ``time.sleep``."""
-    clock = clock or getattr(grid, "clock", None) or time.monotonic
-    sleep = sleep or getattr(grid, "sleep", None) or time.sleep
     if not 0 < first_poll <= max_poll or backoff < 1:
         raise ValueError(f"expected 0 < first_poll <= max_poll and backoff >= 1, got "
                          f"first_poll={first_poll}, max_poll={max_poll}, backoff={backoff}")
-    deadline = None if timeout is None else clock() + timeout
-    pending = {str(i) for i in grid.push_messages(messages) if i}
+    clock = clock or getattr(grid, "clock", None) or time.monotonic
+    sleep = sleep or getattr(grid, "sleep", None) or time.sleep
+    messages = list(messages)
+    accepted = {str(i) for i in grid.push_messages(messages) if i}
+    # The grid stamps each message with its id as it pushes it.
+    requests = {m.metadata.message_id: m for m in messages if m.metadata.message_id in accepted}
+    pending = set(requests)
+    started = clock()
+    deadline = None if timeout is None else started + timeout
     replies: list[Message] = []
     interval = first_poll
     while pending:
         # Positional: flwr 1.43 renames the parameter (``reply_to_message_ids``).
         pulled = list(grid.pull_messages(set(pending)))
+        taken = 0
         for reply in pulled:
-            request = reply.metadata.reply_to_message_id
-            if request in pending:
-                pending.discard(request)
-                replies.append(reply)
-            else:
-                log(WARNING, "dropped a reply from node %s to request %s: not awaited "
-                    "(a second reply, or not ours)", reply.metadata.src_node_id, request)
+            answer = _answer(reply, requests, pending)
+            if answer is not None:
+                pending.discard(answer.metadata.reply_to_message_id)
+                replies.append(answer)
+                taken += 1
         if not pending:
             break
-        interval = first_poll if pulled else min(max_poll, interval * backoff)
+        # Replies come in bursts: poll fast while they flow. A phase that has run for
+        # long (slow subscribers) is polled at most once a second.
+        cap = max_poll if clock() - started < SLOW_PHASE_SECONDS else max(max_poll, 1.0)
+        interval = first_poll if taken else min(cap, interval * backoff)
         wait = interval if deadline is None else min(interval, deadline - clock())
         if wait <= 0:
             break
         sleep(wait)
     return replies
+
+
+def _answer(reply: Message, requests: dict[str, Message], pending: set[str]) -> Message | None:
+    """The reply as the strategy should see it, or None to drop it (logged)."""
+    request_id = reply.metadata.reply_to_message_id
+    if request_id not in pending:
+        log(WARNING, "dropped a reply from node %s to request %s: not awaited (a second "
+            "reply, or not ours)", reply.metadata.src_node_id, request_id)
+        return None
+    request = requests[request_id]
+    node = request.metadata.dst_node_id
+    if reply.metadata.src_node_id == node:
+        return reply
+    if reply.has_error():  # made by the SuperLink or the grid for this node
+        return Message(Error(code=reply.error.code, reason=reply.error.reason),
+                       reply_to=request)
+    log(WARNING, "dropped a reply to request %s: sent by node %s, but the request went to "
+        "node %s", request_id, reply.metadata.src_node_id, node)
+    return None
 
 
 class PollingGrid(Grid):
@@ -92,6 +128,9 @@ class PollingGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return self._grid.get_node_ids()
 
+    def get_nodes(self):  # type: ignore[no-untyped-def]  # flwr's NodeInfo list
+        return self._grid.get_nodes()
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
 
@@ -103,4 +142,4 @@ class PollingGrid(Grid):
         return exchange(self._grid, messages, timeout=timeout)
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        return getattr(self._grid, name)  # e.g. get_nodes, close (newer flwr)
+        return getattr(self._grid, name)  # e.g. close, and whatever newer flwr adds

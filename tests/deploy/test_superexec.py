@@ -7,6 +7,10 @@ End to end it runs in tests/deploy/test_deploy.py (``poi deploy up``'s default).
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import signal
+import sys
 import tomllib
 import types
 from pathlib import Path
@@ -15,6 +19,7 @@ import flwr
 import pytest
 
 from server.deploy import superexec as S
+from server.deploy.waits import CHECKED_FLWR
 
 
 def test_each_child_forgets_our_packages_and_keeps_everything_else() -> None:
@@ -55,7 +60,7 @@ def test_an_unchecked_flwr_release_runs_flowers_superexec_with_the_same_argument
 
 
 def test_the_installed_flwr_is_one_it_was_checked_against() -> None:
-    assert flwr.__version__ in S.CHECKED_FLWR
+    assert flwr.__version__ in CHECKED_FLWR
 
 
 def test_the_flwr_internals_it_uses_are_where_it_expects_them() -> None:
@@ -74,3 +79,60 @@ def test_the_flwr_internals_it_uses_are_where_it_expects_them() -> None:
     params = list(inspect.signature(run_clientapp).parameters)
     assert params[:4] == ["runtime_api_address", "token", "insecure", "certificates"]
     assert {"parent_pid", "runtime_dependency_install"} <= set(params)
+
+
+def test_parent_gone_as_flowers_monitor_judges_it() -> None:
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert S.parent_gone(proc.pid)  # exited and reaped
+    assert not S.parent_gone(os.getpid())
+    assert not S.parent_gone(None)  # no SuperNode named: nothing to watch
+
+
+def test_a_forked_child_starts_with_default_signals_and_no_superexec_exit_handlers() -> None:
+    from flwr.supercore.exit import exit_handler
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    exit_handler.add_exit_handler(lambda: None)
+    read, write = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: what ForkExecutor.launch does first
+            try:
+                S.reset_inherited_state()
+                state = {"sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+                         "exit_handlers": len(exit_handler.registered_exit_handlers)}
+                os.write(write, json.dumps(state).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as fh:
+            state = json.loads(fh.read())
+        os.waitpid(pid, 0)
+        assert state == {"sigterm_default": True, "exit_handlers": 0}
+        assert exit_handler.registered_exit_handlers  # the parent keeps its own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        exit_handler.registered_exit_handlers.pop()
+
+
+def test_threads_are_set_before_numpy_is_imported_and_refused_below_zero() -> None:
+    import subprocess
+
+    with pytest.raises(SystemExit):
+        S.parse_args(["--runtime-api-address", "a:1", "--threads", "-1"])
+    code = (
+        "import os, sys\n"
+        "from server.deploy import superexec as S\n"
+        "def probe():\n"
+        "    print('numpy' in sys.modules, os.environ.get('OMP_NUM_THREADS'))\n"
+        "    sys.exit(0)\n"
+        "S.unchecked_reason = probe\n"
+        "S.main(['--runtime-api-address', 'a:1', '--threads', '3'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in S.THREAD_ENV}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "3"]  # set, and NumPy not loaded yet

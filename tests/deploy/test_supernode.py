@@ -14,11 +14,24 @@ import flwr
 import pytest
 
 from server.deploy import supernode as S
+from server.deploy.waits import CHECKED_FLWR
 
 
 def _clock() -> tuple[S.BackoffClock, list[float]]:
     slept: list[float] = []
-    return S.BackoffClock(0.1, 0.05, sleep=slept.append), slept
+    return S.BackoffClock(0.1, 0.05, sleep=slept.append, jitter=lambda: 0.0), slept
+
+
+def test_idle_waits_are_jittered_by_at_most_a_fifth_and_the_backoff_is_not() -> None:
+    slept: list[float] = []
+    clock = S.BackoffClock(0.1, 0.05, sleep=slept.append)  # the real jitter
+    for _ in range(200):
+        clock.message_arrived()
+        clock.sleep(3)
+        clock.sleep(3)
+    firsts, seconds = slept[0::2], slept[1::2]
+    assert all(0.08 <= w <= 0.12 for w in firsts) and all(0.16 <= w <= 0.24 for w in seconds)
+    assert len(set(firsts)) > 100  # not in step across nodes
 
 
 def test_idle_waits_back_off_from_the_first_poll_to_flowers_three_seconds() -> None:
@@ -62,7 +75,7 @@ def test_bad_polls_are_refused() -> None:
 def test_the_flwr_internals_it_patches_are_where_it_expects_them() -> None:
     from flwr.supernode import start_client_internal as internal
 
-    assert flwr.__version__ in S.CHECKED_FLWR
+    assert flwr.__version__ in CHECKED_FLWR
     assert internal.time is time and callable(internal._pull_and_store_message)
     source = inspect.getsource(internal)
     assert "time.sleep(3)" in source and "time.sleep(0.5)" in source

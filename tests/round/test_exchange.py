@@ -167,9 +167,83 @@ def test_polling_grid_delegates_and_uses_the_fast_loop() -> None:
     clock = Clock()
     inner = ScriptedGrid(clock, {1: 0.0})
     inner.get_node_ids = lambda: [1]  # type: ignore[attr-defined]
+    inner.get_nodes = lambda: ["node-info"]  # type: ignore[attr-defined]
     inner.close = lambda: "closed"  # type: ignore[attr-defined]
     grid = PollingGrid(inner)  # type: ignore[arg-type]
     assert list(grid.get_node_ids()) == [1]
+    assert list(grid.get_nodes()) == ["node-info"]  # a concrete Grid method: delegated too
     assert grid.close() == "closed"  # anything else reaches the wrapped grid
     replies = list(grid.send_and_receive(_messages([1]), timeout=10))
     assert len(replies) == 1 and len(inner.pulls) == 1
+
+
+def _as_if_from(node: int, request: Message, *, error: bool) -> Message:
+    """A reply to ``request`` whose sender is ``node`` (1: the SuperLink)."""
+    twin = Message(RecordDict(), dst_node_id=node, message_type=request.metadata.message_type)
+    twin.metadata.__dict__["_message_id"] = request.metadata.message_id
+    if error:
+        return Message(Error(code=3, reason="node offline"), reply_to=twin)
+    return Message(RecordDict({"c": ConfigRecord({"node": node})}), reply_to=twin)
+
+
+def test_an_error_the_superlink_made_for_a_node_is_that_nodes_error() -> None:
+    """Flower's SuperLink answers for an offline node with its own node id (1) as the
+    sender; the strategy must record the failure against the node asked, not node 1."""
+    clock = Clock()
+
+    class Link(ScriptedGrid):
+        def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+            out = super().pull_messages(message_ids)
+            lost = next(m for m in self.requests.values() if m.metadata.dst_node_id == 2)
+            if lost.metadata.message_id in set(message_ids):
+                out.append(_as_if_from(1, lost, error=True))
+            return out
+
+    grid = Link(clock, {1: 0.0, 2: None})
+    replies = exchange(grid, _messages([1, 2]), timeout=30, clock=clock, sleep=clock.sleep)
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert set(by_node) == {1, 2}
+    assert by_node[2].has_error() and by_node[2].error.reason == "node offline"
+    assert by_node[2].error.code == 3
+    assert not by_node[1].has_error()
+    assert clock.now < 1  # an answer, not a wait for the timeout
+
+
+def test_a_reply_claiming_another_sender_is_dropped() -> None:
+    clock = Clock()
+
+    class Impostor(ScriptedGrid):
+        def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+            out = super().pull_messages(message_ids)
+            victim = next(m for m in self.requests.values() if m.metadata.dst_node_id == 2)
+            if victim.metadata.message_id in set(message_ids):
+                out.insert(0, _as_if_from(7, victim, error=False))
+            return out
+
+    grid = Impostor(clock, {1: 0.0, 2: 0.3})
+    replies = exchange(grid, _messages([1, 2]), timeout=30, clock=clock, sleep=clock.sleep)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2]
+    assert all(r.content["c"]["node"] == r.metadata.src_node_id for r in replies)
+
+
+def test_the_timeout_counts_from_the_end_of_the_push() -> None:
+    clock = Clock()
+
+    class SlowPush(ScriptedGrid):
+        def push_messages(self, messages: Iterable[Message]) -> list[str]:
+            clock.now += 5.0  # a push that takes longer than the timeout
+            return super().push_messages(messages)
+
+    grid = SlowPush(clock, {1: 5.5})
+    replies = exchange(grid, _messages([1]), timeout=2.0, clock=clock, sleep=clock.sleep)
+    assert len(replies) == 1 and clock.now <= 7.0
+
+
+def test_a_long_phase_is_polled_at_most_once_a_second() -> None:
+    clock = Clock()
+    grid = ScriptedGrid(clock, {1: 100.0})
+    exchange(grid, _messages([1]), timeout=200, clock=clock, sleep=clock.sleep)
+    late = [b - a for a, b in zip(grid.pulls, grid.pulls[1:]) if a > 40]
+    assert late and max(late) == pytest.approx(1.0)
+    early = [b - a for a, b in zip(grid.pulls, grid.pulls[1:]) if b < 29]
+    assert max(early) <= 0.2 + 1e-9
