@@ -9,6 +9,7 @@ optionally ``max-epsilon``, the privacy budget this subscriber refuses to exceed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import secrets
@@ -61,6 +62,7 @@ from client.task import (
     make_model,
     set_weights,
 )
+from client.wire import WireError, is_packed, pack, unpack
 from client.witness import (
     LedgerRefusal,
     SeenTree,
@@ -337,10 +339,22 @@ def _array_to_numpy(array: Any) -> np.ndarray:
     return array.numpy()  # type: ignore[no-any-return]
 
 
-def _arrays_to_numpy(record: object) -> dict[str, np.ndarray]:
+def _arrays_to_numpy(record: object, cfg: RunConfig | None = None) -> dict[str, np.ndarray]:
+    """A model or update from a request: packed (``client.wire``, laid out as this
+    subscriber's own task model, ``cfg``) or one Array per tensor."""
     if not isinstance(record, ArrayRecord):
         raise TypeError(f"expected an ArrayRecord, got {type(record).__name__}")
+    if is_packed(record):
+        if cfg is None:
+            raise WireError("a packed model where none was expected")
+        return unpack(record, _model_layout(cfg.hidden_units, cfg.activation))
     return {name: _array_to_numpy(array) for name, array in record.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _model_layout(hidden_units: int, activation: str) -> dict[str, np.ndarray]:
+    """The task model's tensor names and shapes (the values are not used)."""
+    return get_weights(make_model(hidden_units=hidden_units, activation=activation, seed=0))
 
 
 def _num(value: object) -> float:
@@ -371,9 +385,14 @@ def train(msg: Message, context: Context) -> Message:
     except LedgerRefusal as exc:
         return _error(msg, P.ERROR_LEDGER, str(exc))
     config = _config(msg)
-    global_weights = _arrays_to_numpy(msg.content[P.ARRAYS])
-    server_round = int(_num(config[P.SERVER_ROUND]))
     cfg = subscriber.config
+    try:
+        global_weights = _arrays_to_numpy(msg.content[P.ARRAYS], cfg)
+    except (KeyError, TypeError, WireError) as exc:
+        return _error(msg, P.ERROR_REQUEST, f"train request: the model does not fit the task "
+                      f"model: {exc}")
+    packed = is_packed(msg.content.array_records[P.ARRAYS])
+    server_round = int(_num(config[P.SERVER_ROUND]))
     if duty is not None and tensors_digest(global_weights) != str(config.get(P.BASE_DIGEST)):
         return _error(msg, P.ERROR_REQUEST,
                       f"base-digest {config.get(P.BASE_DIGEST)!r} is not the digest of the "
@@ -459,7 +478,10 @@ def train(msg: Message, context: Context) -> Message:
         P.PARTITION_ID: subscriber.partition_id,
     })
     content = RecordDict({
-        P.ARRAYS: ArrayRecord({k: _to_array(v) for k, v in payload.items()}),
+        # packed as the request was (client.wire); Flower's own strategies send and
+        # average one Array per tensor
+        P.ARRAYS: (pack(payload) if packed
+                   else ArrayRecord({k: _to_array(v) for k, v in payload.items()})),
         P.METRICS: metrics,
     })
     if duty is not None:
@@ -597,11 +619,20 @@ def vote(msg: Message, context: Context) -> Message:
     config = _config(msg)
     candidate_ids = [str(c) for c in config.get(P.CANDIDATE_IDS, [])]  # type: ignore[union-attr]
     authors = [str(a) for a in config.get(P.CANDIDATE_AUTHORS, [])]  # type: ignore[union-attr]
-    base = _arrays_to_numpy(msg.content[P.ARRAYS])
+    cfg = subscriber.config
     try:
-        deltas = [_arrays_to_numpy(msg.content[P.CANDIDATE_PREFIX + c]) for c in candidate_ids]
+        base = _arrays_to_numpy(msg.content[P.ARRAYS], cfg)
+    except (KeyError, TypeError, WireError) as exc:
+        return _error(msg, P.ERROR_REQUEST, f"vote request: the model does not fit the task "
+                      f"model: {exc}")
+    try:
+        deltas = [_arrays_to_numpy(msg.content[P.CANDIDATE_PREFIX + c], cfg)
+                  for c in candidate_ids]
     except (KeyError, TypeError) as exc:
         return _error(msg, P.ERROR_REQUEST, f"vote request lacks the update of candidate {exc}")
+    except WireError as exc:
+        return _error(msg, P.ERROR_REQUEST, f"vote request: a candidate does not fit the task "
+                      f"model: {exc}")
     if duty is not None:
         for candidate, delta in zip(candidate_ids, deltas, strict=True):
             if tensors_digest(delta) != candidate:
@@ -659,7 +690,7 @@ def _marginal_vote(msg: Message, context: Context, config: ConfigRecord,
     including it in the trusted set's mean lowers the loss on this subscriber's data.
     Signs one ``ballot`` entry naming the digest of the trusted mean it was sent."""
     try:
-        trusted_mean = _arrays_to_numpy(msg.content[P.TRUSTED_MEAN])
+        trusted_mean = _arrays_to_numpy(msg.content[P.TRUSTED_MEAN], subscriber.config)
         trusted_size = int(_num(config[P.TRUSTED_SIZE]))
         trusted_ids = [str(c) for c in config.get(P.TRUSTED_IDS, [])]  # type: ignore[union-attr]
     except (KeyError, TypeError, ValueError) as exc:

@@ -94,6 +94,19 @@ class InProcessGrid:
         return exchange(self, messages, timeout=timeout)
 
 
+def reply_tensors(record: Any, hidden_units: int = 32, activation: str = "square") -> dict[str, Any]:
+    """The tensors of a reply's ArrayRecord: packed (``client.wire``, laid out as the task
+    model) as PoI's subscribers send them, or one Array per tensor."""
+    from client.task import get_weights, make_model
+    from client.wire import is_packed, unpack
+    from server.round.strategy import arrays_to_numpy
+
+    if is_packed(record):
+        layout = get_weights(make_model(hidden_units=hidden_units, activation=activation, seed=0))
+        return unpack(record, layout)
+    return arrays_to_numpy(record)
+
+
 def make_contexts(run_config: dict[str, Any], num_nodes: int, **node_extra: Any) -> dict[int, Any]:
     from flwr.app import Context, RecordDict
 

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from client import protocol as P
 from client.marginal import MAX_MARGINAL, trusted_digest
+from client.wire import WireError, is_packed, pack, unpack
 from client.witness import MICRO, to_micro
 from crypto.digests import canonical_tensor_bytes, tensors_digest
 from server.round import marginal, selection
@@ -174,6 +175,7 @@ class ProofOfIntelligence(FedAvg):
         self._admitted: set[str] = set()
         self._labels: dict[str, str] = {}  # node id -> author label, bound on first claim
         self._reference_bytes = 0
+        self._reference: dict[str, np.ndarray] = {}  # this round's model: the packed layout
         self.vote_state = VoteState()
         if config.vote_rule == "marginal" and (ledger is None or market is None):
             raise ValueError("vote-rule marginal: expected a ledger and a market (the "
@@ -221,7 +223,9 @@ class ProofOfIntelligence(FedAvg):
             # --- TRAIN (subscribers) -----------------------------------------
             # -----------------------------------------------------------------
             t0 = time.perf_counter()
-            replies = exchange(grid, self._train_messages(arrays, train_config, grid),
+            self._reference = weights
+            wire = pack(weights)  # one Array per model on our messages (client.wire)
+            replies = exchange(grid, self._train_messages(wire, train_config, grid),
                                timeout=timeout)
             record.phase_seconds["train"] = time.perf_counter() - t0
 
@@ -238,10 +242,10 @@ class ProofOfIntelligence(FedAvg):
             # -----------------------------------------------------------------
             base_weights = weights
             if self.config.vote_rule == "marginal":
-                chosen = self._marginal_round(grid, server_round, arrays, weights, candidates,
+                chosen = self._marginal_round(grid, server_round, wire, weights, candidates,
                                               deltas, record, timeout)
             else:
-                chosen = self._single_round(grid, server_round, arrays, candidates, deltas,
+                chosen = self._single_round(grid, server_round, wire, candidates, deltas,
                                             replies, record, timeout, train_config)
 
             # -----------------------------------------------------------------
@@ -448,8 +452,8 @@ class ProofOfIntelligence(FedAvg):
         for candidate_id, members in committees.items():
             by_id[candidate_id].voters = list(members)
         assigned = selection.ballots(committees)
-        mean_record = numpy_to_arrays(trusted_mean)
-        encoded = {c: numpy_to_arrays(deltas[c]) for c in by_id}  # once, not per voter
+        mean_record = pack(trusted_mean)
+        encoded = {c: pack(deltas[c]) for c in by_id}  # once, not per voter
         messages = []
         for voter, ballot in assigned.items():
             vote_config = ConfigRecord({
@@ -683,6 +687,11 @@ class ProofOfIntelligence(FedAvg):
             declared = _declared_nbytes(name, bytes(array.data))
             if declared > budget:
                 raise Rejected(f"{name}: declares {declared} bytes, expected at most {budget}")
+        if is_packed(record):  # as our train request was (client.wire)
+            try:
+                return unpack(record, self._reference)
+            except WireError as exc:
+                raise Rejected(str(exc)) from exc
         try:
             update = arrays_to_numpy(record)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is the sender's fault
@@ -722,7 +731,7 @@ class ProofOfIntelligence(FedAvg):
         for candidate_id, members in committees.items():
             by_id[candidate_id].voters = list(members)
         assigned = selection.ballots(committees)
-        encoded = {c: numpy_to_arrays(deltas[c]) for c in by_id}  # once, not per voter
+        encoded = {c: pack(deltas[c]) for c in by_id}  # once, not per voter
         messages = []
         for voter, ballot in assigned.items():
             vote_config = ConfigRecord({

@@ -24,7 +24,7 @@ from server.market.replay import read_market, replay, replay_vote, settlement_of
 from server.market.settlement import FORFEIT_SCORE
 from server.round.strategy import arrays_to_numpy, numpy_to_arrays
 from server.server_app import run_task
-from tests.conftest import InProcessGrid, make_contexts, set_task_identity
+from tests.conftest import InProcessGrid, make_contexts, reply_tensors, set_task_identity
 
 HANDLERS = {"train": train, P.VOTE_MESSAGE_TYPE: vote}
 
@@ -195,7 +195,7 @@ def test_marginals_are_clamped_so_one_crafted_update_cannot_block_the_market(
     def tamper(node: int, reply: Message) -> Message:
         if node in (1001, 1003, 1005) and reply.metadata.message_type == "train" \
                 and not reply.has_error():
-            crafted = _crafted_update(arrays_to_numpy(reply.content[P.ARRAYS]))
+            crafted = _crafted_update(reply_tensors(reply.content[P.ARRAYS]))
             crafted["fc2.bias"][node % 10] = np.float32(1e-3 * node)  # distinct digests
             _resign(tmp_path, node, reply, crafted)
         return reply

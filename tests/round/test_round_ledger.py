@@ -24,7 +24,7 @@ from server.round.ledger_writer import RoundLedger
 from server.round.selection import assign_committees
 from server.round.strategy import PoIConfig, ProofOfIntelligence, arrays_to_numpy, numpy_to_arrays
 from server.server_app import make_central_evaluate, train_config_for
-from tests.conftest import InProcessGrid, make_contexts
+from tests.conftest import InProcessGrid, make_contexts, reply_tensors
 
 HANDLERS = {"train": train, P.VOTE_MESSAGE_TYPE: vote}
 
@@ -108,7 +108,7 @@ def test_a_tampered_signed_digest_is_rejected_and_the_round_goes_on(tmp_path: Pa
 
     def tamper(node: int, reply: Message) -> Message:
         if node == 1001 and reply.metadata.message_type == "train":
-            arrays = arrays_to_numpy(reply.content[P.ARRAYS])
+            arrays = reply_tensors(reply.content[P.ARRAYS])
             name = next(iter(arrays))
             arrays[name] = arrays[name] * 0.5  # the update no longer matches its signature
             reply.content[P.ARRAYS] = numpy_to_arrays(arrays)

@@ -7,15 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from client import protocol as P
 from client.client_app import train, vote
 from client.config import RunConfig
 from client.task import make_model
+from client.wire import PACKED
 from server.round.strategy import PoIConfig, ProofOfIntelligence, arrays_to_numpy, numpy_to_arrays
 from server.server_app import make_central_evaluate, train_config_for
-from tests.conftest import InProcessGrid, make_contexts
+from tests.conftest import InProcessGrid, make_contexts, reply_tensors
 
 HANDLERS = {"train": train, P.VOTE_MESSAGE_TYPE: vote}
 
@@ -57,7 +58,7 @@ def test_top_k_applies_the_mean_of_the_best_k() -> None:
 
     def keep(node: int, reply: Message) -> Message:
         if not reply.has_error() and P.ARRAYS in reply.content:
-            captured.append(arrays_to_numpy(reply.content[P.ARRAYS]))
+            captured.append(reply_tensors(reply.content[P.ARRAYS]))
         return reply
 
     strategy, result, _ = _run(run, rounds=1, tamper=keep, poi=PoIConfig(vote_rule="single", top_k=2, seed=2))
@@ -80,7 +81,16 @@ def _garbage_reply(kind: str, reply: Message) -> Message:
     if kind == "error":
         return Message(Error(code=7, reason="disk on fire"), reply_to=_origin(reply))
     content = reply.content
-    arrays = arrays_to_numpy(content[P.ARRAYS])
+    if kind.startswith("packed-"):  # PoI's own wire form (client.wire), malformed
+        flat = content[P.ARRAYS][PACKED].numpy()
+        bad = {"packed-short": flat[:-1], "packed-float64": flat.astype(np.float64),
+               "packed-2d": flat.reshape(1, -1)}[kind]
+        record = ArrayRecord({PACKED: Array(bad)})
+        if kind == "packed-short":
+            record = ArrayRecord({PACKED: Array(bad), "extra": Array(flat[:1])})
+        return Message(RecordDict({P.ARRAYS: record, P.METRICS: content[P.METRICS]}),
+                       reply_to=_origin(reply))
+    arrays = reply_tensors(content[P.ARRAYS])  # then sent back one Array per tensor
     name = next(iter(arrays))
     if kind == "nan":
         arrays[name] = arrays[name].copy()
@@ -117,7 +127,8 @@ def _origin(reply: Message) -> Message:
 
 
 def test_malformed_replies_are_rejected_with_reasons_and_the_round_goes_on() -> None:
-    kinds = ["error", "nan", "shape", "dtype", "missing", "huge", "no-metrics"]
+    kinds = ["error", "nan", "shape", "dtype", "missing", "huge", "no-metrics",
+             "packed-short", "packed-float64", "packed-2d"]
     run = {"num-subscribers": len(kinds) + 2, "partitioner": "iid", "seed": 3}
     node_kind = {1000 + i: kind for i, kind in enumerate(kinds)}
 
@@ -151,7 +162,11 @@ def test_malformed_replies_are_rejected_with_reasons_and_the_round_goes_on() -> 
     assert "missing" in reasons["1004"]
     assert "exceeds the bound max-update-norm" in reasons["1005"]
     assert "expected a MetricRecord 'metrics'" in reasons["1006"]
-    assert {c.author for c in record.candidates} == {"7", "8"}
+    assert "fc1.weight" in reasons["1007"]  # packed with an extra key: per-tensor names
+    assert "packed model: expected one float32 vector of 2410 values" in reasons["1008"]
+    assert "got dtype float64 shape (2410,)" in reasons["1008"]
+    assert "got dtype float32 shape (1, 2410)" in reasons["1009"]
+    assert {c.author for c in record.candidates} == {"10", "11"}
     assert record.selected
     bad_votes = [v for v in record.rejected_votes if v["voter"] == "1000"]
     assert bad_votes and "expected candidates" in bad_votes[0]["reason"]
