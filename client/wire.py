@@ -23,6 +23,7 @@ float32 is sent as before.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 
 import numpy as np
@@ -57,10 +58,38 @@ def is_packed(record: ArrayRecord) -> bool:
     return list(record.keys()) == [PACKED]
 
 
+def _decode_vector(data: bytes, expected: int) -> np.ndarray:
+    """The ``.npy`` payload of a packed model, read strictly and without ``np.load``: its
+    header must declare exactly ``<f4``, C order and shape ``(expected,)``, and exactly
+    ``4 * expected`` bytes must follow. A header may declare any shape; nothing is
+    allocated before it has been checked."""
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buffer)
+        else:
+            raise ValueError(f"version {version}")
+    except Exception as exc:  # noqa: BLE001 - any header failure is the sender's fault
+        raise WireError(f"packed model: not a plain .npy vector ({type(exc).__name__}: "
+                        f"{exc})") from exc
+    if dtype != np.dtype("<f4") or fortran or tuple(shape) != (expected,):
+        raise WireError(f"packed model: the data declares dtype {dtype.str} shape "
+                        f"{tuple(shape)}{' (Fortran order)' if fortran else ''}, expected "
+                        f"<f4 ({expected},)")
+    offset = buffer.tell()
+    if len(data) - offset != 4 * expected:
+        raise WireError(f"packed model: expected {4 * expected} bytes of data after the "
+                        f"header, got {len(data) - offset}")
+    return np.frombuffer(data, dtype="<f4", offset=offset).astype(np.float32)  # a copy
+
+
 def unpack(record: ArrayRecord, layout: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The tensors of a packed ``record``, shaped as ``layout`` (the receiver's own
     model). Raises :class:`WireError` unless it is exactly one float32 vector of the
-    model's size; checks the declared size before decoding anything."""
+    model's size, in the Array's description and in its ``.npy`` header alike."""
     if not is_packed(record):
         raise WireError(f"expected one packed array '{PACKED}', got {sorted(record.keys())}")
     array = record[PACKED]
@@ -71,16 +100,7 @@ def unpack(record: ArrayRecord, layout: Mapping[str, np.ndarray]) -> dict[str, n
         model = ", ".join(f"{n} {tuple(np.asarray(layout[n]).shape)}" for n in names)
         raise WireError(f"packed model: expected one float32 vector of {expected} values "
                         f"({model}), got dtype {array.dtype} shape {shape}")
-    if len(array.data) > 4 * expected + 4096:  # the .npy header is about 128 bytes
-        raise WireError(f"packed model: expected at most {4 * expected + 4096} bytes, got "
-                        f"{len(array.data)}")
-    try:
-        flat = array.numpy()
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is the sender's fault
-        raise WireError(f"packed model cannot be decoded: {type(exc).__name__}: {exc}") from exc
-    if flat.dtype != np.float32 or flat.shape != (expected,):
-        raise WireError(f"packed model: expected {expected} float32 values, the data holds "
-                        f"{flat.dtype} {flat.shape}")
+    flat = _decode_vector(bytes(array.data), expected)
     pieces: dict[str, np.ndarray] = {}
     offset = 0
     for name in names:

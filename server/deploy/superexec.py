@@ -29,8 +29,11 @@ a message's arrays after 0.05 s instead of 1 s (:mod:`server.deploy.waits`: the 
 often asks before its SuperNode has them). The SuperExec itself exits within a second
 of its SuperNode (checked by a timer signal, not a thread). A child inherits the
 SuperExec's open sockets (the Runtime API on 127.0.0.1, which any local process can
-reach anyway) and its preloaded NumPy, torch and Opacus: an app that ships other
-versions of those gets these, as it would with runtime dependency installation off.
+reach anyway), a copy of its memory (which holds no secret of its own, but may hold the
+task tokens it fetched for other ClientApps running at the same time: run one tenant's
+tasks per SuperNode, as ``poi deploy`` does) and its preloaded NumPy, torch and Opacus:
+an app that ships other versions of those gets these, as it would with runtime
+dependency installation off.
 
   python -m server.deploy.superexec --runtime-api-address 127.0.0.1:9094 --insecure \\
       [--parent-pid PID] [--preload numpy,torch,opacus,...]
@@ -211,8 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     # The SuperNode is watched by a timer signal, not a thread (threads and fork do not
     # mix): it fires even while the loop is stuck retrying a call to a dead SuperNode.
     def watch(signum: int, frame: object) -> None:
-        if parent_gone(parent):
-            print(f"poi superexec: SuperNode {parent} is gone; exiting", flush=True)
+        if parent_gone(parent):  # os.write: print is not reentrant in a signal handler
+            os.write(2, f"poi superexec: SuperNode {parent} is gone; exiting\n".encode())
             os._exit(0)
 
     if parent is not None:

@@ -7,7 +7,10 @@ the subscribers did. :func:`exchange` pulls after ``first_poll`` seconds, backs 
 ``backoff`` to at most ``max_poll`` while nothing comes (the first pull is at once), returns to ``first_poll`` as soon
 as a reply arrives, and stops at the first complete set of replies or at the timeout.
 
-Lost replies are handled as Flower handles them: a node that went away gets an error
+A node that registers its reply but never uploads the reply's arrays holds
+``pull_messages`` (Flower downloads a reply's arrays before returning it) until the
+SuperLink gives up on the upload, whatever ``timeout`` says; ``send_and_receive`` has
+the same limit. Lost replies are handled as Flower handles them: a node that went away gets an error
 reply from the SuperLink (which counts as an answer), a node that never answers is
 waited for until ``timeout``, and whatever came by then is returned. A second reply to
 the same request (never sent by Flower) is dropped, not returned twice; an error the
@@ -58,8 +61,12 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float | None,
     sleep = sleep or getattr(grid, "sleep", None) or time.sleep
     messages = list(messages)
     accepted = {str(i) for i in grid.push_messages(messages) if i}
-    # The grid stamps each message with its id as it pushes it.
+    # The grid stamps each message with its id as it pushes it (flwr 1.41/1.42 do).
     requests = {m.metadata.message_id: m for m in messages if m.metadata.message_id in accepted}
+    if len(requests) != len(accepted):
+        raise RuntimeError(f"the grid accepted {len(accepted)} messages but stamped "
+                           f"{len(requests)} of them with those ids: cannot tell which "
+                           "node a reply answers")
     pending = set(requests)
     started = clock()
     deadline = None if timeout is None else started + timeout

@@ -79,13 +79,48 @@ def test_anything_that_does_not_fit_the_task_model_is_refused(bad: ArrayRecord, 
         unpack(bad, MODEL)
 
 
-def test_a_payload_larger_than_the_model_is_refused_before_decoding() -> None:
-    record = pack(MODEL)
-    array = record[PACKED]
-    lying = Array(dtype=array.dtype, shape=array.shape, stype=array.stype,
-                  data=bytes(array.data) + b"\0" * (1 << 20))
-    with pytest.raises(WireError, match="expected at most"):
-        unpack(ArrayRecord({PACKED: lying}), MODEL)
+def _npy(header: dict | None = None, array: np.ndarray | None = None, *, version=(1, 0),
+         extra: bytes = b"") -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    if array is not None:
+        np.lib.format.write_array(buffer, array, version=version)
+    else:
+        np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + extra
+
+
+def _honest_description(data: bytes) -> ArrayRecord:
+    """An Array whose dtype/shape say: one float32 vector of the model's size, whatever
+    its bytes hold."""
+    return ArrayRecord({PACKED: Array(dtype="float32", shape=(2410,), stype="numpy.ndarray",
+                                      data=data)})
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    (_npy({"descr": "<f4", "fortran_order": False, "shape": (10**12,)}),
+     "declares dtype <f4 shape \(1000000000000,\)"),
+    (_npy(array=np.zeros(2410, ">f4")), "declares dtype >f4"),
+    (_npy(array=np.zeros(2410, np.float64)), "declares dtype <f8"),
+    (_npy(array=np.zeros(2410, object)), "not a plain .npy vector|declares dtype \|O"),
+    (_npy(array=np.asfortranarray(np.zeros((2410, 1), np.float32))), "Fortran order|shape"),
+    (_npy(array=np.zeros(2410, np.float32), version=(3, 0)), "not a plain .npy vector"),
+    (_npy(array=np.zeros(2409, np.float32)), "shape \(2409,\)"),
+    (_npy(array=np.zeros(2410, np.float32), extra=b"\0" * (1 << 20)), "expected 9640 bytes"),
+    (_npy(array=np.zeros(2410, np.float32))[:-4], "expected 9640 bytes .* got 9636"),
+    (b"not an npy file at all", "not a plain .npy vector"),
+])
+def test_a_header_that_lies_is_refused_before_anything_is_allocated(data: bytes, match: str) -> None:
+    with pytest.raises(WireError, match=match):
+        unpack(_honest_description(data), MODEL)
+
+
+def test_the_honest_form_of_the_same_bytes_decodes() -> None:
+    flat = np.arange(2410, dtype=np.float32)
+    out = unpack(_honest_description(_npy(array=flat)), MODEL)
+    assert sum(v.size for v in out.values()) == 2410
+    assert all(v.flags.writeable for v in out.values())  # a copy, not a view of the wire
 
 
 def _train(content_arrays: ArrayRecord) -> Message:

@@ -136,3 +136,24 @@ def test_threads_are_set_before_numpy_is_imported_and_refused_below_zero() -> No
                          env=env, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "3"]  # set, and NumPy not loaded yet
+
+
+def test_fast_object_pulls_shorten_the_waits_but_keep_flowers_time_limit() -> None:
+    from flwr.supercore.inflatable import inflatable_utils as utils
+
+    from server.deploy.waits import fast_object_pulls
+
+    functions = (utils.pull_objects, utils.pull_and_inflate_object_from_tree)
+    saved = [dict(f.__kwdefaults__) for f in functions]
+    try:
+        fast_object_pulls(cap=0.2)
+        for function in functions:
+            defaults = function.__kwdefaults__
+            assert defaults["initial_backoff"] == 0.05 and defaults["backoff_cap"] == 0.2
+            assert defaults["max_tries_per_object"] is None  # 500 tries would be 100 s now
+            assert defaults["max_time"] == 7200  # Flower's own limit stays
+        with pytest.raises(ValueError, match="expected 0 < first <= cap"):
+            fast_object_pulls(first=2, cap=1)
+    finally:
+        for function, defaults in zip(functions, saved, strict=True):
+            function.__kwdefaults__.update(defaults)

@@ -247,3 +247,12 @@ def test_a_long_phase_is_polled_at_most_once_a_second() -> None:
     assert late and max(late) == pytest.approx(1.0)
     early = [b - a for a, b in zip(grid.pulls, grid.pulls[1:]) if b < 29]
     assert max(early) <= 0.2 + 1e-9
+
+
+def test_a_grid_that_does_not_stamp_message_ids_is_refused() -> None:
+    class Unstamped(ScriptedGrid):
+        def push_messages(self, messages: Iterable[Message]) -> list[str]:
+            return [f"id-{n}" for n, _ in enumerate(messages)]  # ids not on the messages
+
+    with pytest.raises(RuntimeError, match="cannot tell which node a reply answers"):
+        exchange(Unstamped(Clock(), {1: 0.0}), _messages([1]), timeout=1)
