@@ -77,7 +77,7 @@ def up(
              "(FLWR_SUPEREXEC_TASK_POLL_INTERVAL; Flower's default: 1).")] =
         D.DEFAULT_EXEC_POLL_SECONDS,
     node_poll: Annotated[float, typer.Option(
-        help="Each SuperNode's first wait after an empty pull, doubling to Flower's 3 s "
+        help="Each SuperNode's first wait after an empty pull, growing by half to Flower's 3 s "
              "(python -m server.deploy.supernode); 0: Flower's flower-supernode as it is "
              "(a flat 3 s).")] = D.DEFAULT_NODE_POLL_SECONDS,
     partitioner: Annotated[str, typer.Option(help="iid or dirichlet (node data files).")] =

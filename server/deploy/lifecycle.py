@@ -59,7 +59,7 @@ ISOLATIONS = ("subprocess", "process")
 WARM_SUPEREXEC = (sys.executable, "-m", "server.deploy.superexec", "--threads", "1")
 # FLWR_SUPEREXEC_TASK_POLL_INTERVAL for every SuperExec `up` starts (Flower's default: 1 s).
 DEFAULT_EXEC_POLL_SECONDS = 0.1
-# The SuperNode's first idle wait after an empty pull (server.deploy.supernode; doubles
+# The SuperNode's first idle wait after an empty pull (server.deploy.supernode; grows by half
 # to Flower's 3 s). None or 0: Flower's flower-supernode as it is (a flat 3 s).
 DEFAULT_NODE_POLL_SECONDS = 0.1
 
