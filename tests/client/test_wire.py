@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 from client import protocol as P
 from client.client_app import train, vote
 from client.task import get_weights, make_model
-from client.wire import PACKED, WireError, is_packed, pack, unpack
+from client.wire import PACKED, PACKED_FLOAT64, WireError, is_packed, pack, unpack
 from crypto.digests import tensors_digest
 from server.round.strategy import numpy_to_arrays
 from tests.conftest import make_contexts
@@ -59,9 +59,30 @@ def test_a_model_is_one_array_on_the_wire_and_messages_shrink() -> None:
     packed = {name: pack(m) for name, m in models.items()}
     assert objects(a=plain["a"]) == 12 and objects(a=packed["a"]) == 6
     assert objects(**plain) == 39 and objects(**packed) == 15  # a vote with 2 candidates
+    # the marginal vote's trusted mean is float64: packed too, under its own key
+    mean = {k: v.astype(np.float64) for k, v in models["b"].items()}
+    packed["b"] = pack(mean)
+    assert list(packed["b"].keys()) == [PACKED_FLOAT64]
+    assert objects(**packed) == 15
 
 
-def test_a_mapping_that_is_not_all_float32_travels_as_before() -> None:
+def test_a_float64_mapping_round_trips_under_its_own_key() -> None:
+    rng = np.random.default_rng(1)
+    mean = {k: rng.normal(size=v.shape) for k, v in MODEL.items()}  # float64
+    out = unpack(pack(mean), MODEL)  # the layout's own dtype does not matter
+    assert all(out[k].dtype == np.float64 for k in out)
+    assert tensors_digest(out) == tensors_digest(mean)
+    wrong = ArrayRecord({PACKED_FLOAT64: Array(np.zeros(2410, np.float32))})
+    with pytest.raises(WireError, match="expected one float64 vector of 2410 values"):
+        unpack(wrong, MODEL)
+    lying = ArrayRecord({PACKED_FLOAT64: Array(dtype="float64", shape=(2410,),
+                                               stype="numpy.ndarray",
+                                               data=_npy(array=np.zeros(2410, np.float32)))})
+    with pytest.raises(WireError, match="declares dtype <f4 .* expected <f8"):
+        unpack(lying, MODEL)
+
+
+def test_a_mapping_of_mixed_dtypes_travels_as_before() -> None:
     record = pack({"w": np.zeros(3, np.float32), "steps": np.zeros(1, np.int64)})
     assert not is_packed(record) and sorted(record.keys()) == ["steps", "w"]
 
