@@ -282,10 +282,11 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {mode} | {t['flwr_imported']:.2f} | {t['app_imported']:.2f} | "
                          f"{t['first_step']:.2f} | {v['reply']:.2f} |")
         fresh, warm = s["medians"]["fresh"], s["medians"]["warm fork"]
+        eager = s["medians"]["fresh, opacus eager"]
         lines += ["", f"First train step, warm fork / fresh: "
                   f"{warm['train']['first_step'] / fresh['train']['first_step']:.3f}; vote "
                   f"reply, fresh / fresh with eager Opacus: "
-                  f"{fresh['vote']['reply'] / s['medians']['fresh, opacus eager']['vote']['reply']:.2f}",
+                  f"{fresh['vote']['reply'] / eager['vote']['reply']:.2f}",
                   ""]
     if "rounds" in results:
         rows = results["rounds"]

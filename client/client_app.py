@@ -351,6 +351,16 @@ def _arrays_to_numpy(record: object, cfg: RunConfig | None = None) -> dict[str, 
     return {name: _array_to_numpy(array) for name, array in record.items()}
 
 
+def _request_model(msg: Message, cfg: RunConfig, request: str) -> dict[str, np.ndarray]:
+    """The model a train or vote request carries; :class:`WireError` naming the request
+    when it is missing or does not fit the task model."""
+    try:
+        return _arrays_to_numpy(msg.content[P.ARRAYS], cfg)
+    except (KeyError, TypeError, WireError) as exc:
+        raise WireError(f"{request} request: the model does not fit the task model: "
+                        f"{exc}") from exc
+
+
 @functools.lru_cache(maxsize=8)
 def _model_layout(hidden_units: int, activation: str) -> dict[str, np.ndarray]:
     """The task model's tensor names and shapes (the values are not used)."""
@@ -387,10 +397,9 @@ def train(msg: Message, context: Context) -> Message:
     config = _config(msg)
     cfg = subscriber.config
     try:
-        global_weights = _arrays_to_numpy(msg.content[P.ARRAYS], cfg)
-    except (KeyError, TypeError, WireError) as exc:
-        return _error(msg, P.ERROR_REQUEST, f"train request: the model does not fit the task "
-                      f"model: {exc}")
+        global_weights = _request_model(msg, cfg, "train")
+    except WireError as exc:
+        return _error(msg, P.ERROR_REQUEST, str(exc))
     packed = is_packed(msg.content.array_records[P.ARRAYS])
     server_round = int(_num(config[P.SERVER_ROUND]))
     if duty is not None and tensors_digest(global_weights) != str(config.get(P.BASE_DIGEST)):
@@ -621,10 +630,9 @@ def vote(msg: Message, context: Context) -> Message:
     authors = [str(a) for a in config.get(P.CANDIDATE_AUTHORS, [])]  # type: ignore[union-attr]
     cfg = subscriber.config
     try:
-        base = _arrays_to_numpy(msg.content[P.ARRAYS], cfg)
-    except (KeyError, TypeError, WireError) as exc:
-        return _error(msg, P.ERROR_REQUEST, f"vote request: the model does not fit the task "
-                      f"model: {exc}")
+        base = _request_model(msg, cfg, "vote")
+    except WireError as exc:
+        return _error(msg, P.ERROR_REQUEST, str(exc))
     try:
         deltas = [_arrays_to_numpy(msg.content[P.CANDIDATE_PREFIX + c], cfg)
                   for c in candidate_ids]

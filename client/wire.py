@@ -3,7 +3,8 @@
 Flower sends every record, Array and Array chunk of a message as an object of its own:
 in a deployment, one HTTPS request each. Our task model has 4 tensors, so a train
 message was 12 objects and a vote message with the base model, the trusted mean and 2
-candidates 39 (now 6 and 15); on 2 busy cores pulling those objects was the largest part of a deployed
+candidates 39 (now 6 and 15); on 2 busy cores pulling those objects was the largest
+part of a deployed
 vote phase (docs/deployment.md "Latency").
 
 :func:`pack` sends a name -> tensor mapping whose tensors share one dtype, float32 (a
@@ -26,22 +27,24 @@ dtypes is sent as before.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
 PACKED = "poi.packed-float32"
 PACKED_FLOAT64 = "poi.packed-float64"
-PACKED_KEYS = {PACKED: np.dtype("<f4"), PACKED_FLOAT64: np.dtype("<f8")}
+PACKED_KEYS: dict[str, np.dtype[Any]] = {PACKED: np.dtype("<f4"),
+                                          PACKED_FLOAT64: np.dtype("<f8")}
 
 
 class WireError(ValueError):
     """A packed model that does not fit the task model."""
 
 
-def _order(names: object) -> list[str]:
-    return sorted(names, key=lambda n: n.encode("utf-8"))  # type: ignore[attr-defined]
+def _order(names: Iterable[str]) -> list[str]:
+    return sorted(names, key=lambda n: n.encode("utf-8"))
 
 
 def _key_for(tensors: Mapping[str, np.ndarray]) -> str | None:
@@ -73,7 +76,7 @@ def is_packed(record: ArrayRecord) -> bool:
     return len(keys) == 1 and keys[0] in PACKED_KEYS
 
 
-def _decode_vector(data: bytes, expected: int, dtype: np.dtype) -> np.ndarray:
+def _decode_vector(data: bytes, expected: int, dtype: np.dtype[Any]) -> np.ndarray:
     """The ``.npy`` payload of a packed model, read strictly and without ``np.load``: its
     header must declare exactly ``dtype``, C order and shape ``(expected,)``, and exactly
     ``expected * itemsize`` bytes must follow. A header may declare any shape; nothing is

@@ -11,7 +11,8 @@ child runs Flower's own ``run_clientapp`` (same Runtime API, same token protocol
 error replies, the app loaded from the run's FAB as Flower loads it), so each ClientApp
 still runs in a process of its own and nothing of one message survives into the next.
 Only third-party modules are preloaded, and each child forgets every module of ours
-(``client``, ``crypto``, ``ledger``, ``server``) before it loads the app (:func:`forget_packages`): the app's code
+(``client``, ``crypto``, ``ledger``, ``server``) before it loads the app
+(:func:`forget_packages`): the app's code
 always comes from the FAB that was submitted, not from whatever this interpreter has
 installed.
 
@@ -74,11 +75,10 @@ def forget_packages(packages: tuple[str, ...] = APP_PACKAGES,
     own, installed copy of our code, imported to run this file), so that the app loaded
     next imports them from the FAB. By name, not by path: an installed copy lives in
     site-packages beside torch, which must stay. Returns the names dropped."""
-    modules = sys.modules if modules is None else modules  # type: ignore[assignment]
-    dropped = sorted(name for name in modules
-                     if name.partition(".")[0] in packages)
+    table: dict[str, object] = sys.modules if modules is None else modules  # type: ignore[assignment]
+    dropped = sorted(name for name in table if name.partition(".")[0] in packages)
     for name in dropped:
-        del modules[name]
+        del table[name]
     return dropped
 
 

@@ -11,7 +11,8 @@ This launcher runs Flower's own ``flower-supernode`` entry point (same arguments
 behaviour otherwise) with three waits changed:
 
 - the idle wait after an empty pull starts at ``--idle-poll`` seconds (0.1) and grows by
-  half (:data:`IDLE_GROWTH`) on every further empty pull up to Flower's 3 s (each wait jittered by ±20 %, so that
+  half (:data:`IDLE_GROWTH`) on every further empty pull up to Flower's 3 s (each wait
+  jittered by ±20 %, so that
   many nodes do not pull in step), and returns to the start as soon as a message
   arrives: a node polls fast while a round is under way and as Flower does when idle
   (7 pulls in the 3.2 s after a reply instead of 1: a message that comes 0.75 s
@@ -83,7 +84,7 @@ class BackoffClock:
 def install(module: ModuleType, clock: BackoffClock) -> None:
     """Give ``module`` (``flwr.supernode.start_client_internal``) the clock, and reset
     the backoff whenever its pull returns a message."""
-    pull = module._pull_and_store_message
+    pull = getattr(module, "_pull_and_store_message")  # noqa: B009 - a private name
 
     def pull_and_reset(*args: Any, **kwargs: Any) -> Any:
         run_id = pull(*args, **kwargs)
@@ -91,8 +92,8 @@ def install(module: ModuleType, clock: BackoffClock) -> None:
             clock.message_arrived()
         return run_id
 
-    module.time = clock  # type: ignore[attr-defined]
-    module._pull_and_store_message = pull_and_reset
+    setattr(module, "time", clock)  # noqa: B010
+    setattr(module, "_pull_and_store_message", pull_and_reset)  # noqa: B010
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,8 @@ Flower's ``Grid.send_and_receive`` pushes and then pulls every **3 s** on a depl
 SuperLink (``HttpGrid`` in flwr 1.41 and 1.42; 0.1 s in simulation). A PoI round has two
 message phases (train, vote), so that fixed wait cost a deployed round up to 6 s whatever
 the subscribers did. :func:`exchange` pulls after ``first_poll`` seconds, backs off by
-``backoff`` to at most ``max_poll`` while nothing comes (the first pull is at once), returns to ``first_poll`` as soon
+``backoff`` to at most ``max_poll`` while nothing comes (the first pull is at once),
+returns to ``first_poll`` as soon
 as a reply arrives, and stops at the first complete set of replies or at the timeout.
 
 A node that registers its reply but never uploads the reply's arrays holds
@@ -125,8 +126,8 @@ class PollingGrid(Grid):
     def run(self):  # type: ignore[no-untyped-def]  # flwr's Run
         return self._grid.run
 
-    def set_run(self, run_id: int) -> None:
-        self._grid.set_run(run_id)
+    def set_run(self, run):  # type: ignore[no-untyped-def]  # flwr's Run
+        self._grid.set_run(run)
 
     def create_message(self, content, message_type, dst_node_id, group_id,  # type: ignore[no-untyped-def]
                        ttl=None):

@@ -4,7 +4,8 @@ train -> validate -> vote -> tally -> apply -> central evaluation.
 Flower's ``Strategy.start()`` has no hook between train and evaluate, so ``start()`` is
 overridden and the vote is sent as ``query.vote`` messages; every message phase goes
 through :func:`server.round.exchange.exchange` (push, then pull polling fast), not
-``grid.send_and_receive`` (3 s between pulls on a deployed SuperLink). The algorithms (committees, tallies, selection, validation) are the pure
+``grid.send_and_receive`` (3 s between pulls on a deployed SuperLink). The algorithms
+(committees, tallies, selection, validation) are the pure
 functions in ``server.round.selection`` and ``server.round.validation``; this class only wires them
 to Flower and records what happened in :class:`RoundRecord` objects for the report.
 """

@@ -121,13 +121,13 @@ def _honest_description(data: bytes) -> ArrayRecord:
 
 @pytest.mark.parametrize(("data", "match"), [
     (_npy({"descr": "<f4", "fortran_order": False, "shape": (10**12,)}),
-     "declares dtype <f4 shape \(1000000000000,\)"),
+     r"declares dtype <f4 shape \(1000000000000,\)"),
     (_npy(array=np.zeros(2410, ">f4")), "declares dtype >f4"),
     (_npy(array=np.zeros(2410, np.float64)), "declares dtype <f8"),
-    (_npy(array=np.zeros(2410, object)), "not a plain .npy vector|declares dtype \|O"),
+    (_npy(array=np.zeros(2410, object)), r"not a plain .npy vector|declares dtype \|O"),
     (_npy(array=np.asfortranarray(np.zeros((2410, 1), np.float32))), "Fortran order|shape"),
     (_npy(array=np.zeros(2410, np.float32), version=(3, 0)), "not a plain .npy vector"),
-    (_npy(array=np.zeros(2409, np.float32)), "shape \(2409,\)"),
+    (_npy(array=np.zeros(2409, np.float32)), r"shape \(2409,\)"),
     (_npy(array=np.zeros(2410, np.float32), extra=b"\0" * (1 << 20)), "expected 9640 bytes"),
     (_npy(array=np.zeros(2410, np.float32))[:-4], "expected 9640 bytes .* got 9636"),
     (b"not an npy file at all", "not a plain .npy vector"),

@@ -22,7 +22,7 @@ from ledger.blobs import BlobStore
 from server.market.audit import audit_run
 from server.market.replay import read_market, replay, replay_vote, settlement_of
 from server.market.settlement import FORFEIT_SCORE
-from server.round.strategy import arrays_to_numpy, numpy_to_arrays
+from server.round.strategy import numpy_to_arrays
 from server.server_app import run_task
 from tests.conftest import InProcessGrid, make_contexts, reply_tensors, set_task_identity
 

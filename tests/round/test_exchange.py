@@ -243,9 +243,9 @@ def test_a_long_phase_is_polled_at_most_once_a_second() -> None:
     clock = Clock()
     grid = ScriptedGrid(clock, {1: 100.0})
     exchange(grid, _messages([1]), timeout=200, clock=clock, sleep=clock.sleep)
-    late = [b - a for a, b in zip(grid.pulls, grid.pulls[1:]) if a > 40]
+    late = [b - a for a, b in zip(grid.pulls, grid.pulls[1:], strict=False) if a > 40]
     assert late and max(late) == pytest.approx(1.0)
-    early = [b - a for a, b in zip(grid.pulls, grid.pulls[1:]) if b < 29]
+    early = [b - a for a, b in zip(grid.pulls, grid.pulls[1:], strict=False) if b < 29]
     assert max(early) <= 0.2 + 1e-9
 
 
