@@ -175,8 +175,8 @@ class ProofOfIntelligence(FedAvg):
         self._seen_digests: set[str] = set()
         self._admitted: set[str] = set()
         self._labels: dict[str, str] = {}  # node id -> author label, bound on first claim
-        self._reference_bytes = 0
-        self._reference: dict[str, np.ndarray] = {}  # this round's model: the packed layout
+        # This round's model: the packed layout and the size bound of a reply.
+        self._reference: dict[str, np.ndarray] = {}
         self.vote_state = VoteState()
         if config.vote_rule == "marginal" and (ledger is None or market is None):
             raise ValueError("vote-rule marginal: expected a ledger and a market (the "
@@ -215,7 +215,7 @@ class ProofOfIntelligence(FedAvg):
         for server_round in range(1, num_rounds + 1):
             record = RoundRecord(server_round=server_round)
             weights = arrays_to_numpy(arrays)
-            self._reference_bytes = sum(int(w.nbytes) for w in weights.values())
+            self._reference = weights
             base_digest = tensors_digest(weights)
             train_config[P.SERVER_ROUND] = server_round
             train_config[P.BASE_DIGEST] = base_digest
@@ -224,7 +224,6 @@ class ProofOfIntelligence(FedAvg):
             # --- TRAIN (subscribers) -----------------------------------------
             # -----------------------------------------------------------------
             t0 = time.perf_counter()
-            self._reference = weights
             wire = pack(weights)  # one Array per model on our messages (client.wire)
             replies = exchange(grid, self._train_messages(wire, train_config, grid),
                                timeout=timeout)
@@ -680,7 +679,8 @@ class ProofOfIntelligence(FedAvg):
     def _decode_update(self, record: ArrayRecord) -> dict[str, np.ndarray]:
         """Decode untrusted arrays: refuse payloads larger than the model could need before
         decoding (a tiny header can declare a huge shape), then any decoding failure."""
-        budget = 8 * self._reference_bytes + 1024 * max(1, len(record))
+        reference_bytes = sum(int(w.nbytes) for w in self._reference.values())
+        budget = 8 * reference_bytes + 1024 * max(1, len(record))
         size = sum(len(array.data) for array in record.values())
         if size > budget:
             raise Rejected(f"update arrays: expected at most {budget} bytes, got {size}")

@@ -186,20 +186,30 @@ def _as_if_from(node: int, request: Message, *, error: bool) -> Message:
     return Message(RecordDict({"c": ConfigRecord({"node": node})}), reply_to=twin)
 
 
+class ForgingGrid(ScriptedGrid):
+    """Also offers, first at every pull while the request to ``victim`` is pending, a
+    reply to it from ``sender``: an error (the SuperLink answering for an offline node)
+    or content (an impostor)."""
+
+    def __init__(self, clock: Clock, ready_at: dict[int, float | None], *, victim: int,
+                 sender: int, error: bool) -> None:
+        super().__init__(clock, ready_at)
+        self.victim, self.sender, self.error = victim, sender, error
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        out = super().pull_messages(message_ids)
+        request = next(m for m in self.requests.values()
+                       if m.metadata.dst_node_id == self.victim)
+        if request.metadata.message_id in set(message_ids):
+            out.insert(0, _as_if_from(self.sender, request, error=self.error))
+        return out
+
+
 def test_an_error_the_superlink_made_for_a_node_is_that_nodes_error() -> None:
     """Flower's SuperLink answers for an offline node with its own node id (1) as the
     sender; the strategy must record the failure against the node asked, not node 1."""
     clock = Clock()
-
-    class Link(ScriptedGrid):
-        def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-            out = super().pull_messages(message_ids)
-            lost = next(m for m in self.requests.values() if m.metadata.dst_node_id == 2)
-            if lost.metadata.message_id in set(message_ids):
-                out.append(_as_if_from(1, lost, error=True))
-            return out
-
-    grid = Link(clock, {1: 0.0, 2: None})
+    grid = ForgingGrid(clock, {1: 0.0, 2: None}, victim=2, sender=1, error=True)
     replies = exchange(grid, _messages([1, 2]), timeout=30, clock=clock, sleep=clock.sleep)
     by_node = {r.metadata.src_node_id: r for r in replies}
     assert set(by_node) == {1, 2}
@@ -211,16 +221,7 @@ def test_an_error_the_superlink_made_for_a_node_is_that_nodes_error() -> None:
 
 def test_a_reply_claiming_another_sender_is_dropped() -> None:
     clock = Clock()
-
-    class Impostor(ScriptedGrid):
-        def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-            out = super().pull_messages(message_ids)
-            victim = next(m for m in self.requests.values() if m.metadata.dst_node_id == 2)
-            if victim.metadata.message_id in set(message_ids):
-                out.insert(0, _as_if_from(7, victim, error=False))
-            return out
-
-    grid = Impostor(clock, {1: 0.0, 2: 0.3})
+    grid = ForgingGrid(clock, {1: 0.0, 2: 0.3}, victim=2, sender=7, error=False)
     replies = exchange(grid, _messages([1, 2]), timeout=30, clock=clock, sleep=clock.sleep)
     assert sorted(r.metadata.src_node_id for r in replies) == [1, 2]
     assert all(r.content["c"]["node"] == r.metadata.src_node_id for r in replies)
