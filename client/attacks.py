@@ -61,16 +61,17 @@ def poison_data(
     rng: np.random.Generator,
     flip_source: int = 1,
     flip_target: int = 7,
+    classes: int = NUM_CLASSES,
 ) -> Dataset:
     """The data an attacker trains on instead of its real data (``data`` itself when
     ``kinds`` has no data attack). ``targeted-flip`` relabels only the examples of
     class ``flip_source`` as ``flip_target``."""
     if "fake-data" in kinds:
         x = rng.random(data.x.shape, dtype=np.float32)
-        y = rng.integers(0, NUM_CLASSES, size=data.y.shape, dtype=np.int64)
+        y = rng.integers(0, classes, size=data.y.shape, dtype=np.int64)
         return Dataset(x, y)
     if "label-flip" in kinds:
-        return Dataset(data.x, (NUM_CLASSES - 1 - data.y).astype(np.int64))
+        return Dataset(data.x, (classes - 1 - data.y).astype(np.int64))
     if "targeted-flip" in kinds:
         y = np.where(data.y == flip_source, flip_target, data.y).astype(np.int64)
         return Dataset(data.x, y)

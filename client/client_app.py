@@ -52,6 +52,7 @@ from client.privacy import (
     sample_rate,
     train_private,
 )
+from client.schema import Schema
 from client.task import (
     DataError,
     Dataset,
@@ -121,7 +122,7 @@ class Subscriber:
         data_path = node.get("data-path")
         partition_id = int(node.get("partition-id", -1))  # type: ignore[arg-type]
         if data_path:
-            data = load_data_file(str(data_path))
+            data = load_data_file(str(data_path), schema=config.schema)
             simulated = False
         else:
             if partition_id < 0:
@@ -130,9 +131,15 @@ class Subscriber:
                     f"(simulation), got keys {sorted(node)}"
                 )
             num_partitions = int(node.get("num-partitions", config.num_subscribers))  # type: ignore[arg-type]
+            if not config.uses_dataset_schema:
+                raise DataError(
+                    f"node config: a task of {config.schema.features} features is not "
+                    f"{config.dataset}'s, so subscribers bring their own data: expected "
+                    f"'data-path', got keys {sorted(node)}")
             data = load_partition(
                 partition_id, num_partitions, partitioner=config.partitioner,
                 dirichlet_alpha=config.dirichlet_alpha, seed=config.seed,
+                dataset=config.dataset, size=config.dataset_size,
             )
             simulated = True
         explicit_key = node.get("ledger-key")
@@ -173,7 +180,7 @@ def _poisoned(cfg: RunConfig, data: Dataset, partition_id: int, attacks: frozens
         return data
     return poison_data(attacks, data, rng=np.random.default_rng(
         _seed(cfg.seed, "poison", partition_id)),
-        flip_source=cfg.flip_source, flip_target=cfg.flip_target)
+        flip_source=cfg.flip_source, flip_target=cfg.flip_target, classes=cfg.schema.classes)
 
 
 def _default_key_path(config: RunConfig, context: Context, partition_id: int) -> Path:
@@ -347,7 +354,7 @@ def _arrays_to_numpy(record: object, cfg: RunConfig | None = None) -> dict[str, 
     if is_packed(record):
         if cfg is None:
             raise WireError("a packed model where none was expected")
-        return unpack(record, _model_layout(cfg.hidden_units, cfg.activation))
+        return unpack(record, _model_layout(cfg.hidden_units, cfg.activation, cfg.schema))
     return {name: _array_to_numpy(array) for name, array in record.items()}
 
 
@@ -362,9 +369,11 @@ def _request_model(msg: Message, cfg: RunConfig, request: str) -> dict[str, np.n
 
 
 @functools.lru_cache(maxsize=8)
-def _model_layout(hidden_units: int, activation: str) -> dict[str, np.ndarray]:
+def _model_layout(hidden_units: int, activation: str, schema: Schema
+                  ) -> dict[str, np.ndarray]:
     """The task model's tensor names and shapes (the values are not used)."""
-    return get_weights(make_model(hidden_units=hidden_units, activation=activation, seed=0))
+    return get_weights(make_model(hidden_units=hidden_units, activation=activation, seed=0,
+                                  schema=schema))
 
 
 def _num(value: object) -> float:
@@ -406,7 +415,8 @@ def train(msg: Message, context: Context) -> Message:
         return _error(msg, P.ERROR_REQUEST,
                       f"base-digest {config.get(P.BASE_DIGEST)!r} is not the digest of the "
                       "model received: refusing to sign it")
-    model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
+    model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed,
+                       schema=cfg.schema)
     try:
         set_weights(model, global_weights)
     except (RuntimeError, KeyError) as exc:
@@ -512,11 +522,13 @@ def train_partition(cfg: RunConfig, config: ConfigRecord, global_weights: dict[s
     ``train`` would (its data for the round, its noise, its per-round seed): the pooled
     update of model-poisoning colluders (``client.collusion``)."""
     data = load_partition(partition_id, num_partitions, partitioner=cfg.partitioner,
-                          dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed)
+                          dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed,
+                          dataset=cfg.dataset, size=cfg.dataset_size)
     data = _poisoned(cfg, data, partition_id,
                      active_attacks(cfg.attack_kinds, server_round, cfg.attack_start_round))
     noise = _round_noise(cfg, config, len(data))
-    model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
+    model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed,
+                       schema=cfg.schema)
     set_weights(model, global_weights)
     result = train_private(
         model, data, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
@@ -648,7 +660,8 @@ def vote(msg: Message, context: Context) -> Message:
                               f"candidate {candidate[:16]}: the update sent is not the one "
                               "with that digest: refusing to vote on it")
     cfg = subscriber.config
-    model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed)
+    model = make_model(hidden_units=cfg.hidden_units, activation=cfg.activation, seed=cfg.seed,
+                       schema=cfg.schema)
     private = cfg.vote_noise_multiplier > 0
     if private and str(config.get(P.VOTE_RULE, "single")) != "marginal":
         # Only the marginal ballot has a private form: a request for the old rule's raw

@@ -13,7 +13,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
-NUM_CLASSES = 10  # client.task.NUM_CLASSES (digits); config stays import-free
+from client.schema import (
+    DATASETS,
+    MIN_EXAMPLES_PER_SUBSCRIBER,
+    Schema,
+    dataset_size,
+    split_sizes,
+)
 
 STRATEGIES = ("poi", "fedavg", "krum", "multikrum", "fedmedian", "fedtrimmedavg", "bulyan",
               "centered-clipping", "nnm-trimmed-mean")
@@ -51,6 +57,12 @@ class RunConfig:
     attackers: str = ""
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
+    # --- the task's schema (client/schema.py): a built-in dataset gives the features and
+    # classes; num-features / num-classes (0: the dataset's) describe subscribers' own files
+    dataset: str = "digits"
+    dataset_size: int = 0  # 0: the dataset's default (digits: its fixed 1,797)
+    num_features: int = 0
+    num_classes: int = 0
     seed: int = 0
     top_k: int = 1
     votes_per_candidate: int = 0
@@ -133,6 +145,17 @@ class RunConfig:
 
     # --------------------------------------------------------------- derived
     @property
+    def schema(self) -> Schema:
+        """The task's features and classes: the dataset's unless overridden."""
+        own = DATASETS[self.dataset].schema
+        return Schema(self.num_features or own.features, self.num_classes or own.classes)
+
+    @property
+    def uses_dataset_schema(self) -> bool:
+        """Whether the built-in dataset can feed this task (its schema is the task's)."""
+        return self.schema == DATASETS[self.dataset].schema
+
+    @property
     def attack_kinds(self) -> frozenset[str]:
         """The attacks joined by ``+`` (``none`` gives the empty set)."""
         kinds = frozenset(self.attack.split("+")) - {"none"}
@@ -188,6 +211,7 @@ class RunConfig:
                 f"num-subscribers: expected at most {MAX_SUBSCRIBERS} (a round's selection "
                 f"entry lists every candidate, about 300 bytes each, and a ledger entry holds "
                 f"at most 65,535 bytes, the C2SP tiles bound), got {self.num_subscribers}")
+        self._validate_schema()
         _at_least("top-k", self.top_k, 1)
         _at_least("votes-per-candidate", self.votes_per_candidate, 0)
         _at_least("local-epochs", self.local_epochs, 1)
@@ -268,13 +292,41 @@ class RunConfig:
                 f"expected one of {list(ATTACKS[1:])} (joined by '+')"
             )
 
+    def _validate_schema(self) -> None:
+        """The dataset, its size, the schema, and whether the pool feeds the federation."""
+        _one_of("dataset", self.dataset, tuple(DATASETS))
+        for key in ("num-features", "num-classes", "dataset-size"):
+            _at_least(key, getattr(self, key.replace("-", "_")), 0)
+        try:
+            self.schema.check()
+            size = dataset_size(self.dataset, self.dataset_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not self.uses_dataset_schema and not self.validation_path:
+            own = DATASETS[self.dataset].schema
+            raise ConfigError(
+                f"validation-path: a task of {self.schema.features} features and "
+                f"{self.schema.classes} classes is not {self.dataset}'s ({own.features} and "
+                f"{own.classes}): expected the Scientist's validation file, got none")
+        pool = split_sizes(size)[2]
+        if self.uses_dataset_schema and pool < MIN_EXAMPLES_PER_SUBSCRIBER * self.num_subscribers:
+            most = pool // MIN_EXAMPLES_PER_SUBSCRIBER
+            grow = ("" if DATASETS[self.dataset].fixed_size is not None else
+                    f", or raise dataset-size to at least "
+                    f"{_size_for_pool(MIN_EXAMPLES_PER_SUBSCRIBER * self.num_subscribers):,}")
+            raise ConfigError(
+                f"num-subscribers: {self.dataset} ({size:,} examples) leaves {pool:,} for "
+                f"subscribers, at least {MIN_EXAMPLES_PER_SUBSCRIBER} each: expected at most "
+                f"{most} subscribers{grow}, got {self.num_subscribers}")
+
     def _validate_attack_knobs(self) -> None:
         """``attack-start-round``, the targeted flip's classes and which attacks combine."""
         _at_least("attack-start-round", self.attack_start_round, 1)
+        classes = self.schema.classes
         for key in ("flip-source", "flip-target"):
             value = getattr(self, key.replace("-", "_"))
-            if not 0 <= value < NUM_CLASSES:
-                raise ConfigError(f"{key}: expected a class in 0..{NUM_CLASSES - 1}, got {value}")
+            if not 0 <= value < classes:
+                raise ConfigError(f"{key}: expected a class in 0..{classes - 1}, got {value}")
         if self.flip_source == self.flip_target:
             raise ConfigError(f"flip-source and flip-target: expected two different classes, "
                               f"got {self.flip_source} for both")
@@ -294,6 +346,14 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------------ helpers
+def _size_for_pool(pool: int) -> int:
+    """The smallest dataset size whose pool holds ``pool`` examples."""
+    size = pool
+    while split_sizes(size)[2] < pool:
+        size += 1
+    return size
+
+
 def _parse_attackers(raw: str) -> tuple[int, ...]:
     if not raw.strip():
         return ()

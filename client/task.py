@@ -1,20 +1,28 @@
-"""The learning task, plain PyTorch: the polynomial-activation MLP and the digits data.
+"""The learning task, plain PyTorch: the polynomial-activation MLP and the task's data.
 
-The model is HE-friendly on purpose: a 64 -> hidden -> 10 MLP whose only non-linearity
-is a low-degree polynomial, so the encrypted-inference service can evaluate this exact
-network under CKKS. Data is scikit-learn's bundled 8x8 digits (no download), split once
-with a fixed seed into a held-out test set, the Scientist's private validation set (no
-subscriber holds any of it) and a pool that ``flwr-datasets`` partitioners split among
-subscribers. A deployed subscriber brings its own file instead (:func:`load_data_file`).
+The model is HE-friendly on purpose: a features -> hidden -> classes MLP whose only
+non-linearity is a low-degree polynomial, so the encrypted-inference service can evaluate
+this exact network under CKKS. Its shape is the task's :class:`~client.schema.Schema`
+(``dataset``, ``num-features``, ``num-classes`` in the run config; ``input_dim`` and
+``num_classes`` in the ledger's offer). Two built-in datasets, both offline:
+scikit-learn's bundled 8x8 digits (64 features) and MNIST-1D generated from a seed (40
+features, as many examples as asked). Each is split once with a fixed seed into a
+held-out test set, the Scientist's private validation set (no subscriber holds any of it)
+and a pool that ``flwr-datasets`` partitioners split among subscribers. A deployed
+subscriber brings its own file instead (:func:`load_data_file`), checked against the
+schema.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import random
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,11 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-NUM_FEATURES = 64
-NUM_CLASSES = 10
+from client.schema import DATASETS, Schema, dataset_size, split_sizes
+
+DIGITS = DATASETS["digits"].schema
+NUM_FEATURES = DIGITS.features  # the digits task's; other tasks carry their own Schema
+NUM_CLASSES = DIGITS.classes
 DATA_SPLIT_SEED = 0
-TEST_FRACTION = 0.2
-VALIDATION_FRACTION = 0.1
+MNIST1D_SEED = 42  # the generator's published seed (mnist1d.data.get_dataset_args)
+# MNIST-1D's generator standardises the whole set (mean 0, std 1; values within about
+# +-6): a fixed affine map takes that to [0, 1], the range every task's features live in.
+MNIST1D_RANGE = 6.0
 
 
 class DataError(ValueError):
@@ -52,28 +65,48 @@ class Poly2(nn.Module):
 
 
 class PolyMLP(nn.Module):
-    """64 -> hidden -> 10 with a polynomial activation. Parameter names are a contract:
-    ``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias`` (the HE layer reads them)."""
+    """features -> hidden -> classes with a polynomial activation. Parameter names are a
+    contract: ``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias`` (the HE layer
+    reads them)."""
 
-    def __init__(self, *, hidden_units: int = 32, activation: str = "square") -> None:
+    def __init__(self, *, hidden_units: int = 32, activation: str = "square",
+                 schema: Schema = DIGITS) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(NUM_FEATURES, hidden_units)
+        self.fc1 = nn.Linear(schema.features, hidden_units)
         self.act: nn.Module = Square() if activation == "square" else Poly2()
-        self.fc2 = nn.Linear(hidden_units, NUM_CLASSES)
+        self.fc2 = nn.Linear(hidden_units, schema.classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
-def make_model(*, hidden_units: int, activation: str, seed: int) -> PolyMLP:
-    """A freshly initialised model; the same seed gives bit-identical weights."""
+def make_model(*, hidden_units: int, activation: str, seed: int,
+               schema: Schema = DIGITS) -> PolyMLP:
+    """A freshly initialised model; the same seed and schema give bit-identical weights
+    (for the digits schema, the same weights as before schemas existed)."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = PolyMLP(hidden_units=hidden_units, activation=activation)
+        model = PolyMLP(hidden_units=hidden_units, activation=activation, schema=schema)
     finally:
         torch.random.set_rng_state(generator_state)
     return model
+
+
+def schema_of(architecture: Mapping[str, Any]) -> Schema:
+    """The schema an offer's ``architecture`` names (``input_dim``, ``num_classes``)."""
+    try:
+        return Schema(int(architecture["input_dim"]), int(architecture["num_classes"])).check()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"architecture: expected input_dim and num_classes within the "
+                        f"schema bounds, got {dict(architecture)!r} ({exc})") from None
+
+
+def model_of(architecture: Mapping[str, Any], *, seed: int = 0) -> PolyMLP:
+    """The model an offer's ``architecture`` describes."""
+    return make_model(hidden_units=int(architecture["hidden_units"]),
+                      activation=str(architecture["activation"]), seed=seed,
+                      schema=schema_of(architecture))
 
 
 def get_weights(model: nn.Module) -> dict[str, np.ndarray]:
@@ -89,7 +122,7 @@ def set_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
 # ----------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class Dataset:
-    """Features scaled to [0, 1] (float32, shape (n, 64)) and integer labels (n,)."""
+    """Features in [0, 1] (float32, shape (n, features)) and integer labels (n,)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -99,40 +132,101 @@ class Dataset:
 
 
 @dataclass(frozen=True)
-class DigitsSplit:
+class DataSplit:
     test: Dataset
     validation: Dataset
     pool: Dataset
 
 
+DigitsSplit = DataSplit  # the name before the second dataset
+
+
+def _split(x: np.ndarray, y: np.ndarray) -> DataSplit:
+    order = np.random.default_rng(DATA_SPLIT_SEED).permutation(len(y))
+    n_test, n_val, _ = split_sizes(len(y))
+    test, val, pool = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    return DataSplit(test=Dataset(x[test], y[test]), validation=Dataset(x[val], y[val]),
+                     pool=Dataset(x[pool], y[pool]))
+
+
 @functools.lru_cache(maxsize=1)
-def digits_split() -> DigitsSplit:
+def digits_split() -> DataSplit:
     """The fixed split of scikit-learn's bundled digits (1,797 samples, no download)."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = (np.asarray(bunch.data, dtype=np.float32) / 16.0).astype(np.float32)
-    y = np.asarray(bunch.target, dtype=np.int64)
-    order = np.random.default_rng(DATA_SPLIT_SEED).permutation(len(y))
-    n_test = int(round(TEST_FRACTION * len(y)))
-    n_val = int(round(VALIDATION_FRACTION * len(y)))
-    test, val, pool = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
-    return DigitsSplit(
-        test=Dataset(x[test], y[test]),
-        validation=Dataset(x[val], y[val]),
-        pool=Dataset(x[pool], y[pool]),
-    )
+    return _split(x, np.asarray(bunch.target, dtype=np.int64))
+
+
+def _mnist1d_cache_dir() -> Path:
+    root = os.environ.get("POI_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "poi")
+    return Path(root)
+
+
+def mnist1d_arrays(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` MNIST-1D examples generated offline from the published seed, features
+    mapped to [0, 1]: (x float32 (size, 40), y int64). Generation costs about 0.3 ms an
+    example, so the arrays are kept in ``$POI_CACHE_DIR`` (default ``~/.cache/poi``)."""
+    path = _mnist1d_cache_dir() / f"mnist1d-{size}-seed{MNIST1D_SEED}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            x, y = cached["x"], cached["y"]
+        if x.shape == (size, 40) and y.shape == (size,):
+            return x.astype(np.float32), y.astype(np.int64)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        pass
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    per_class = -(-size // 10)  # the generator makes num_samples // 10 of each class
+    args.num_samples, args.seed, args.train_split = 10 * per_class, MNIST1D_SEED, 1.0
+    # The generator seeds Python's and NumPy's global generators: keep the caller's.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    raw = np.asarray(data["x"], dtype=np.float64)[:size]
+    x = np.clip((raw + MNIST1D_RANGE) / (2 * MNIST1D_RANGE), 0.0, 1.0).astype(np.float32)
+    y = np.asarray(data["y"], dtype=np.int64)[:size]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, x=x, y=y)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: generate again next time
+    return x, y
+
+
+@functools.lru_cache(maxsize=4)
+def dataset_split(dataset: str = "digits", size: int = 0) -> DataSplit:
+    """The fixed test / validation / pool split of a built-in dataset (``size`` 0: its
+    default size)."""
+    if dataset not in DATASETS:
+        raise DataError(f"dataset: expected one of {sorted(DATASETS)}, got {dataset!r}")
+    try:
+        size = dataset_size(dataset, size)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    if dataset == "digits":
+        return digits_split()
+    return _split(*mnist1d_arrays(size))
 
 
 @functools.lru_cache(maxsize=8)
 def partition_indices(
-    num_partitions: int, partitioner: str, dirichlet_alpha: float, seed: int
+    num_partitions: int, partitioner: str, dirichlet_alpha: float, seed: int,
+    dataset: str = "digits", size: int = 0,
 ) -> tuple[np.ndarray, ...]:
     """Indexes into the pool for every partition, from ``flwr-datasets`` partitioners."""
     from datasets import Dataset as HFDataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    pool = digits_split().pool
+    pool = dataset_split(dataset, size).pool
     hf = HFDataset.from_dict({"index": np.arange(len(pool)), "label": pool.y})
     if partitioner == "iid":
         part = IidPartitioner(num_partitions=num_partitions)
@@ -157,35 +251,41 @@ def partition_indices(
 
 
 def load_partition(
-    partition_id: int, num_partitions: int, *, partitioner: str, dirichlet_alpha: float, seed: int
+    partition_id: int, num_partitions: int, *, partitioner: str, dirichlet_alpha: float,
+    seed: int, dataset: str = "digits", size: int = 0,
 ) -> Dataset:
     """One subscriber's share of the pool."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(
             f"partition-id: expected 0..{num_partitions - 1}, got {partition_id}"
         )
-    idx = partition_indices(num_partitions, partitioner, dirichlet_alpha, seed)[partition_id]
-    pool = digits_split().pool
+    idx = partition_indices(num_partitions, partitioner, dirichlet_alpha, seed, dataset,
+                            size)[partition_id]
+    pool = dataset_split(dataset, size).pool
     return Dataset(pool.x[idx], pool.y[idx])
 
 
-def load_data_file(path: str | Path, *, label_column: str = "label") -> Dataset:
-    """A subscriber's own data: ``.npz`` with ``x`` (n, 64) and ``y`` (n,), or ``.csv``
-    with 64 feature columns and a ``label`` column. A row with a value above 1 is taken
-    as 0..16 digits intensities and scaled to [0, 1] (row by row)."""
+def load_data_file(path: str | Path, *, label_column: str = "label",
+                   schema: Schema = DIGITS) -> Dataset:
+    """A subscriber's own data: ``.npz`` with ``x`` (n, features) and ``y`` (n,), or
+    ``.csv`` with one column a feature and a ``label`` column, checked against the task's
+    ``schema``. Features are in [0, 1]; for the digits schema a row with a value above 1
+    is taken as 0..16 intensities and scaled (row by row)."""
     x, y = _read_table(path, label_column=label_column, labels=True, what="data-path")
     assert y is not None
-    return _checked_dataset(x, y, source=Path(path).name)
+    return _checked_dataset(x, y, source=Path(path).name, schema=schema)
 
 
-def load_features(path: str | Path, *, label_column: str = "label") -> np.ndarray:
-    """A buyer's inputs: ``.npz`` with ``x`` (n, 64), or ``.csv`` with 64 feature columns
-    (a ``label`` column, if present, is ignored). Scaled as :func:`load_data_file`."""
+def load_features(path: str | Path, *, label_column: str = "label",
+                  schema: Schema = DIGITS) -> np.ndarray:
+    """A buyer's inputs: ``.npz`` with ``x`` (n, features), or ``.csv`` with a column a
+    feature (a ``label`` column, if present, is ignored). Scaled as :func:`load_data_file`."""
     x, _ = _read_table(path, label_column=label_column, labels=False, what="input")
     if x.ndim != 2:
-        raise DataError(f"input {Path(path).name}: expected x of shape (n, {NUM_FEATURES}), "
+        raise DataError(f"input {Path(path).name}: expected x of shape (n, {schema.features}), "
                         f"got {x.shape}")
-    return _checked_dataset(x, np.zeros(len(x), dtype=np.int64), source=Path(path).name).x
+    return _checked_dataset(x, np.zeros(len(x), dtype=np.int64), source=Path(path).name,
+                            schema=schema).x
 
 
 def _read_table(path: str | Path, *, label_column: str, labels: bool, what: str
@@ -228,23 +328,33 @@ def _read_table(path: str | Path, *, label_column: str, labels: bool, what: str
         raise DataError(f"{what} {p.name}: cannot read it ({exc})") from exc
 
 
-def _checked_dataset(x: np.ndarray, y: np.ndarray, *, source: str) -> Dataset:
-    if x.ndim != 2 or x.shape[1] != NUM_FEATURES:
-        raise DataError(f"{source}: expected x of shape (n, {NUM_FEATURES}), got {x.shape}")
+def _checked_dataset(x: np.ndarray, y: np.ndarray, *, source: str,
+                     schema: Schema = DIGITS) -> Dataset:
+    features, classes = schema.features, schema.classes
+    if x.ndim != 2 or x.shape[1] != features:
+        raise DataError(f"{source}: expected x of shape (n, {features}) for this task's "
+                        f"schema ({features} features, {classes} classes), got {x.shape}")
     if y.shape != (x.shape[0],):
         raise DataError(f"{source}: expected y of shape ({x.shape[0]},), got {y.shape}")
     if x.shape[0] == 0:
         raise DataError(f"{source}: expected at least one example, got none")
     if not np.all(np.isfinite(x)):
         raise DataError(f"{source}: x contains NaN or infinite values")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= NUM_CLASSES:
-        raise DataError(f"{source}: expected integer labels in 0..{NUM_CLASSES - 1}")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= classes:
+        found = (f"dtype {y.dtype}" if not np.issubdtype(y.dtype, np.integer)
+                 else f"labels {int(y.min())}..{int(y.max())}")
+        raise DataError(f"{source}: expected integer labels in 0..{classes - 1}, got {found}")
     x = x.astype(np.float32)
-    # Each row on its own: a row with a value above 1 is 0..16 intensities. Deciding for
-    # the whole file would let one example change how every other is scaled, which
-    # breaks the per-example sensitivity DP-SGD and private ballots rely on.
-    raw = x.max(axis=1) > 1.0
-    x[raw] = x[raw] / 16.0
+    if schema == DIGITS:
+        # Each row on its own: a row with a value above 1 is 0..16 intensities. Deciding
+        # for the whole file would let one example change how every other is scaled,
+        # which breaks the per-example sensitivity DP-SGD and private ballots rely on.
+        raw = x.max(axis=1) > 1.0
+        x[raw] = x[raw] / DATASETS["digits"].raw_max
+    elif x.min() < 0.0 or x.max() > 1.0:
+        raise DataError(f"{source}: expected features in [0, 1] (scale them before "
+                        f"training; the encrypted-inference service needs that range too), "
+                        f"got [{float(x.min()):.4g}, {float(x.max()):.4g}]")
     return Dataset(x.astype(np.float32), y.astype(np.int64))
 
 

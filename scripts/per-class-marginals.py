@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.marginal import marginal_ballot  # noqa: E402
-from client.task import NUM_CLASSES, Dataset, make_model  # noqa: E402
+from client.task import NUM_CLASSES, Dataset, model_of  # noqa: E402
 from ledger import LogReader  # noqa: E402
 from ledger.blobs import BlobStore  # noqa: E402
 from server.market.replay import _tensors, check_reveal, read_market, replay  # noqa: E402
@@ -51,8 +51,7 @@ def analyse(run: Path, threshold: float) -> dict[str, object] | None:
     assert revealed is not None, status
     result = replay(record, blobs)
     architecture = record.offer["architecture"]
-    model = make_model(hidden_units=int(architecture["hidden_units"]),
-                       activation=str(architecture["activation"]), seed=0)
+    model = model_of(architecture)
     data = Dataset(revealed.x, revealed.y)
     per_class = [Dataset(revealed.x[revealed.y == k], revealed.y[revealed.y == k])
                  for k in range(NUM_CLASSES)]

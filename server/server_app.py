@@ -22,7 +22,8 @@ from client import protocol as P
 from client.attacks import targeted_flip_metrics
 from client.config import MAX_SUBSCRIBERS, RunConfig
 from client.task import (
-    digits_split,
+    Dataset,
+    dataset_split,
     evaluate,
     functional_float64,
     load_data_file,
@@ -73,16 +74,16 @@ def make_central_evaluate(config: RunConfig):  # type: ignore[no-untyped-def]
     validation set (float64, so a replay reproduces it); and, in every run, what a
     targeted flip (``flip-source`` -> ``flip-target``) would show: the accuracy on the
     source class and the fraction of it predicted as the target."""
-    split = digits_split()
+    test, validation = task_data(config)
     model = make_model(hidden_units=config.hidden_units, activation=config.activation,
-                       seed=config.seed)
+                       seed=config.seed, schema=config.schema)
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         set_weights(model, arrays_to_numpy(arrays))
-        loss, accuracy = evaluate(model, split.test)
-        validation_loss, _ = evaluate(model, split.validation)
+        loss, accuracy = evaluate(model, test)
+        validation_loss, _ = evaluate(model, validation)
         source_accuracy, attack_success_rate = targeted_flip_metrics(
-            _predict(model, split.test.x), split.test.y,
+            _predict(model, test.x), test.y,
             flip_source=config.flip_source, flip_target=config.flip_target)
         return MetricRecord({"accuracy": accuracy, "loss": loss,
                              "validation-loss": validation_loss,
@@ -90,6 +91,20 @@ def make_central_evaluate(config: RunConfig):  # type: ignore[no-untyped-def]
                              "attack-success-rate": attack_success_rate})
 
     return central_evaluate
+
+
+def task_data(config: RunConfig) -> tuple[Dataset, Dataset]:
+    """(held-out test set, the Scientist's validation set) of a task. The validation set
+    is ``validation-path`` when given (checked against the schema), else the built-in
+    dataset's. A task whose schema is not the dataset's has no built-in test set: its
+    reported test metrics are those of the validation file."""
+    validation = (load_data_file(config.validation_path, schema=config.schema)
+                  if config.validation_path else None)
+    if config.uses_dataset_schema:
+        split = dataset_split(config.dataset, config.dataset_size)
+        return split.test, validation or split.validation
+    assert validation is not None, "RunConfig.validate asks for validation-path"
+    return validation, validation
 
 
 def _predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
@@ -120,7 +135,7 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
             f"expected at most {MAX_SUBSCRIBERS} subscribers (a round's selection entry must "
             f"fit one 65,535-byte ledger entry), {num_nodes} SuperNodes connected")
     model = make_model(hidden_units=config.hidden_units, activation=config.activation,
-                       seed=config.seed)
+                       seed=config.seed, schema=config.schema)
     initial = ArrayRecord(model.state_dict())
     central_evaluate = make_central_evaluate(config)
     initial_metrics = {k: float(v) for k, v in central_evaluate(0, initial).items()}  # type: ignore[arg-type]
@@ -142,8 +157,7 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
         ledger = RoundLedger.create(
             out_dir, config=config.to_mapping(),
             initial_model=canonical_tensor_bytes(initial_weights))
-        validation = (load_data_file(config.validation_path) if config.validation_path
-                      else digits_split().validation)
+        _, validation = task_data(config)
         market = MarketSession.open(
             ledger, out_dir=out_dir, config=config, validation=validation,
             initial_weights=initial_weights, model_digest=tensors_digest(initial_weights))

@@ -84,6 +84,11 @@ def up(
         "dirichlet",
     dirichlet_alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Partition seed.")] = 0,
+    dataset: Annotated[str, typer.Option(
+        help="digits or mnist1d: the pool the node data files come from (the task's "
+             "run config names the same dataset).")] = "digits",
+    dataset_size: Annotated[int, typer.Option(
+        help="mnist1d: examples generated (0: 5,000).")] = 0,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 120.0,
     superexec: Annotated[str, typer.Option(
         help="With --isolation process: the command serving as each node's SuperExec "
@@ -95,6 +100,7 @@ def up(
     Each SuperNode has its own FLWR_HOME, data file and ledger key."""
     options = D.UpOptions(work=workdir, keys=keys, nodes=nodes, host=host, port=port,
                           partitioner=partitioner, dirichlet_alpha=dirichlet_alpha, seed=seed,
+                          dataset=dataset, dataset_size=dataset_size,
                           isolation=isolation, exec_poll_seconds=exec_poll, timeout=timeout,
                           node_poll_seconds=node_poll,
                           superexec=tuple(str(Path(t).resolve()) if Path(t).is_file() else t

@@ -77,6 +77,8 @@ class UpOptions:
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     seed: int = 0
+    dataset: str = "digits"  # client.schema.DATASETS; the task's run config must match
+    dataset_size: int = 0
     isolation: str = "process"
     exec_poll_seconds: float | None = DEFAULT_EXEC_POLL_SECONDS  # None: Flower's (1 s)
     node_poll_seconds: float | None = DEFAULT_NODE_POLL_SECONDS  # None/0: Flower's (3 s)
@@ -88,8 +90,8 @@ class UpOptions:
 
 
 def write_node_data(out_dir: Path, *, nodes: int, partitioner: str, dirichlet_alpha: float,
-                    seed: int) -> list[Path]:
-    """One ``.npz`` (x (n, 64) float32, y (n,) int64) per node: the same digits pool
+                    seed: int, dataset: str = "digits", size: int = 0) -> list[Path]:
+    """One ``.npz`` (x (n, features) float32, y (n,) int64) per node: the same pool
     partitions a simulation of ``nodes`` subscribers with this config uses."""
     import numpy as np
 
@@ -98,7 +100,8 @@ def write_node_data(out_dir: Path, *, nodes: int, partitioner: str, dirichlet_al
     paths = []
     for index in range(nodes):
         data = load_partition(index, nodes, partitioner=partitioner,
-                              dirichlet_alpha=dirichlet_alpha, seed=seed)
+                              dirichlet_alpha=dirichlet_alpha, seed=seed, dataset=dataset,
+                              size=size)
         path = out_dir / node_name(index) / "data.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, x=data.x.astype(np.float32), y=data.y.astype(np.int64))
@@ -241,6 +244,15 @@ def up(options: UpOptions, *, echo: Callable[[str], None] = print) -> DeployStat
         raise DeployError(f"--isolation: expected one of {ISOLATIONS}, got {options.isolation!r}")
     if options.partitioner not in ("iid", "dirichlet"):
         raise DeployError(f"--partitioner: expected iid or dirichlet, got {options.partitioner!r}")
+    from client.schema import DATASETS, dataset_size
+
+    if options.dataset not in DATASETS:
+        raise DeployError(f"--dataset: expected one of {sorted(DATASETS)}, got "
+                          f"{options.dataset!r}")
+    try:
+        dataset_size(options.dataset, options.dataset_size)
+    except ValueError as exc:
+        raise DeployError(f"--{exc}") from None
     if options.node_poll_seconds is not None and not 0 <= options.node_poll_seconds <= 3:
         raise DeployError(f"--node-poll: expected 0 (Flower's 3 s) to 3 seconds, got "
                           f"{options.node_poll_seconds:g}")
@@ -283,10 +295,11 @@ def _up(state: DeployState, options: UpOptions, keys: KeyLayout,
         echo: Callable[[str], None]) -> None:
     work = Path(state.work)
     echo(f"writing {options.nodes} data files ({options.partitioner} partitions of the "
-         "digits pool)")
+         f"{options.dataset} pool)")
     data_paths = write_node_data(work / "nodes", nodes=options.nodes,
                                  partitioner=options.partitioner,
-                                 dirichlet_alpha=options.dirichlet_alpha, seed=options.seed)
+                                 dirichlet_alpha=options.dirichlet_alpha, seed=options.seed,
+                                 dataset=options.dataset, size=options.dataset_size)
     write_connection(Path(state.flwr_home), address=state.address, ca_cert=keys.ca_cert)
 
     link_dir = work / "superlink"

@@ -46,7 +46,7 @@ from client.task import (
     PolyMLP,
     candidate_losses,
     functional_float64,
-    make_model,
+    model_of,
     poly_mlp_losses,
 )
 from client.witness import to_micro
@@ -91,8 +91,7 @@ def _losses_of_sums(base: Mapping[str, np.ndarray], chunks: Iterator[np.ndarray]
     sizes = [int(np.prod(s)) for s in shapes]
     base64_ = {key: np.asarray(base[key]).astype(np.float64) for key in keys}
     flat_base = np.concatenate([base64_[key].ravel() for key in keys])
-    model = make_model(hidden_units=int(architecture["hidden_units"]),
-                       activation=str(architecture["activation"]), seed=0)
+    model = model_of(architecture)
     # The digits MLP: stack the chunk's weights straight into the batched forward pass
     # (the same function candidate_losses uses for it), no per-model dictionaries.
     fast = isinstance(model, PolyMLP) and set(keys) == set(POLY_MLP_PARAMETERS)
@@ -242,8 +241,7 @@ def taylor_shapley(base: Mapping[str, np.ndarray], deltas: Sequence[Mapping[str,
     k = len(deltas)
     if k == 0:
         return []
-    model = functional_float64(make_model(hidden_units=int(architecture["hidden_units"]),
-                                          activation=str(architecture["activation"]), seed=0))
+    model = functional_float64(model_of(architecture))
     keys = list(base)
     theta = {key: torch.as_tensor(np.asarray(base[key]), dtype=torch.float64).clone()
              .requires_grad_(True) for key in keys}

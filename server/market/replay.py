@@ -15,7 +15,8 @@ import numpy as np
 
 from client.config import ACTIVATIONS
 from client.marginal import BallotError, trusted_digest
-from client.task import NUM_CLASSES, NUM_FEATURES, Dataset
+from client.schema import MAX_CLASSES, MAX_FEATURES
+from client.task import Dataset, schema_of
 from client.witness import to_micro
 from crypto.commitments import (
     Revealed,
@@ -433,6 +434,11 @@ def check_offer(offer: Mapping[str, Any]) -> None:
         raise MarketError(f"offer: expected hidden_units in 1..4096, got {hidden!r}")
     if activation not in ACTIVATIONS:
         raise MarketError(f"offer: expected activation in {list(ACTIVATIONS)}, got {activation!r}")
+    for name, low, high in (("input_dim", 1, MAX_FEATURES), ("num_classes", 2, MAX_CLASSES)):
+        value = arch.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise MarketError(f"offer: expected architecture {name} in {low}..{high}, "
+                              f"got {value!r}")
     try:
         PayoutRule.from_offer(offer)
     except SettlementError as exc:
@@ -501,10 +507,12 @@ def check_reveal(record: MarketRecord, blobs: BlobStore) -> tuple[str, str, Reve
         return FORFEIT_MISMATCH, f"reveal blob: {exc}", None
     offer = record.offer
     x, y = revealed.x, revealed.y
-    if x.shape[1:] != (NUM_FEATURES,) or len(revealed) == 0 or not np.all(np.isfinite(x)) \
-            or (len(y) and (y.min() < 0 or y.max() >= NUM_CLASSES)):
-        return (FORFEIT_MISMATCH, f"reveal: expected n >= 1 finite examples of {NUM_FEATURES} "
-                f"features with labels 0..{NUM_CLASSES - 1}, got x {x.shape}", None)
+    schema = schema_of(offer["architecture"])
+    features, classes = schema.features, schema.classes
+    if x.shape[1:] != (features,) or len(revealed) == 0 or not np.all(np.isfinite(x)) \
+            or (len(y) and (y.min() < 0 or y.max() >= classes)):
+        return (FORFEIT_MISMATCH, f"reveal: expected n >= 1 finite examples of {features} "
+                f"features with labels 0..{classes - 1}, got x {x.shape}", None)
     if len(revealed) != int(offer["validation_count"]) or len(revealed) != int(
             record.reveal["count"]):
         return (FORFEIT_MISMATCH, f"reveal: expected {offer['validation_count']} examples, "

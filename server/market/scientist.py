@@ -21,12 +21,10 @@ import numpy as np
 from client.config import RunConfig
 from client.marginal import marginal_ballot
 from client.task import (
-    NUM_CLASSES,
-    NUM_FEATURES,
     Dataset,
     candidate_losses,
     evaluate,
-    make_model,
+    model_of,
     set_weights,
 )
 from client.witness import to_micro
@@ -110,8 +108,10 @@ def payout_rule_of(config: RunConfig) -> PayoutRule:
 
 
 def architecture_of(config: RunConfig) -> dict[str, Any]:
-    return {"family": "poly-mlp", "input_dim": NUM_FEATURES, "hidden_units": config.hidden_units,
-            "activation": config.activation, "num_classes": NUM_CLASSES}
+    schema = config.schema
+    return {"family": "poly-mlp", "input_dim": schema.features,
+            "hidden_units": config.hidden_units, "activation": config.activation,
+            "num_classes": schema.classes}
 
 
 def validation_root(revealed: Revealed) -> str:
@@ -122,8 +122,7 @@ def validation_root(revealed: Revealed) -> str:
 def loss_micro(weights: Mapping[str, np.ndarray], data: Dataset, *,
                architecture: Mapping[str, Any]) -> int:
     """Validation loss of ``weights`` in micro-units (float64 on CPU, see ``evaluate``)."""
-    model = make_model(hidden_units=int(architecture["hidden_units"]),
-                       activation=str(architecture["activation"]), seed=0)
+    model = model_of(architecture)
     try:
         set_weights(model, weights)
         loss, _ = evaluate(model, data)
@@ -138,8 +137,7 @@ def validation_marginals(base: Mapping[str, np.ndarray], data: Dataset, *,
                          members: Sequence[bool]) -> list[int]:
     """Marginal of every candidate on ``data`` in micro-units (``client.marginal``); the
     Scientist publishes these and ``poi audit`` recomputes them after the reveal."""
-    model = make_model(hidden_units=int(architecture["hidden_units"]),
-                       activation=str(architecture["activation"]), seed=0)
+    model = model_of(architecture)
     try:
         values = marginal_ballot(model, base, trusted_mean, trusted_size, deltas, members, data)
     except (RuntimeError, KeyError, ValueError, IndexError) as exc:
@@ -154,8 +152,7 @@ def coalition_losses(base: Mapping[str, np.ndarray], deltas: Sequence[Mapping[st
     batches of one vectorised pass (:func:`client.task.candidate_losses`). The full
     coalition is the round's model: its loss comes from :func:`loss_micro`, so it equals
     the round's score to the last bit."""
-    model = make_model(hidden_units=int(architecture["hidden_units"]),
-                       activation=str(architecture["activation"]), seed=0)
+    model = model_of(architecture)
     masks = [sum(1 << i for i in members) for size in range(1, len(deltas) + 1)
              for members in combinations(range(len(deltas)), size)]
     full = (1 << len(deltas)) - 1
@@ -355,7 +352,7 @@ class Scientist:
         revealed = self.revealed
         if self.behaviour == "tamper-reveal":
             y = revealed.y.copy()
-            y[0] = (y[0] + 1) % NUM_CLASSES
+            y[0] = (y[0] + 1) % int(self.architecture["num_classes"])
             revealed = Revealed(x=revealed.x, y=y, salts=revealed.salts)
         return encode_reveal(revealed)
 

@@ -120,7 +120,8 @@ def test_one_example_never_changes_how_another_is_scaled(tmp_path) -> None:  # t
         (lambda p: None, r"data-path: no such file"),
         (lambda p: np.savez(p, a=np.zeros(3)), r"expected arrays 'x' and 'y', got \['a'\]"),
         (lambda p: np.savez(p, x=np.zeros((3, 5)), y=np.zeros(3, dtype=int)),
-         r"expected x of shape \(n, 64\), got \(3, 5\)"),
+         r"expected x of shape \(n, 64\) for this task.s schema \(64 features, "
+         r"10 classes\), got \(3, 5\)"),
         (lambda p: np.savez(p, x=np.zeros((3, 64)), y=np.zeros(2, dtype=int)),
          r"expected y of shape \(3,\), got \(2,\)"),
         (lambda p: np.savez(p, x=np.zeros((2, 64)), y=np.array([0, 12])),
