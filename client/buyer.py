@@ -150,15 +150,33 @@ class Buyer:
             return nonce, self._reserved
 
     # ---------------------------------------------------------------- predictions
+    def shape(self) -> Any:
+        """The served model's widths (``crypto.he.ModelShape``) from ``GET /v1/model``."""
+        from crypto.he import HEError, ModelShape
+
+        layers = self.model().get("architecture", {}).get("layers")
+        try:
+            features, hidden, classes = (int(v) for v in layers)  # type: ignore[union-attr]
+            return ModelShape(features, classes, hidden).check()
+        except (HEError, TypeError, ValueError) as exc:
+            raise BuyerError(f"the service's model: expected layers [features, hidden, "
+                             f"classes] within bounds, got {layers!r} ({exc})") from None
+
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Logits (n, 10) for inputs ``x`` (n, 64), encrypted end to end."""
+        """Logits (n, classes) for inputs ``x`` (n, features), encrypted end to end."""
         x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != 64:
-            raise ValueError(f"expected inputs of shape (n, 64), got {x.shape}")
+        shape = self.shape()
+        if x.ndim != 2 or x.shape[1] != shape.features:
+            raise ValueError(f"expected inputs of shape (n, {shape.features}) for this "
+                             f"model, got {x.shape}")
         info = self.model()
         layout = self.layout
         if layout == "auto":
-            layout = "single" if len(x) <= SINGLE_UP_TO else "batch"
+            layout = ("single" if len(x) <= SINGLE_UP_TO and "single" in info["layouts"]
+                      else "batch")
+        if layout not in info["layouts"]:
+            raise ValueError(f"layout: expected one of {sorted(info['layouts'])} (the layouts "
+                             f"that serve this model), got {layout!r}")
         step = int(info["layouts"][layout]["max_batch"])
         out: list[np.ndarray] = []
         for start in range(0, len(x), step):
@@ -185,7 +203,8 @@ class Buyer:
 
     def _request_once(self, layout: str, rows: np.ndarray) -> np.ndarray:
         ctx, context_id = self._context(layout)
-        body = ctx.encrypt(rows[0] if layout == "single" else rows)
+        shape = self.shape()
+        body = ctx.encrypt(rows[0] if layout == "single" else rows, shape)
         fee = int(self.model()["fee"]["per_prediction"])
         nonce, cumulative = self._next_voucher(fee * len(rows))
         voucher = {"v": 1, "task_id": self.model()["task_id"], "buyer": self.signer.key_id,
@@ -207,7 +226,7 @@ class Buyer:
             raise
         with self._lock:
             self._charged = max(self._charged, int(response.headers["x-poi-cumulative"]))
-        return np.asarray(ctx.decrypt(response.content, len(rows)), dtype=np.float64)
+        return np.asarray(ctx.decrypt(response.content, len(rows), shape), dtype=np.float64)
 
 
 def verify_model_info(info: dict[str, Any], *, log_key: str | None = None) -> None:

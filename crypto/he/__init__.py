@@ -1,7 +1,8 @@
 """Encrypted inference for the market's model: CKKS via TenSEAL's SEAL bindings.
 
-The buyer encrypts digits features under its own key; the server evaluates the trained
-:class:`client.task.PolyMLP` (64 -> H -> 10, activation ``square`` or ``poly2``) on the
+The buyer encrypts features under its own key; the server evaluates the trained
+:class:`client.task.PolyMLP` (F -> H -> C, activation ``square`` or ``poly2``; the digits
+task is 64 -> H -> 10, and :class:`ModelShape` carries any task's widths) on the
 ciphertext and returns encrypted logits only the buyer can decrypt. This is the ONLY
 package of the repository that imports ``tenseal``. It drives SEAL through
 ``tenseal.sealapi`` (TenSEAL 0.3.18 ships SEAL 4.3) rather than TenSEAL's tensor classes,
@@ -35,10 +36,16 @@ Depth budget: 3 multiplicative levels
     all zero is a constant and is folded into the output bias.
 
 Layout "single" (one sample per request, low latency)
+    Described for the digits model (F = 64, C = 10, H <= 32: a block of B = 32 slots per
+    feature). In general B is H rounded up to a power of two, at least 32; the layout
+    serves a model when (F + 1) B and C B fit the 4,096 slots (F <= 127 at B = 32), and
+    :meth:`ModelShape.check_layout` names the layouts that can serve it otherwise. The
+    rotations are then B, 2B, ..., 2048 and 1, 2, ..., B/2: still every power of two
+    below 4,096, the same 12 Galois keys whatever the model.
     The buyer appends a constant 1 to x (65 values) and replicates it: slot 32 i + j
     holds x_i for i in 0..64 and j in 0..31 (2,080 slots; slots 2,080..4,095 are 0).
     The server multiplies by the plaintext mask with slot 32 i + j = W1[j, i] (the first
-    bias as column i = 64, H padded to 32 with zero rows; so H <= 32), rescales, and
+    bias as column i = 64, H padded to 32 with zero rows), rescales, and
     rotate-and-sums by 32, 64, ..., 2048 (7 rotations): slot j + 32 m then holds h_j.
     Square, relinearize, rescale. Multiply by the mask with slot 32 k + j = W2[k, j],
     rotate-and-sum by 1, 2, 4, 8, 16 (5 rotations), then rescale (rotating before this
@@ -49,7 +56,8 @@ Layout "single" (one sample per request, low latency)
     leave there do not hand the buyer the model's intermediate terms. 12 rotations, so
     the context carries Galois keys for exactly these 12 steps
     (:attr:`CkksParams.galois_steps`) and nothing else.
-Layout "batch" (throughput, up to 4,096 samples per request, no rotations)
+Layout "batch" (throughput, up to 4,096 samples per request, no rotations; any width:
+one ciphertext a feature in, one a class out, with the same 128-bit parameters)
     Column packing: ciphertext i (i = 0..63) holds feature i of sample s in slot s
     (slots n..4,095 are 0). Hidden unit j = rescale(sum_i W1[j, i] * ct_i) + b1[j]: 64
     ciphertext x scalar products summed at scale 2^38 * q3 and rescaled once; the bias
@@ -70,9 +78,9 @@ zstd-compressed, with SEAL's own 16-byte header)
                     key blob), RLKY (relinearization key blob), GLKY (Galois keys blob;
                     "single" only) and, only in a buyer's file saved with its secret,
                     SKEY (secret key blob). A context with SKEY is refused as public.
-    request         b"PHEQ" | u8 version | u8 layout | u32 n | u32 count (1 single, 64
+    request         b"PHEQ" | u8 version | u8 layout | u32 n | u32 count (1 single, F
                     batch) | count x (u32 length | ciphertext blob)
-    reply           b"PHER" | u8 version | u8 layout | u32 n | u32 count (1 single, 10
+    reply           b"PHER" | u8 version | u8 layout | u32 n | u32 count (1 single, C
                     batch) | count x (u32 length | ciphertext blob)
     Buyers encrypt with their secret key (symmetric CKKS), so SEAL sends the request's
     second polynomial as a seed: half the bytes of a public-key encryption.
@@ -120,6 +128,7 @@ from crypto.he.params import _LAYOUT_CODE as _LAYOUT_CODE
 from crypto.he.params import _REQ_MAGIC as _REQ_MAGIC
 from crypto.he.params import (
     ACTIVATIONS,
+    DIGITS_SHAPE,
     LAYOUTS,
     NUM_CLASSES,
     NUM_FEATURES,
@@ -127,6 +136,7 @@ from crypto.he.params import (
     WIRE_VERSION,
     CkksParams,
     HEError,
+    ModelShape,
     context_id,
     max_batch,
     max_reply_bytes,
@@ -141,6 +151,7 @@ from crypto.he.wire import _unpack_context as _unpack_context
 
 __all__ = [
     "ACTIVATIONS",
+    "DIGITS_SHAPE",
     "LAYOUTS",
     "NUM_CLASSES",
     "NUM_FEATURES",
@@ -150,6 +161,7 @@ __all__ = [
     "CkksParams",
     "EncryptedModel",
     "HEError",
+    "ModelShape",
     "ServerContext",
     "buyer_context",
     "context_id",

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import tenseal.sealapi as _seal  # type: ignore[import-untyped]
 
-from crypto.he.params import NUM_CLASSES
 from crypto.he.seal import _SealState
 from crypto.he.server import ServerContext
 
@@ -37,7 +36,8 @@ def batch_masks(st: _SealState, w2: np.ndarray, n: int) -> dict[tuple[int, int],
 
 def evaluate_batch(ctx: ServerContext, cts: list[Any], *, w1: np.ndarray, b1: np.ndarray,
                    w2_masks: dict[tuple[int, int], Any], b2: np.ndarray) -> list[Any]:
-    """The reply's ten logit ciphertexts for the 64 request ciphertexts ``cts``;
+    """The reply's logit ciphertexts (one a class) for the request's ciphertexts ``cts``
+    (one a feature);
     ``w2_masks`` from :func:`batch_masks` for the request's ``n``.
     Precondition: hidden units whose incoming weights are all zero were folded into ``b2``
     (as :class:`EncryptedModel` does), so every live unit has a nonzero weight."""
@@ -66,7 +66,7 @@ def evaluate_batch(ctx: ServerContext, cts: list[Any], *, w1: np.ndarray, b1: np
         ev.rescale_to_next_inplace(acc)
         hidden[j] = acc
     outputs = []
-    for k in range(NUM_CLASSES):
+    for k in range(len(b2)):
         acc = None
         for j in live:
             weight = w2_masks.get((k, j))

@@ -14,15 +14,14 @@ import numpy as np
 import tenseal.sealapi as _seal  # type: ignore[import-untyped]
 
 from crypto.he.params import (
-    _BLOCK,
     _MAX_FILE_BYTES,
     _REP_MAGIC,
     _REQ_MAGIC,
-    NUM_CLASSES,
-    NUM_FEATURES,
+    DIGITS_SHAPE,
     PARAMS,
     CkksParams,
     HEError,
+    ModelShape,
     _check_layout,
     _check_n,
     _ct_count,
@@ -88,32 +87,35 @@ class BuyerContext:
         """The public context (no secret key): register it with the service."""
         return self._public
 
-    def encrypt(self, x: np.ndarray) -> bytes:
-        """A request: "single" takes x of shape (64,) (or (1, 64)); "batch" (n, 64) with
-        n <= :func:`max_batch`. Features must be finite and in [0, 1]."""
+    def encrypt(self, x: np.ndarray, shape: ModelShape = DIGITS_SHAPE) -> bytes:
+        """A request for a model of ``shape`` (the service's ``GET /v1/model`` names it;
+        default: the digits model): "single" takes x of shape (F,) (or (1, F)); "batch"
+        (n, F) with n <= :func:`max_batch`. Features must be finite and in [0, 1]."""
         array = np.asarray(x, dtype=np.float64)
         st = self._state
+        features = shape.check().features
+        shape.check_layout(self.layout)
         if self.layout == "single":
-            if array.shape not in ((NUM_FEATURES,), (1, NUM_FEATURES)):
-                raise HEError(f"x: expected shape ({NUM_FEATURES},) for layout 'single', "
+            if array.shape not in ((features,), (1, features)):
+                raise HEError(f"x: expected shape ({features},) for layout 'single', "
                               f"got {array.shape}")
-            array = array.reshape(1, NUM_FEATURES)
-        elif array.ndim != 2 or array.shape[1] != NUM_FEATURES or not (
+            array = array.reshape(1, features)
+        elif array.ndim != 2 or array.shape[1] != features or not (
                 1 <= array.shape[0] <= max_batch("batch")):
-            raise HEError(f"x: expected shape (n, {NUM_FEATURES}) with 1 <= n <= "
+            raise HEError(f"x: expected shape (n, {features}) with 1 <= n <= "
                           f"{max_batch('batch')} for layout 'batch', got {array.shape}")
         if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
-            raise HEError(f"x: expected finite features in [0, 1] (digits pixels / 16), got "
+            raise HEError(f"x: expected finite features in [0, 1], got "
                           f"range [{np.nanmin(array)}, {np.nanmax(array)}]")
         n = array.shape[0]
         scale = 2.0**self.params.scale_bits
         if self.layout == "single":
             slots = np.zeros(st.params.slots)
             with_one = np.append(array[0], 1.0)
-            slots[:with_one.size * _BLOCK] = np.repeat(with_one, _BLOCK)
+            slots[:with_one.size * shape.block] = np.repeat(with_one, shape.block)
             columns = [slots]
         else:
-            columns = [array[:, i] for i in range(NUM_FEATURES)]
+            columns = [array[:, i] for i in range(features)]
         blobs = [self._encrypt_one(st.encode(col, 0, scale)) for col in columns]
         return _pack_cts(_REQ_MAGIC, self.layout, n, blobs)
 
@@ -124,18 +126,20 @@ class BuyerContext:
         self._encryptor.encrypt(plain, ct)
         return _save(ct)
 
-    def decrypt(self, reply: bytes, n: int) -> np.ndarray:
-        """The logits of a reply as float64, shape (n, 10) (n = 1 for "single")."""
+    def decrypt(self, reply: bytes, n: int, shape: ModelShape = DIGITS_SHAPE) -> np.ndarray:
+        """The logits of a reply from a model of ``shape`` as float64, shape (n, classes)
+        (n = 1 for "single")."""
         if self._decryptor is None:
             raise HEError("decrypt: expected a context holding the secret key, got a "
                           "public-only one")
         n = _check_n(self.layout, n)
+        shape.check().check_layout(self.layout)
         data = bytes(reply)
-        if len(data) > max_reply_bytes(self.layout):
-            raise HEError(f"reply: expected at most {max_reply_bytes(self.layout)} bytes, "
-                          f"got {len(data)}")
+        limit = max_reply_bytes(self.layout, shape)
+        if len(data) > limit:
+            raise HEError(f"reply: expected at most {limit} bytes, got {len(data)}")
         st = self._state
-        _, count = _ct_count(self.layout)
+        _, count = _ct_count(self.layout, shape)
         blobs = _unpack_cts(data, _REP_MAGIC, self.layout, n, count, "reply",
                             _raw_ct_bytes(self.params, 1))
         outputs = []
@@ -148,7 +152,8 @@ class BuyerContext:
             self._decryptor.decrypt(ct, plain)
             outputs.append(np.asarray(st.encoder.decode_double(plain), dtype=np.float64))
         if self.layout == "single":
-            logits = outputs[0][0:NUM_CLASSES * _BLOCK:_BLOCK].reshape(1, NUM_CLASSES)
+            block, classes = shape.block, shape.classes
+            logits = outputs[0][0:classes * block:block].reshape(1, classes)
         else:
             logits = np.stack([o[:n] for o in outputs], axis=1)
         return np.ascontiguousarray(logits, dtype=np.float64)

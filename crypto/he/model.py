@@ -15,13 +15,11 @@ import tenseal.sealapi as _seal  # type: ignore[import-untyped]
 
 from crypto.he.batch import batch_masks, evaluate_batch
 from crypto.he.params import (
-    _BLOCK,
     _REP_MAGIC,
     _REQ_MAGIC,
     ACTIVATIONS,
-    NUM_CLASSES,
-    NUM_FEATURES,
     HEError,
+    ModelShape,
     _check_n,
     _ct_count,
     _raw_ct_bytes,
@@ -44,13 +42,15 @@ class EncryptedModel:
                           f"got {activation!r}")
         w1, b1, w2, b2 = (_weight(weights, k) for k in
                           ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
-        hidden = w1.shape[0] if w1.ndim == 2 else -1
-        expected = {"fc1.weight": (hidden, NUM_FEATURES), "fc1.bias": (hidden,),
-                    "fc2.weight": (NUM_CLASSES, hidden), "fc2.bias": (NUM_CLASSES,)}
+        hidden, features = w1.shape if w1.ndim == 2 else (-1, -1)
+        classes = b2.shape[0] if b2.ndim == 1 else -1
+        expected = {"fc1.weight": (hidden, features), "fc1.bias": (hidden,),
+                    "fc2.weight": (classes, hidden), "fc2.bias": (classes,)}
         for (name, shape), array in zip(expected.items(), (w1, b1, w2, b2), strict=True):
-            if hidden < 1 or array.shape != shape:
-                raise HEError(f"weights {name}: expected shape {shape} (H >= 1), "
+            if min(hidden, features, classes) < 1 or array.shape != shape:
+                raise HEError(f"weights {name}: expected shape {shape} (H, F, C >= 1), "
                               f"got {array.shape}")
+        self.shape = ModelShape(int(features), int(classes), int(hidden)).check()
         self.activation = activation
         self.hidden_units = hidden
         if activation == "poly2":  # x/2 + x^2/8 = (x + 2)^2 / 8 - 1/2
@@ -75,14 +75,12 @@ class EncryptedModel:
         n = _check_n(layout, n)
         if not isinstance(ciphertext, bytes | bytearray | memoryview):
             raise HEError(f"ciphertext: expected bytes, got {type(ciphertext).__name__}")
-        limit = max_request_bytes(layout)
+        limit = max_request_bytes(layout, self.shape)
         if len(ciphertext) > limit:
             raise HEError(f"request: expected at most {limit} bytes, got {len(ciphertext)}")
-        if layout == "single" and self.hidden_units > _BLOCK:
-            raise HEError(f"layout 'single': expected a model with at most {_BLOCK} hidden "
-                          f"units, got {self.hidden_units}")
+        self.shape.check_layout(layout)
         st = ctx._state
-        count, _ = _ct_count(layout)
+        count, _ = _ct_count(layout, self.shape)
         data_primes = len(ctx.params.coeff_mod_bit_sizes) - 1
         blobs = _unpack_cts(bytes(ciphertext), _REQ_MAGIC, layout, n, count, "request",
                             _raw_ct_bytes(ctx.params, data_primes))
@@ -97,12 +95,13 @@ class EncryptedModel:
 
     def _single_plain(self, st: _SealState) -> tuple[Any, Any]:
         if "single" not in self._plain:
-            self._plain["single"] = single_masks(st, self._w1, self._b1, self._w2)
+            self._plain["single"] = single_masks(st, self.shape, self._w1, self._b1,
+                                                 self._w2)
         return self._plain["single"]
 
     def _single(self, ctx: ServerContext, ct: Any) -> list[Any]:
         masks = self._single_plain(ctx._state) if np.any(self._w2) else None
-        return evaluate_single(ctx, ct, masks, self._b2)
+        return evaluate_single(ctx, self.shape, ct, masks, self._b2)
 
     def _batch_plain(self, st: _SealState, n: int) -> dict[tuple[int, int], Any]:
         # A buyer pays for n predictions, so the second layer keeps only slots [0, n)

@@ -23,17 +23,86 @@ _LAYOUT_CODE = {"single": 1, "batch": 2}
 _CTX_MAGIC = b"PHEC"
 _REQ_MAGIC = b"PHEQ"
 _REP_MAGIC = b"PHER"
-_BLOCK = 32  # single layout: slots per input feature (max hidden units)
+_BLOCK = 32  # single layout: the fewest slots per input feature (the hidden units' block)
+# The single layout's Galois keys: every power of two below the slot count. A block of B
+# slots (B a power of two >= 32) sums the first layer with the steps B, 2B, ..., 2048 and
+# the second with 1, 2, ..., B/2: the same key set serves every model width.
 _L1_STEPS = (32, 64, 128, 256, 512, 1024, 2048)
 _L2_STEPS = (1, 2, 4, 8, 16)
+MAX_FEATURES = 1024  # client.schema.MAX_FEATURES
+MAX_CLASSES = 256
 _OUTPUT_SCALE_BITS = 34
 _JUNK_NOISE = 2.0**12
-_BATCH_INPUTS = NUM_FEATURES  # ciphertexts per batch request (bias is a plaintext)
 _MAX_FILE_BYTES = 256 * 2**20
 
 
 class HEError(ValueError):
     """A refusal: bad parameters, context, ciphertext or argument (says expected vs got)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The served model's widths: features in, hidden units, classes out. The batch
+    layout carries one ciphertext per feature in a request and one per class in a reply;
+    the single layout packs a sample into one ciphertext in blocks of :attr:`block`
+    slots, so it serves a model only when ``(features + 1) * block`` (and ``classes *
+    block``) fit the slots."""
+
+    features: int = NUM_FEATURES
+    classes: int = NUM_CLASSES
+    hidden_units: int = _BLOCK
+
+    def check(self) -> ModelShape:
+        for name, value, low, high in (("features", self.features, 1, MAX_FEATURES),
+                                       ("classes", self.classes, 2, MAX_CLASSES),
+                                       ("hidden units", self.hidden_units, 1, 1 << 16)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise HEError(f"model shape: expected {name} in {low}..{high}, got {value!r}")
+        return self
+
+    @property
+    def block(self) -> int:
+        """Slots per feature in the single layout: the hidden units rounded up to a power
+        of two, at least 32."""
+        block = _BLOCK
+        while block < self.hidden_units:
+            block *= 2
+        return block
+
+    @property
+    def single_slots(self) -> int:
+        """Slots the single layout needs: the features and the bias, or the classes."""
+        return max(self.features + 1, self.classes) * self.block
+
+    def supports(self, layout: str) -> bool:
+        return layout == "batch" or self.single_slots <= PARAMS["single"].slots
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        """The layouts that can serve this model, in :data:`LAYOUTS` order."""
+        return tuple(name for name in LAYOUTS if self.supports(name))
+
+    def check_layout(self, layout: str) -> None:
+        """Raise :class:`HEError` when ``layout`` cannot serve this model, naming why."""
+        if not self.supports(_check_layout(layout)):
+            raise HEError(
+                f"layout {layout!r}: a model of {self.features} features, "
+                f"{self.hidden_units} hidden units and {self.classes} classes needs "
+                f"{self.single_slots} slots (({self.features} + 1) x {self.block}), the "
+                f"layout has {PARAMS['single'].slots}: expected one of {list(self.layouts)}")
+
+    def single_steps(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The single layout's rotations: (first layer, second layer)."""
+        steps = _L2_STEPS + _L1_STEPS  # every power of two below the slot count
+        return (tuple(s for s in steps if s >= self.block),
+                tuple(s for s in steps if s < self.block))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"features": self.features, "hidden_units": self.hidden_units,
+                "classes": self.classes, "block": self.block}
+
+
+DIGITS_SHAPE = ModelShape()
 
 
 @dataclass(frozen=True)
@@ -50,8 +119,9 @@ class CkksParams:
     def slots(self) -> int:
         return self.poly_modulus_degree // 2
 
-    def to_json(self) -> dict[str, Any]:
-        """What a buyer needs to know about the encryption (for ``GET /v1/model``)."""
+    def to_json(self, shape: ModelShape = DIGITS_SHAPE) -> dict[str, Any]:
+        """What a buyer needs to know about the encryption of a model of ``shape`` (for
+        ``GET /v1/model``)."""
         return {
             "scheme": "CKKS",
             "layout": self.layout,
@@ -61,8 +131,9 @@ class CkksParams:
             "galois_steps": list(self.galois_steps),
             "slots": self.slots,
             "max_batch": max_batch(self.layout),
-            "features": NUM_FEATURES,
-            "classes": NUM_CLASSES,
+            "features": shape.features,
+            "classes": shape.classes,
+            "block": shape.block,
             "security_bits": 128,
             "wire_version": WIRE_VERSION,
         }
@@ -87,9 +158,9 @@ def max_batch(layout: str) -> int:
     return params.slots if layout == "batch" else 1
 
 
-def _ct_count(layout: str) -> tuple[int, int]:
-    """(ciphertexts in a request, ciphertexts in a reply)."""
-    return (1, 1) if layout == "single" else (_BATCH_INPUTS, NUM_CLASSES)
+def _ct_count(layout: str, shape: ModelShape = DIGITS_SHAPE) -> tuple[int, int]:
+    """(ciphertexts in a request, ciphertexts in a reply) for a model of ``shape``."""
+    return (1, 1) if layout == "single" else (shape.features, shape.classes)
 
 
 def _raw_ct_bytes(params: CkksParams, primes: int) -> int:
@@ -102,17 +173,17 @@ def _blob_limit(raw: int) -> int:
     return raw + raw // 64 + 1024
 
 
-def max_request_bytes(layout: str) -> int:
+def max_request_bytes(layout: str, shape: ModelShape = DIGITS_SHAPE) -> int:
     """The largest request :meth:`EncryptedModel.predict` parses for ``layout``."""
     params = PARAMS[_check_layout(layout)]
-    count, _ = _ct_count(layout)
+    count, _ = _ct_count(layout, shape)
     data_primes = len(params.coeff_mod_bit_sizes) - 1
     return 14 + count * (4 + _blob_limit(_raw_ct_bytes(params, data_primes)))
 
 
-def max_reply_bytes(layout: str) -> int:
+def max_reply_bytes(layout: str, shape: ModelShape = DIGITS_SHAPE) -> int:
     params = PARAMS[_check_layout(layout)]
-    _, count = _ct_count(layout)
+    _, count = _ct_count(layout, shape)
     return 14 + count * (4 + _blob_limit(_raw_ct_bytes(params, 1)))
 
 

@@ -48,7 +48,9 @@ def serve(
 @app.command()
 def buy(
     url: Annotated[str, typer.Option(help="The service, e.g. http://127.0.0.1:8000")],
-    input: Annotated[Path, typer.Option(help=".npz with x (n, 64) or .csv with 64 columns")],
+    input: Annotated[Path, typer.Option(
+        help=".npz with x (n, features) or .csv with a column a feature (the model's "
+             "features: 64 for digits)")],
     key: Annotated[Path, typer.Option(help="The buyer's key file (see poi buyer fund).")],
     layout: Annotated[str, typer.Option(help="auto, single or batch")] = "auto",
     log_key: Annotated[str | None, typer.Option(help="Pin the ledger's log key.")] = None,
@@ -58,14 +60,22 @@ def buy(
     from client.task import DataError, load_features
     from ledger.keys import Signer
 
+    from client.schema import Schema
+
     try:
-        x = load_features(input)
         signer = Signer.load(key)
-    except (DataError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     try:
-        logits = Buyer(url, signer, layout=layout, log_key=log_key).predict(x)
+        buyer = Buyer(url, signer, layout=layout, log_key=log_key)
+        shape = buyer.shape()  # the served model's schema: the input is checked against it
+        try:
+            x = load_features(input, schema=Schema(shape.features, shape.classes))
+        except (DataError, OSError, ValueError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        logits = buyer.predict(x)
     except BuyerError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -62,6 +62,8 @@ class TaskView:
     model_index: int
     activation: str
     hidden_units: int
+    features: int
+    classes: int
     keys: dict[str, bytes] = field(default_factory=dict)  # key id -> raw public key
     funded: dict[str, int] = field(default_factory=dict)
     settled: dict[str, int] = field(default_factory=dict)  # buyer -> settled cumulative
@@ -117,6 +119,8 @@ def _read_task(db: Path) -> tuple[TaskView, list[tuple[int, Entry]]]:
         model_index=model_index,
         activation=str(record.offer["architecture"]["activation"]),
         hidden_units=int(record.offer["architecture"]["hidden_units"]),
+        features=int(record.offer["architecture"]["input_dim"]),
+        classes=int(record.offer["architecture"]["num_classes"]),
     )
     for _, entry in entries:
         view.apply(entry)

@@ -64,16 +64,24 @@ class InferenceService:
                  settle_seconds: float = SETTLE_SECONDS, pipeline_wait: float | None = None,
                  store: Store | None = None, body_idle_seconds: float = BODY_IDLE_SECONDS
                  ) -> None:
-        from crypto.he import LAYOUTS, PARAMS, max_batch
+        from crypto.he import PARAMS, ModelShape, max_batch, max_request_bytes
 
         self.run_dir = Path(run_dir)
         self.db = self.run_dir / "ledger.db"
         if not self.db.is_file():
             raise ServiceError(503, f"expected a ledger at {self.db}, found none")
         self.index = LedgerIndex(self.db)
-        self.layouts = {name: {**PARAMS[name].to_json(), "max_batch": max_batch(name)}
-                        for name in LAYOUTS}
-        self.max_batch = {name: max_batch(name) for name in LAYOUTS}
+        view = self.index.view
+        # The served model's widths: a layout that cannot carry them is not offered
+        # (the single layout's block of slots must hold every feature).
+        self.shape = ModelShape(view.features, view.classes, view.hidden_units).check()
+        self.layouts = {name: {**PARAMS[name].to_json(self.shape), "max_batch": max_batch(name)}
+                        for name in self.shape.layouts}
+        self.max_batch = {name: max_batch(name) for name in self.shape.layouts}
+        # A request is one ciphertext a feature: a wide model's need more than the
+        # digits model's bound.
+        self.body_bytes = {name: max(MAX_BODY_BYTES[name], max_request_bytes(name, self.shape))
+                           for name in self.shape.layouts}
         self.store = store or Store(self.run_dir / "inference")  # StoreBusy: one service
         try:
             extra = {} if pipeline_wait is None else {"pipeline_wait": pipeline_wait}
@@ -172,15 +180,20 @@ class InferenceService:
                        "entry": base64.b64encode(leaf).decode(),
                        "inclusion_proof": [base64.b64encode(h).decode() for h in proof],
                        "checkpoint": checkpoint, "log_key": log_key},
-            "architecture": {"kind": "PolyMLP", "layers": [64, self.view.hidden_units, 10],
+            "architecture": {"kind": "PolyMLP",
+                             "layers": [self.shape.features, self.view.hidden_units,
+                                        self.shape.classes],
                              "activation": self.view.activation},
-            "input": {"shape": [64], "dtype": "float32", "range": [0.0, 1.0],
-                      "encoding": "8x8 digit image, row-major, pixel / 16"},
-            "output": {"shape": [10], "meaning": "logits of classes 0..9"},
+            "input": {"shape": [self.shape.features], "dtype": "float32", "range": [0.0, 1.0],
+                      "encoding": ("8x8 digit image, row-major, pixel / 16"
+                                   if self.shape.features == 64 else
+                                   "the task's features, scaled to [0, 1]")},
+            "output": {"shape": [self.shape.classes],
+                       "meaning": f"logits of classes 0..{self.shape.classes - 1}"},
             "layouts": self.layouts,
             "fee": {"per_prediction": self.view.buyer_fee, "unit": "minor units",
                     "scientist_share_ppm": self.view.share_ppm},
-            "limits": {"context_bytes": MAX_CONTEXT_BYTES, "body_bytes": MAX_BODY_BYTES,
+            "limits": {"context_bytes": MAX_CONTEXT_BYTES, "body_bytes": self.body_bytes,
                        "contexts_per_buyer": self.store.contexts_per_buyer,
                        "context_idle_seconds": int(self.store.context_ttl)},
         }
@@ -191,7 +204,8 @@ class InferenceService:
         require_binary(headers)
         layout = header(headers, "Layout")
         if layout not in self.layouts:
-            raise ServiceError(400, f"expected X-Poi-Layout in {sorted(self.layouts)}, "
+            raise ServiceError(400, f"expected X-Poi-Layout in {sorted(self.layouts)} (the "
+                                    f"layouts that serve this model), "
                                     f"got {layout[:40]!r}")
         buyer = header(headers, "Buyer")
         if not KEY_ID.fullmatch(buyer):
@@ -257,7 +271,7 @@ class InferenceService:
             raise ServiceError(402, f"insufficient balance: your ledger balance covers a "
                                     f"cumulative of {spendable}, the voucher's is "
                                     f"{voucher['cumulative']}")
-        body = await self.gate.read(request, MAX_BODY_BYTES[layout], self.store.spool_dir,
+        body = await self.gate.read(request, self.body_bytes[layout], self.store.spool_dir,
                                     buyer=buyer)
         handed_over = False
         try:

@@ -78,10 +78,13 @@ def _reference(weights: dict[str, np.ndarray], activation: str, x: np.ndarray) -
     return a @ w["fc2.weight"].T + w["fc2.bias"]
 
 
-def _small_weights(hidden: int, seed: int) -> dict[str, np.ndarray]:
+def _small_weights(hidden: int, seed: int, features: int = 64, classes: int = 10
+                   ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"fc1.weight": rng.normal(0, 0.3, (hidden, 64)), "fc1.bias": rng.normal(0, 0.5, hidden),
-            "fc2.weight": rng.normal(0, 0.3, (10, hidden)), "fc2.bias": rng.normal(0, 0.5, 10)}
+    return {"fc1.weight": rng.normal(0, 0.3, (hidden, features)),
+            "fc1.bias": rng.normal(0, 0.5, hidden),
+            "fc2.weight": rng.normal(0, 0.3, (classes, hidden)),
+            "fc2.bias": rng.normal(0, 0.5, classes)}
 
 
 def _bound(reference: np.ndarray) -> float:
@@ -136,13 +139,64 @@ def test_fewer_hidden_units_and_degenerate_rows(activation, buyers, servers, tes
 
 
 def test_more_than_32_hidden_units_batch_only(buyers, servers, test_x):
+    """64 features and 40 hidden units: a block of 64 slots, 65 x 64 > 4,096."""
     weights = _small_weights(40, seed=2)
     model = he.EncryptedModel(weights, "square")
-    got = buyers["batch"].decrypt(model.predict(servers["batch"], buyers["batch"].encrypt(test_x[:3]), 3), 3)
+    assert model.shape == he.ModelShape(64, 10, 40) and model.shape.layouts == ("batch",)
+    got = buyers["batch"].decrypt(model.predict(servers["batch"], buyers["batch"].encrypt(
+        test_x[:3], model.shape), 3), 3, model.shape)
     reference = _reference(weights, "square", test_x[:3])
     assert np.abs(got - reference).max() <= _bound(reference)
-    with pytest.raises(he.HEError, match="at most 32 hidden units, got 40"):
+    refusal = r"needs 4160 slots \(\(64 \+ 1\) x 64\), the layout has 4096: expected one of \['batch'\]"
+    with pytest.raises(he.HEError, match=refusal):
         model.predict(servers["single"], buyers["single"].encrypt(test_x[0]), 1)
+    with pytest.raises(he.HEError, match=refusal):  # the buyer is told before encrypting
+        buyers["single"].encrypt(test_x[0], model.shape)
+
+
+@pytest.mark.parametrize(("features", "hidden", "classes"),
+                         [(40, 8, 10), (40, 40, 10), (127, 32, 3), (5, 100, 20)])
+def test_other_schemas_in_both_layouts(buyers, servers, features, hidden, classes):
+    """Any task's widths: the single layout with its block of max(32, 2^ceil(log2 H))
+    slots (the same Galois keys), the batch layout with one ciphertext a feature in and
+    one a class out; logits against the float64 reference."""
+    weights = _small_weights(hidden, seed=features, features=features, classes=classes)
+    shape = he.ModelShape(features, classes, hidden)
+    model = he.EncryptedModel(weights, "poly2")
+    assert model.shape == shape and shape.layouts == ("single", "batch")
+    x = np.random.default_rng(1).random((3, features))
+    reference = _reference(weights, "poly2", x)
+    got = buyers["batch"].decrypt(model.predict(
+        servers["batch"], buyers["batch"].encrypt(x, shape), 3), 3, shape)
+    assert got.shape == (3, classes) and np.abs(got - reference).max() <= _bound(reference)
+    single = buyers["single"]
+    got = single.decrypt(model.predict(servers["single"], single.encrypt(x[0], shape), 1), 1,
+                         shape)
+    assert got.shape == (1, classes)
+    assert np.abs(got - reference[:1]).max() <= _bound(reference)
+    # A request shaped for another model is refused with the shapes named.
+    with pytest.raises(he.HEError, match=rf"expected shape \(n, {features}\)"):
+        buyers["batch"].encrypt(np.zeros((2, features + 1)), shape)
+
+
+def test_model_shape_bounds_and_layouts():
+    assert he.DIGITS_SHAPE == he.ModelShape(64, 10, 32) and he.DIGITS_SHAPE.block == 32
+    assert he.ModelShape(64, 10, 33).block == 64 and he.ModelShape(10, 2, 1).block == 32
+    assert he.ModelShape(127, 10, 32).layouts == ("single", "batch")
+    assert he.ModelShape(128, 10, 32).layouts == ("batch",)  # 129 x 32 > 4,096
+    assert he.ModelShape(1024, 256, 64).layouts == ("batch",)
+    first, second = he.ModelShape(40, 10, 100).single_steps()  # block 128
+    assert first == (128, 256, 512, 1024, 2048) and second == (1, 2, 4, 8, 16, 32, 64)
+    assert set(first + second) == set(he.PARAMS["single"].galois_steps)
+    for bad, match in (((0, 10, 8), "features in 1..1024"), ((1025, 10, 8), "features"),
+                       ((40, 1, 8), "classes in 2..256"), ((40, 10, 0), "hidden units")):
+        with pytest.raises(he.HEError, match=match):
+            he.ModelShape(*bad).check()
+    # Request and reply bounds follow the widths: one ciphertext a feature / a class.
+    wide = he.ModelShape(128, 20, 32)
+    assert he.max_request_bytes("batch", wide) > 1.9 * he.max_request_bytes("batch")
+    assert he.max_reply_bytes("batch", wide) > 1.9 * he.max_reply_bytes("batch")
+    assert he.max_request_bytes("single", wide) == he.max_request_bytes("single")
 
 
 # ---------------------------------------------------------------- parameters and keys
