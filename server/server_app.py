@@ -75,6 +75,7 @@ def make_central_evaluate(config: RunConfig):  # type: ignore[no-untyped-def]
     targeted flip (``flip-source`` -> ``flip-target``) would show: the accuracy on the
     source class and the fraction of it predicted as the target."""
     test, validation = task_data(config)
+    has_source = bool(np.any(test.y == config.flip_source))
     model = make_model(hidden_units=config.hidden_units, activation=config.activation,
                        seed=config.seed, schema=config.schema)
 
@@ -82,9 +83,10 @@ def make_central_evaluate(config: RunConfig):  # type: ignore[no-untyped-def]
         set_weights(model, arrays_to_numpy(arrays))
         loss, accuracy = evaluate(model, test)
         validation_loss, _ = evaluate(model, validation)
+        # -1: not measured (a task's own test set without the flip's source class)
         source_accuracy, attack_success_rate = targeted_flip_metrics(
-            _predict(model, test.x), test.y,
-            flip_source=config.flip_source, flip_target=config.flip_target)
+            _predict(model, test.x), test.y, flip_source=config.flip_source,
+            flip_target=config.flip_target) if has_source else (-1.0, -1.0)
         return MetricRecord({"accuracy": accuracy, "loss": loss,
                              "validation-loss": validation_loss,
                              "source-accuracy": source_accuracy,
