@@ -57,10 +57,9 @@ def buy(
 ) -> None:
     """Encrypt the rows of INPUT, buy their predictions, decrypt, print one JSON per row."""
     from client.buyer import Buyer, BuyerError
+    from client.schema import Schema
     from client.task import DataError, load_features
     from ledger.keys import Signer
-
-    from client.schema import Schema
 
     try:
         signer = Signer.load(key)

@@ -180,7 +180,7 @@ def test_other_schemas_in_both_layouts(buyers, servers, features, hidden, classe
 
 
 def test_model_shape_bounds_and_layouts():
-    assert he.DIGITS_SHAPE == he.ModelShape(64, 10, 32) and he.DIGITS_SHAPE.block == 32
+    assert he.ModelShape(64, 10, 32) == he.DIGITS_SHAPE and he.DIGITS_SHAPE.block == 32
     assert he.ModelShape(64, 10, 33).block == 64 and he.ModelShape(10, 2, 1).block == 32
     assert he.ModelShape(127, 10, 32).layouts == ("single", "batch")
     assert he.ModelShape(128, 10, 32).layouts == ("batch",)  # 129 x 32 > 4,096

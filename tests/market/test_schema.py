@@ -26,9 +26,9 @@ from client.task import (
     mnist1d_arrays,
     set_weights,
 )
+from client.witness import load_or_create_key
 from crypto.digests import parse_canonical_tensor_bytes
 from ledger import LogReader, Signer
-from client.witness import load_or_create_key
 from ledger.blobs import BlobStore
 from server.inference.service import create_app, fund_account
 from server.market.audit import audit_run
@@ -59,7 +59,7 @@ def test_mnist1d_is_generated_offline_reproducibly_in_range(tmp_path, monkeypatc
     x, y = mnist1d_arrays(300)
     assert np.array_equal(np.random.get_state()[1], state[1])  # the caller's RNG kept
     assert x.shape == (300, 40) and x.dtype == np.float32 and y.shape == (300,)
-    assert 0.0 <= x.min() and x.max() <= 1.0 and set(np.unique(y)) == set(range(10))
+    assert x.min() >= 0.0 and x.max() <= 1.0 and set(np.unique(y)) == set(range(10))
     assert list(tmp_path.glob("mnist1d-300-*.npz"))  # cached
     again_x, again_y = mnist1d_arrays(300)  # from the cache: the same arrays
     assert np.array_equal(again_x, x) and np.array_equal(again_y, y)
