@@ -322,9 +322,13 @@ class RunConfig:
     def _validate_attack_knobs(self) -> None:
         """``attack-start-round``, the targeted flip's classes and which attacks combine."""
         _at_least("attack-start-round", self.attack_start_round, 1)
-        # The targeted flip's classes must exist when it runs; otherwise they only name
-        # what the report's flip metrics look at (a 3-class task keeps the defaults).
-        classes = self.schema.classes if "targeted-flip" in self.attack_kinds else 1 << 16
+        # The flip's classes must exist when set or when the targeted flip runs; the
+        # defaults (1 -> 7) on a task of fewer classes only leave the report's flip
+        # metrics unmeasured (-1), so a 3-class task need not name them.
+        defaults = (RunConfig.flip_source, RunConfig.flip_target)
+        checked = ("targeted-flip" in self.attack_kinds
+                   or (self.flip_source, self.flip_target) != defaults)
+        classes = self.schema.classes if checked else 1 << 16
         for key in ("flip-source", "flip-target"):
             value = getattr(self, key.replace("-", "_"))
             if not 0 <= value < classes:

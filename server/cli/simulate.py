@@ -16,17 +16,35 @@ from server.cli.common import console, load_config
 app = typer.Typer()
 
 
+LIST_UP_TO = 8  # a round's selected / rejected are listed up to this many, else counted
+
+
 def _fmt_round(report: dict[str, Any], index: int) -> str:
+    """One console line a round, whatever the federation's size: the selected and the
+    rejected are listed while short, counted beyond :data:`LIST_UP_TO` (the report keeps
+    every one)."""
     rnd = report["rounds"][index]
     sel = rnd["selected"]
-    rejected = ", ".join(f"{r['author']} ({r['reason'][:60]})" for r in rnd["rejected"]) or "-"
+    rejected_list = rnd["rejected"]
     acc = rnd["accuracy"]
-    selected = "n/a" if report["strategy"] != "poi" else (", ".join(map(str, sel)) or "none")
+    candidates = rnd["candidates"]
+    if report["strategy"] != "poi":
+        selected = "selected [n/a]"
+    elif len(sel) > LIST_UP_TO:
+        attackers = sum(1 for c in candidates if c["attacker"] and c["selected"])
+        selected = f"selected {len(sel)} of {len(candidates)} ({attackers} attackers)"
+    else:
+        selected = f"selected [{', '.join(map(str, sel)) or 'none'}]"
+    if len(rejected_list) > LIST_UP_TO:
+        rejected = f"rejected {len(rejected_list)}"
+    else:
+        rejected = "rejected [" + (", ".join(f"{r['author']} ({r['reason'][:60]})"
+                                             for r in rejected_list) or "-") + "]"
     line = f"round {rnd['round']:>3}  accuracy {acc:6.3f}"
     if rnd.get("published_validation_loss") is not None:
         line += f"  val-loss {rnd['published_validation_loss']:.4f}"
-    line += f"  selected [{selected}]  rejected [{rejected}]"
-    ranked = sorted((c for c in rnd["candidates"] if c["score"] is not None),
+    line += f"  {selected}  {rejected}"
+    ranked = sorted((c for c in candidates if c["score"] is not None),
                     key=lambda c: (-c["score"], c["id"]))
     attacker_ranks = [i + 1 for i, c in enumerate(ranked) if c["attacker"]]
     if attacker_ranks:

@@ -244,3 +244,21 @@ def test_data_files_outside_the_unit_range_are_refused_for_other_schemas(tmp_pat
     np.savez(tmp_path / "e.npz", x=np.clip(x, 0, 1), y=y + 5)
     with pytest.raises(DataError, match=r"expected integer labels in 0\.\.2, got labels 5\.\.7"):
         load_data_file(tmp_path / "e.npz", schema=Schema(12, 3))
+
+
+def test_the_round_line_counts_instead_of_listing_at_scale() -> None:
+    from server.cli.simulate import LIST_UP_TO, _fmt_round
+
+    def report(n: int) -> dict[str, Any]:
+        candidates = [{"id": f"{i:064x}", "attacker": i % 2 == 0, "selected": i < n // 2,
+                       "score": float(i)} for i in range(n)]
+        return {"strategy": "poi", "rounds": [{
+            "round": 3, "accuracy": 0.5, "selected": list(range(n // 2)),
+            "rejected": [{"author": j, "reason": "stale base"} for j in range(n // 4)],
+            "candidates": candidates}]}
+
+    small, big = _fmt_round(report(8), 0), _fmt_round(report(1024), 0)
+    assert "selected [0, 1, 2, 3]" in small and "rejected [0 (stale base), 1 (stale" in small
+    assert "selected 512 of 1024 (256 attackers)" in big and "rejected 256" in big
+    assert "\n" not in big and len(big) < 160
+    assert LIST_UP_TO == 8
