@@ -122,7 +122,8 @@ class Subscriber:
         data_path = node.get("data-path")
         partition_id = int(node.get("partition-id", -1))  # type: ignore[arg-type]
         if data_path:
-            data = load_data_file(str(data_path), schema=config.schema)
+            data = load_data_file(str(data_path), schema=config.schema,
+                                  raw_max=config.raw_max)
             simulated = False
         else:
             if partition_id < 0:
@@ -615,7 +616,9 @@ def witness(msg: Message, context: Context) -> Message:
             index=int(_num(config[P.LEDGER_SETTLEMENT_INDEX])),
             proof=[unb64(str(h)) for h in config[P.LEDGER_SETTLEMENT_PROOF]],  # type: ignore[union-attr]
             checkpoint=checkpoint, task_id=duty.task_id,
-            author=duty.signer.key_id)  # type: ignore[attr-defined]
+            author=duty.signer.key_id,  # type: ignore[attr-defined]
+            bulk=(bytes(config[P.LEDGER_SETTLEMENT_BULK])  # type: ignore[arg-type]
+                  if P.LEDGER_SETTLEMENT_BULK in config else None))
     except LedgerRefusal as exc:
         return _error(msg, P.ERROR_LEDGER, str(exc))
     except (KeyError, TypeError, ValueError) as exc:

@@ -28,9 +28,14 @@ ATTACKS = ("none", "label-flip", "sign-flip", "noise", "fake-data", "free-rider"
 MODEL_POISONING_ATTACKS = ("alie", "ipm", "min-max", "min-sum")  # client.model_poisoning
 PARTITIONERS = ("iid", "dirichlet")
 VOTE_AGGREGATIONS = ("median", "trimmed-mean", "rank-median")
-# The selection entry grows ~300 bytes a candidate (12,781 bytes at 40): 128 keeps it
-# under half of the 65,535-byte entry bound. Beyond, its lists must move into a blob.
-MAX_SUBSCRIBERS = 128
+# The operator's and the Scientist's entries that grow with the federation (a round's
+# selection, the validation marginals, the settlement) keep their lists in a bulk blob
+# past 16 KiB (ledger.entries.split_bulk). A subscriber's ballot is one entry of ~80
+# bytes a candidate scored: every voter scoring every candidate (votes-per-candidate
+# 0) fits the 65,535-byte entry bound up to MAX_FULL_BALLOT subscribers; committees
+# bound a ballot at any size.
+MAX_SUBSCRIBERS = 1024
+MAX_FULL_BALLOT = 512
 VOTE_RULES = ("marginal", "single")
 PAYOUT_GAMES = ("fixed-k", "mean")
 MAX_ACCEPTED = 16  # payout-game mean: exact Shapley costs 2^k evaluations
@@ -151,6 +156,13 @@ class RunConfig:
         return Schema(self.num_features or own.features, self.num_classes or own.classes)
 
     @property
+    def raw_max(self) -> float:
+        """What a data file's raw rows are scaled from: 16 (digits intensities) for the
+        digits task, nothing for any other (its files hold features in [0, 1])."""
+        return DATASETS["digits"].raw_max if (
+            self.dataset == "digits" and self.uses_dataset_schema) else 0.0
+
+    @property
     def uses_dataset_schema(self) -> bool:
         """Whether the built-in dataset can feed this task (its schema is the task's)."""
         return self.schema == DATASETS[self.dataset].schema
@@ -208,9 +220,14 @@ class RunConfig:
         _at_least("num-subscribers", self.num_subscribers, 2)
         if self.num_subscribers > MAX_SUBSCRIBERS:
             raise ConfigError(
-                f"num-subscribers: expected at most {MAX_SUBSCRIBERS} (a round's selection "
-                f"entry lists every candidate, about 300 bytes each, and a ledger entry holds "
-                f"at most 65,535 bytes, the C2SP tiles bound), got {self.num_subscribers}")
+                f"num-subscribers: expected at most {MAX_SUBSCRIBERS}, got "
+                f"{self.num_subscribers}")
+        if self.num_subscribers > MAX_FULL_BALLOT and self.votes_per_candidate == 0:
+            raise ConfigError(
+                f"votes-per-candidate: 0 (every voter scores every candidate) allows at most "
+                f"{MAX_FULL_BALLOT} subscribers (a ballot is one ledger entry of at most "
+                f"65,535 bytes, ~80 a candidate): expected committees (1.."
+                f"{self.num_subscribers - 1}, e.g. 16) for {self.num_subscribers}")
         self._validate_schema()
         _at_least("top-k", self.top_k, 1)
         _at_least("votes-per-candidate", self.votes_per_candidate, 0)
@@ -298,7 +315,7 @@ class RunConfig:
         for key in ("num-features", "num-classes", "dataset-size"):
             _at_least(key, getattr(self, key.replace("-", "_")), 0)
         try:
-            self.schema.check()
+            self.schema.check().check_model(self.hidden_units)
             size = dataset_size(self.dataset, self.dataset_size)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None

@@ -62,6 +62,7 @@ WITNESS_MESSAGE_TYPE = "query.witness"
 LEDGER_SETTLEMENT = "ledger-settlement"
 LEDGER_SETTLEMENT_INDEX = "ledger-settlement-index"
 LEDGER_SETTLEMENT_PROOF = "ledger-settlement-proof"
+LEDGER_SETTLEMENT_BULK = "ledger-settlement-bulk"  # its bulk blob, when it has one
 
 # ledger (subscriber -> server, a ConfigRecord under LEDGER in the reply)
 LEDGER = "ledger"

@@ -19,6 +19,13 @@ from dataclasses import dataclass
 # reply's ciphertexts and the model's output layer small.
 MAX_FEATURES = 1024
 MAX_CLASSES = 256
+MAX_HIDDEN = 4096
+# What the encrypted-inference service holds and computes for one model: the batch
+# layout encodes the classes x hidden second-layer weights as plaintexts of 128 KiB
+# each (2,048: 256 MiB, the digits model's 320: 40 MiB), and a request costs features
+# x hidden ciphertext products (2^18: about 1 minute a batch request on one core).
+MAX_OUTPUT_WEIGHTS = 2048
+MAX_INPUT_WEIGHTS = 1 << 18
 
 TEST_FRACTION = 0.2
 VALIDATION_FRACTION = 0.1
@@ -35,6 +42,25 @@ class Schema:
 
     features: int
     classes: int
+
+    def check_model(self, hidden_units: int) -> None:
+        """Raise ValueError when a model of ``hidden_units`` on this schema is wider than
+        the encrypted-inference service serves (:data:`MAX_OUTPUT_WEIGHTS`,
+        :data:`MAX_INPUT_WEIGHTS`), naming the bound."""
+        if not 1 <= hidden_units <= MAX_HIDDEN:
+            raise ValueError(f"hidden-units: expected 1..{MAX_HIDDEN}, got {hidden_units}")
+        if self.classes * hidden_units > MAX_OUTPUT_WEIGHTS:
+            raise ValueError(
+                f"hidden-units: {self.classes} classes x {hidden_units} hidden units = "
+                f"{self.classes * hidden_units} second-layer weights, the encrypted-"
+                f"inference service holds at most {MAX_OUTPUT_WEIGHTS}: expected at most "
+                f"{MAX_OUTPUT_WEIGHTS // self.classes} hidden units")
+        if self.features * hidden_units > MAX_INPUT_WEIGHTS:
+            raise ValueError(
+                f"hidden-units: {self.features} features x {hidden_units} hidden units = "
+                f"{self.features * hidden_units} first-layer weights, the encrypted-"
+                f"inference service computes at most {MAX_INPUT_WEIGHTS}: expected at most "
+                f"{MAX_INPUT_WEIGHTS // self.features} hidden units")
 
     def check(self) -> Schema:
         if not 1 <= self.features <= MAX_FEATURES:
@@ -61,7 +87,8 @@ DATASETS: dict[str, DatasetInfo] = {
     # scikit-learn's bundled 8x8 digits: 1,797 examples, pixel intensities 0..16.
     "digits": DatasetInfo("digits", Schema(64, 10), 1797, 1797, 1797, 16.0),
     # MNIST-1D (Greydanus 2020), generated offline from a seed: 40 features, 10 classes.
-    "mnist1d": DatasetInfo("mnist1d", Schema(40, 10), None, 5000, 1_000_000, 0.0),
+    # At most 200,000 examples: about 60 s to generate (once, then cached).
+    "mnist1d": DatasetInfo("mnist1d", Schema(40, 10), None, 5000, 200_000, 0.0),
 }
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import os
 import random
+import tempfile
+import threading
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -165,18 +167,46 @@ def _mnist1d_cache_dir() -> Path:
     return Path(root)
 
 
+_MNIST1D_LOCK = threading.Lock()  # the generator seeds process-wide generators
+
+
 def mnist1d_arrays(size: int) -> tuple[np.ndarray, np.ndarray]:
     """``size`` MNIST-1D examples generated offline from the published seed, features
     mapped to [0, 1]: (x float32 (size, 40), y int64). Generation costs about 0.3 ms an
-    example, so the arrays are kept in ``$POI_CACHE_DIR`` (default ``~/.cache/poi``)."""
+    example, so the arrays are kept in ``$POI_CACHE_DIR`` (default ``~/.cache/poi``); a
+    cached file that is not what the generator gives (shape, dtype, range, labels) is
+    generated again."""
     path = _mnist1d_cache_dir() / f"mnist1d-{size}-seed{MNIST1D_SEED}.npz"
+    with _MNIST1D_LOCK:
+        cached = _cached_mnist1d(path, size)
+        if cached is not None:
+            return cached
+        x, y = _generate_mnist1d(size)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".mnist1d-", suffix=".npz")
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, x=x, y=y)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache: generate again next time
+        return x, y
+
+
+def _cached_mnist1d(path: Path, size: int) -> tuple[np.ndarray, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as cached:
             x, y = cached["x"], cached["y"]
-        if x.shape == (size, 40) and y.shape == (size,):
-            return x.astype(np.float32), y.astype(np.int64)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        pass
+        return None
+    if (x.shape != (size, 40) or y.shape != (size,) or x.dtype != np.float32
+            or y.dtype != np.int64 or not np.all(np.isfinite(x)) or x.min() < 0.0
+            or x.max() > 1.0 or y.min() < 0 or y.max() > 9):
+        return None
+    return x, y
+
+
+def _generate_mnist1d(size: int) -> tuple[np.ndarray, np.ndarray]:
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -191,15 +221,7 @@ def mnist1d_arrays(size: int) -> tuple[np.ndarray, np.ndarray]:
         np.random.set_state(np_state)
     raw = np.asarray(data["x"], dtype=np.float64)[:size]
     x = np.clip((raw + MNIST1D_RANGE) / (2 * MNIST1D_RANGE), 0.0, 1.0).astype(np.float32)
-    y = np.asarray(data["y"], dtype=np.int64)[:size]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, x=x, y=y)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home: generate again next time
-    return x, y
+    return x, np.asarray(data["y"], dtype=np.int64)[:size]
 
 
 @functools.lru_cache(maxsize=4)
@@ -250,6 +272,22 @@ def partition_indices(
     )
 
 
+def check_partitions(num_partitions: int, partitioner: str, dirichlet_alpha: float,
+                     seed: int, dataset: str = "digits", size: int = 0) -> None:
+    """Partition the pool now (cached for the subscribers in this process), so a
+    federation the partitioner cannot split (too skewed a ``dirichlet-alpha`` for so
+    few examples a subscriber) is refused before a ledger or an offer exists."""
+    try:
+        partition_indices(num_partitions, partitioner, dirichlet_alpha, seed, dataset, size)
+    except ValueError as exc:
+        pool = len(dataset_split(dataset, size).pool)
+        raise DataError(
+            f"num-subscribers: the {partitioner} partitioner cannot give {num_partitions} "
+            f"subscribers at least 2 of {dataset}'s {pool:,} pool examples each with "
+            f"dirichlet-alpha {dirichlet_alpha} ({exc}): expected fewer subscribers, a "
+            "larger dirichlet-alpha or a larger dataset-size") from None
+
+
 def load_partition(
     partition_id: int, num_partitions: int, *, partitioner: str, dirichlet_alpha: float,
     seed: int, dataset: str = "digits", size: int = 0,
@@ -266,18 +304,19 @@ def load_partition(
 
 
 def load_data_file(path: str | Path, *, label_column: str = "label",
-                   schema: Schema = DIGITS) -> Dataset:
+                   schema: Schema = DIGITS, raw_max: float | None = None) -> Dataset:
     """A subscriber's own data: ``.npz`` with ``x`` (n, features) and ``y`` (n,), or
     ``.csv`` with one column a feature and a ``label`` column, checked against the task's
-    ``schema``. Features are in [0, 1]; for the digits schema a row with a value above 1
-    is taken as 0..16 intensities and scaled (row by row)."""
+    ``schema``. Features are in [0, 1]; with ``raw_max`` (default: 16 for the digits
+    schema, else none) a row with a value above 1 is taken as 0..raw_max intensities and
+    scaled (row by row)."""
     x, y = _read_table(path, label_column=label_column, labels=True, what="data-path")
     assert y is not None
-    return _checked_dataset(x, y, source=Path(path).name, schema=schema)
+    return _checked_dataset(x, y, source=Path(path).name, schema=schema, raw_max=raw_max)
 
 
 def load_features(path: str | Path, *, label_column: str = "label",
-                  schema: Schema = DIGITS) -> np.ndarray:
+                  schema: Schema = DIGITS, raw_max: float | None = None) -> np.ndarray:
     """A buyer's inputs: ``.npz`` with ``x`` (n, features), or ``.csv`` with a column a
     feature (a ``label`` column, if present, is ignored). Scaled as :func:`load_data_file`."""
     x, _ = _read_table(path, label_column=label_column, labels=False, what="input")
@@ -285,7 +324,7 @@ def load_features(path: str | Path, *, label_column: str = "label",
         raise DataError(f"input {Path(path).name}: expected x of shape (n, {schema.features}), "
                         f"got {x.shape}")
     return _checked_dataset(x, np.zeros(len(x), dtype=np.int64), source=Path(path).name,
-                            schema=schema).x
+                            schema=schema, raw_max=raw_max).x
 
 
 def _read_table(path: str | Path, *, label_column: str, labels: bool, what: str
@@ -329,7 +368,7 @@ def _read_table(path: str | Path, *, label_column: str, labels: bool, what: str
 
 
 def _checked_dataset(x: np.ndarray, y: np.ndarray, *, source: str,
-                     schema: Schema = DIGITS) -> Dataset:
+                     schema: Schema = DIGITS, raw_max: float | None = None) -> Dataset:
     features, classes = schema.features, schema.classes
     if x.ndim != 2 or x.shape[1] != features:
         raise DataError(f"{source}: expected x of shape (n, {features}) for this task's "
@@ -345,13 +384,15 @@ def _checked_dataset(x: np.ndarray, y: np.ndarray, *, source: str,
                  else f"labels {int(y.min())}..{int(y.max())}")
         raise DataError(f"{source}: expected integer labels in 0..{classes - 1}, got {found}")
     x = x.astype(np.float32)
-    if schema == DIGITS:
+    if raw_max is None:
+        raw_max = DATASETS["digits"].raw_max if schema == DIGITS else 0.0
+    if raw_max > 0:
         # Each row on its own: a row with a value above 1 is 0..16 intensities. Deciding
         # for the whole file would let one example change how every other is scaled,
         # which breaks the per-example sensitivity DP-SGD and private ballots rely on.
         raw = x.max(axis=1) > 1.0
-        x[raw] = x[raw] / DATASETS["digits"].raw_max
-    elif x.min() < 0.0 or x.max() > 1.0:
+        x[raw] = x[raw] / raw_max
+    if x.min() < 0.0 or x.max() > 1.0:
         raise DataError(f"{source}: expected features in [0, 1] (scale them before "
                         f"training; the encrypted-inference service needs that range too), "
                         f"got [{float(x.min()):.4g}, {float(x.max()):.4g}]")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.checkpoint import Checkpoint, NoteVerifier, cosign_checkpoint, parse_checkpoint
-from ledger.entries import parse_entry
+from ledger.entries import parse_entry, with_bulk
 from ledger.errors import CheckpointError, LedgerError, ProofError, PublicKeyError
 from ledger.keys import Signer
 from ledger.merkle import hash_leaf, verify_consistency, verify_inclusion
@@ -127,16 +127,26 @@ def store_note(directory: Path, cosigned: str, *, task_id: str) -> Path:
 
 
 def check_settlement(leaf: bytes, *, index: int, proof: Sequence[bytes],
-                     checkpoint: Checkpoint, task_id: str, author: str) -> int:
+                     checkpoint: Checkpoint, task_id: str, author: str,
+                     bulk: bytes | None = None) -> int:
     """Before cosigning the final checkpoint: the settlement is in that tree and is for
     this task. Returns this subscriber's payout line (0 when it has none: the
-    settlement drops zero amounts), which the subscriber keeps beside its notes.
+    settlement drops zero amounts), which the subscriber keeps beside its notes. A
+    settlement that keeps its payout lines in a bulk blob comes with ``bulk``, which
+    must hash to the digest the leaf signs.
 
     Raises :class:`LedgerRefusal` otherwise."""
+
+    def blob(digest: str) -> bytes:
+        if bulk is None:
+            raise LedgerRefusal(f"ledger: settlement: expected its bulk blob {digest[:16]}, "
+                                "got none")
+        return bulk
+
     try:
         verify_inclusion(index=index, size=checkpoint.size, leaf_hash=hash_leaf(leaf),
                          proof=list(proof), root=checkpoint.root_hash)
-        entry = parse_entry(leaf)
+        entry = with_bulk(parse_entry(leaf), blob)
     except LedgerError as exc:
         raise LedgerRefusal(f"ledger: settlement: {exc}") from exc
     payouts = entry.fields.get("payouts")

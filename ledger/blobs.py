@@ -11,8 +11,10 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ledger.errors import StoreError
 
@@ -82,3 +84,16 @@ class BlobStore:
         if actual != digest:
             raise StoreError(f"expected blob with digest {digest}, got content hashing to {actual}")
         return data
+
+
+def sign_with_bulk(signer: Any, kind: str, *, seq: int, fields: Mapping[str, Any],
+                   blobs: BlobStore) -> bytes:
+    """:func:`~ledger.entries.sign_entry`, keeping a large entry's list and object fields
+    in a blob of ``blobs`` named by its ``bulk_digest`` (:func:`~ledger.entries.split_bulk`;
+    readers merge them back with :func:`~ledger.entries.with_bulk`)."""
+    from ledger.entries import BULK_FIELD, sign_entry, split_bulk
+
+    inline, bulk = split_bulk(fields)
+    if bulk is not None:
+        inline[BULK_FIELD] = blobs.put(bulk)
+    return sign_entry(signer, kind, seq=seq, fields=inline)

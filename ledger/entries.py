@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -40,6 +41,7 @@ from ledger.keys import Signer, key_id, parse_public_key, verify_signature
 
 __all__ = [
     "DOMAIN",
+    "BULK_FIELD",
     "ENVELOPE_FIELDS",
     "KEY_KIND",
     "Entry",
@@ -51,6 +53,8 @@ __all__ = [
     "parse_entry",
     "register_kind",
     "sign_entry",
+    "split_bulk",
+    "with_bulk",
 ]
 
 DOMAIN = b"poi/ledger/entry/v1\n"
@@ -59,6 +63,11 @@ _SIGNATURE_TEXT_SIZE = 88  # base64 of 64 bytes
 ENVELOPE_FIELDS = ("kind", "v", "author", "seq")
 KEY_KIND = "key"
 _MAX_JSON_INTEGER = 2**53 - 1  # RFC 8785 section 3.2.2.3 / I-JSON
+# Bulk fields: an entry whose payload would pass BULK_THRESHOLD bytes (a round's lists at
+# 1,024 subscribers) carries its list and object fields in a blob instead, named by
+# this field (the blob's SHA-256, so the signature covers its bytes).
+BULK_FIELD = "bulk_digest"
+BULK_THRESHOLD = 16 * 1024
 
 JsonType = type | tuple[type, ...]
 
@@ -72,9 +81,13 @@ class KindSpec:
     required: Mapping[str, JsonType]
 
     def check(self, fields: Mapping[str, Any]) -> None:
-        """Raise :class:`EntryError` unless every required field is present with its type."""
+        """Raise :class:`EntryError` unless every required field is present with its type
+        (an entry with ``bulk_digest`` may keep required fields in its bulk blob: they
+        are checked when :func:`with_bulk` merges it)."""
         for name, expected in self.required.items():
             if name not in fields:
+                if BULK_FIELD in fields:
+                    continue
                 raise EntryError(f"expected field {name!r} in a {self.kind!r} entry, got none")
             value = fields[name]
             if isinstance(value, bool) and bool not in _as_tuple(expected):
@@ -212,6 +225,7 @@ _FAST_ENCODER = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
 )
 _AT_OR_ABOVE_U_E000 = re.compile(rb"[\xee-\xff]")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def _is_canonical(decoded: dict[str, Any], payload: bytes) -> bool:
@@ -286,6 +300,65 @@ def make_key_entry(signer: Signer) -> bytes:
     """The author's ``key`` entry (seq 0), registering its public key in the ledger."""
     public_key = base64.b64encode(signer.public_key_bytes).decode()
     return sign_entry(signer, kind=KEY_KIND, seq=0, fields={"public_key": public_key})
+
+
+def split_bulk(fields: Mapping[str, Any], *, threshold: int | None = None
+               ) -> tuple[dict[str, Any], bytes | None]:
+    """``(inline fields, bulk blob)`` for an entry about to be signed: when the canonical
+    JSON of ``fields`` passes ``threshold`` bytes (default :data:`BULK_THRESHOLD`), every
+    list- or object-valued field moves into the blob (RFC 8785 canonical JSON of an
+    object), and the caller stores it and adds its digest as ``bulk_digest``. Small
+    entries come back unchanged with no blob."""
+    _check_json_value(fields, "$")
+    limit = BULK_THRESHOLD if threshold is None else threshold
+    if BULK_FIELD in fields:
+        raise EntryError(f"expected no {BULK_FIELD!r} among the fields to split, got one")
+    if len(encode_payload(fields)) <= limit:
+        return dict(fields), None
+    bulk = {k: v for k, v in fields.items() if isinstance(v, list | tuple | Mapping)}
+    if not bulk:
+        return dict(fields), None
+    inline = {k: v for k, v in fields.items() if k not in bulk}
+    return inline, encode_payload(bulk)
+
+
+def with_bulk(entry: Entry, get: Callable[[str], bytes]) -> Entry:
+    """``entry`` with its bulk blob's fields merged in (``entry`` itself when it has
+    none). ``get(digest)`` returns the blob's bytes checked against the digest (a
+    :class:`~ledger.blobs.BlobStore`'s ``get``). Raises :class:`EntryError` when the
+    blob is not canonical JSON of an object, names an envelope field, ``bulk_digest``
+    or an inline field again, or the merged fields miss a required one."""
+    digest = entry.fields.get(BULK_FIELD)
+    if digest is None:
+        return entry
+    where = f"{entry.kind!r} entry's bulk blob"
+    if not isinstance(digest, str) or not _HEX_DIGEST.fullmatch(digest):
+        raise EntryError(f"expected {BULK_FIELD} as 64 lowercase hex digits, got {digest!r}")
+    data = get(digest)
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise EntryError(f"{where}: expected bytes hashing to {digest}, got others")
+    try:
+        decoded = _DECODER.decode(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EntryError(f"{where}: expected JSON, got: {error}") from error
+    if not isinstance(decoded, dict) or not decoded:
+        raise EntryError(f"{where}: expected a non-empty JSON object, got "
+                         f"{type(decoded).__name__}")
+    if not _is_canonical(decoded, data):
+        raise EntryError(f"{where}: expected RFC 8785 canonical JSON, got bytes that "
+                         "re-encode differently")
+    scalar = sorted(k for k, v in decoded.items() if not isinstance(v, list | dict))
+    if scalar:
+        raise EntryError(f"{where}: expected only list and object fields, got {scalar}")
+    clash = sorted(set(decoded) & (set(entry.fields) | set(ENVELOPE_FIELDS) | {BULK_FIELD}))
+    if clash:
+        raise EntryError(f"{where}: expected fields the entry does not carry, got {clash} "
+                         "again")
+    merged = {**entry.fields, **decoded}
+    del merged[BULK_FIELD]
+    spec = kind_spec(entry.kind)
+    spec.check(merged)
+    return replace(entry, fields=MappingProxyType(merged))
 
 
 def _reject_constant(name: str) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ledger import merkle
+from ledger.blobs import BlobStore
 from ledger.checkpoint import (
     Checkpoint,
     NoteVerifier,
@@ -40,7 +41,16 @@ from ledger.checkpoint import (
     verify_cosignature,
 )
 from ledger.cosignatures import COSIGNATURE_KIND, cosignature_fields, witness_verifier
-from ledger.entries import KEY_KIND, Entry, KeyRing, make_key_entry, parse_entry, sign_entry
+from ledger.entries import (
+    BULK_FIELD,
+    KEY_KIND,
+    Entry,
+    KeyRing,
+    make_key_entry,
+    parse_entry,
+    sign_entry,
+    with_bulk,
+)
 from ledger.errors import CheckpointError, EntryError, LedgerError, StoreError
 from ledger.keys import Signer, key_id
 from ledger.tiles import MAX_ENTRY_SIZE, TileRef, encode_bundle, tile_width
@@ -268,12 +278,16 @@ class LogReader:
         return bytes(row[0])
 
     def entries(
-        self, *, kind: str | None = None, author: str | None = None, end: int | None = None
+        self, *, kind: str | None = None, author: str | None = None, end: int | None = None,
+        bulk: bool = True,
     ) -> Iterator[tuple[int, Entry]]:
         """Parsed entries in log order, optionally filtered (no signature check).
 
         ``end`` stops before that index: the entries of the tree an audit verified,
-        whatever the sequencer appended since.
+        whatever the sequencer appended since. With ``bulk`` (the default) an entry that
+        keeps fields in a bulk blob comes with them merged (:func:`with_bulk`, the blob
+        read from the store beside the database); a missing or altered blob raises
+        :class:`~ledger.errors.LedgerError` naming the entry.
         """
         query, args = "SELECT idx, CAST(leaf AS BLOB) FROM entries WHERE 1", list[object]()
         if end is not None:
@@ -282,8 +296,15 @@ class LogReader:
             query, args = query + " AND kind = ?", [*args, kind]
         if author is not None:
             query, args = query + " AND author = ?", [*args, author]
+        blobs = BlobStore.beside(self.path) if bulk else None
         for index, leaf in self._db.execute(query + " ORDER BY idx", args):
-            yield int(index), parse_entry(bytes(leaf))
+            entry = parse_entry(bytes(leaf))
+            if blobs is not None and BULK_FIELD in entry.fields:
+                try:
+                    entry = with_bulk(entry, blobs.get)
+                except LedgerError as exc:
+                    raise type(exc)(f"entry {index} ({entry.kind}): {exc}") from exc
+            yield int(index), entry
 
     def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
         """RFC 9162 inclusion proof of leaf ``index`` in the tree of ``size`` (default: all)."""

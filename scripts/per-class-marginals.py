@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.marginal import marginal_ballot  # noqa: E402
-from client.task import NUM_CLASSES, Dataset, model_of  # noqa: E402
+from client.task import Dataset, model_of  # noqa: E402
 from ledger import LogReader  # noqa: E402
 from ledger.blobs import BlobStore  # noqa: E402
 from server.market.replay import _tensors, check_reveal, read_market, replay  # noqa: E402
@@ -54,7 +54,7 @@ def analyse(run: Path, threshold: float) -> dict[str, object] | None:
     model = model_of(architecture)
     data = Dataset(revealed.x, revealed.y)
     per_class = [Dataset(revealed.x[revealed.y == k], revealed.y[revealed.y == k])
-                 for k in range(NUM_CLASSES)]
+                 for k in range(int(architecture["num_classes"]))]
     stats: dict[str, tuple[list[float], list[float]]] = {
         "g": ([], []), "min_k g_k": ([], []), "g - sum of negative g_k": ([], [])}
     applied = {"honest": [0, 0], "attacker": [0, 0]}  # [kept by the gate, applied]

@@ -100,7 +100,8 @@ def task_data(config: RunConfig) -> tuple[Dataset, Dataset]:
     is ``validation-path`` when given (checked against the schema), else the built-in
     dataset's. A task whose schema is not the dataset's has no built-in test set: its
     reported test metrics are those of the validation file."""
-    validation = (load_data_file(config.validation_path, schema=config.schema)
+    validation = (load_data_file(config.validation_path, schema=config.schema,
+                                 raw_max=config.raw_max)
                   if config.validation_path else None)
     if config.uses_dataset_schema:
         split = dataset_split(config.dataset, config.dataset_size)
@@ -134,8 +135,8 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
     num_nodes = wait_for_nodes(grid, config.num_subscribers)
     if num_nodes > MAX_SUBSCRIBERS:  # every connected node is sent a round's work
         raise RuntimeError(
-            f"expected at most {MAX_SUBSCRIBERS} subscribers (a round's selection entry must "
-            f"fit one 65,535-byte ledger entry), {num_nodes} SuperNodes connected")
+            f"expected at most {MAX_SUBSCRIBERS} subscribers, {num_nodes} SuperNodes "
+            "connected")
     model = make_model(hidden_units=config.hidden_units, activation=config.activation,
                        seed=config.seed, schema=config.schema)
     initial = ArrayRecord(model.state_dict())

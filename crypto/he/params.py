@@ -29,8 +29,11 @@ _BLOCK = 32  # single layout: the fewest slots per input feature (the hidden uni
 # the second with 1, 2, ..., B/2: the same key set serves every model width.
 _L1_STEPS = (32, 64, 128, 256, 512, 1024, 2048)
 _L2_STEPS = (1, 2, 4, 8, 16)
-MAX_FEATURES = 1024  # client.schema.MAX_FEATURES
+MAX_FEATURES = 1024  # client.schema's bounds (tests/crypto check they agree)
 MAX_CLASSES = 256
+MAX_HIDDEN = 4096
+MAX_OUTPUT_WEIGHTS = 2048  # classes x hidden: the batch layout's plaintexts
+MAX_INPUT_WEIGHTS = 1 << 18  # features x hidden: a request's ciphertext products
 _OUTPUT_SCALE_BITS = 34
 _JUNK_NOISE = 2.0**12
 _MAX_FILE_BYTES = 256 * 2**20
@@ -55,9 +58,16 @@ class ModelShape:
     def check(self) -> ModelShape:
         for name, value, low, high in (("features", self.features, 1, MAX_FEATURES),
                                        ("classes", self.classes, 2, MAX_CLASSES),
-                                       ("hidden units", self.hidden_units, 1, 1 << 16)):
+                                       ("hidden units", self.hidden_units, 1, MAX_HIDDEN)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise HEError(f"model shape: expected {name} in {low}..{high}, got {value!r}")
+        for name, value, high in (
+                ("classes x hidden units", self.classes * self.hidden_units,
+                 MAX_OUTPUT_WEIGHTS),
+                ("features x hidden units", self.features * self.hidden_units,
+                 MAX_INPUT_WEIGHTS)):
+            if value > high:
+                raise HEError(f"model shape: expected {name} <= {high}, got {value}")
         return self
 
     @property
@@ -85,10 +95,12 @@ class ModelShape:
     def check_layout(self, layout: str) -> None:
         """Raise :class:`HEError` when ``layout`` cannot serve this model, naming why."""
         if not self.supports(_check_layout(layout)):
+            widest = (f"({self.features} + 1) x {self.block}"
+                      if self.features + 1 >= self.classes else f"{self.classes} x {self.block}")
             raise HEError(
                 f"layout {layout!r}: a model of {self.features} features, "
                 f"{self.hidden_units} hidden units and {self.classes} classes needs "
-                f"{self.single_slots} slots (({self.features} + 1) x {self.block}), the "
+                f"{self.single_slots} slots ({widest}), the "
                 f"layout has {PARAMS['single'].slots}: expected one of {list(self.layouts)}")
 
     def single_steps(self) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -75,7 +75,7 @@ def buy(
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         logits = buyer.predict(x)
-    except BuyerError as exc:
+    except (BuyerError, ValueError) as exc:  # ValueError: a layout the model lacks
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     for row, values in enumerate(logits):

@@ -130,7 +130,8 @@ def _mirror_market(url: str, folder: Path, *, log_key: str | None,
         missing: list[str] = []
         if report.ok:  # blobs only for entries that verified: nothing else is fetched
             with LogReader.open(fetched.path) as reader:
-                digests = named_blobs(list(reader.entries(end=report.size)))
+                # as stored: a bulk blob is fetched before anything reads through it
+                digests = named_blobs(list(reader.entries(end=report.size, bulk=False)))
             missing = fetch_blobs(url, folder, digests)
     except RemoteError as exc:
         console.print(f"[red]{'cannot reach' if exc.unreachable else 'bad ledger at'} "

@@ -61,9 +61,14 @@ def simulate(
 ) -> None:
     """Run one configuration through Flower's simulation engine and write report.json."""
     from server import progress
-    from server.experiments.simulation import run_simulation
+    from server.experiments.simulation import preflight, run_simulation
 
     config = load_config(run_config)
+    try:
+        preflight(config)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
     previous = [name for name in ("report.json", "ledger.db") if (out / name).exists()]
     if previous and not force:
         console.print(f"[red]{out} already holds a run ({', '.join(previous)}):[/red] "

@@ -244,15 +244,20 @@ def up(options: UpOptions, *, echo: Callable[[str], None] = print) -> DeployStat
         raise DeployError(f"--isolation: expected one of {ISOLATIONS}, got {options.isolation!r}")
     if options.partitioner not in ("iid", "dirichlet"):
         raise DeployError(f"--partitioner: expected iid or dirichlet, got {options.partitioner!r}")
-    from client.schema import DATASETS, dataset_size
+    from client.schema import DATASETS, dataset_size, split_sizes
 
     if options.dataset not in DATASETS:
         raise DeployError(f"--dataset: expected one of {sorted(DATASETS)}, got "
                           f"{options.dataset!r}")
     try:
-        dataset_size(options.dataset, options.dataset_size)
+        size = dataset_size(options.dataset, options.dataset_size)
     except ValueError as exc:
         raise DeployError(f"--{exc}") from None
+    pool = split_sizes(size)[2]
+    if pool < 2 * options.nodes:
+        raise DeployError(f"--nodes: {options.dataset} ({size:,} examples) leaves {pool:,} "
+                          f"for node data files, at least 2 each: expected at most "
+                          f"{pool // 2} nodes, got {options.nodes}")
     if options.node_poll_seconds is not None and not 0 <= options.node_poll_seconds <= 3:
         raise DeployError(f"--node-poll: expected 0 (Flower's 3 s) to 3 seconds, got "
                           f"{options.node_poll_seconds:g}")
@@ -280,7 +285,8 @@ def up(options: UpOptions, *, echo: Callable[[str], None] = print) -> DeployStat
         connect_host=_connect_host(options.host), flwr_home=str(work / "flwr-home"),
         isolation=options.isolation, exec_poll_seconds=options.exec_poll_seconds,
         node_poll_seconds=options.node_poll_seconds or None,
-        superexec=list(options.superexec), extra_env=dict(options.extra_env))
+        superexec=list(options.superexec), extra_env=dict(options.extra_env),
+        dataset=options.dataset, dataset_size=options.dataset_size)
     state.save()
     try:
         _up(state, options, keys, echo)
@@ -294,6 +300,13 @@ def up(options: UpOptions, *, echo: Callable[[str], None] = print) -> DeployStat
 def _up(state: DeployState, options: UpOptions, keys: KeyLayout,
         echo: Callable[[str], None]) -> None:
     work = Path(state.work)
+    from client.task import DataError, check_partitions
+
+    try:
+        check_partitions(options.nodes, options.partitioner, options.dirichlet_alpha,
+                         options.seed, options.dataset, options.dataset_size)
+    except DataError as exc:
+        raise DeployError(str(exc).replace("num-subscribers", "--nodes", 1)) from None
     echo(f"writing {options.nodes} data files ({options.partitioner} partitions of the "
          f"{options.dataset} pool)")
     data_paths = write_node_data(work / "nodes", nodes=options.nodes,
@@ -417,9 +430,18 @@ def submit(state: DeployState, *, app_dir: Path, run_config: Mapping[str, object
     from client.config import ConfigError, RunConfig
 
     try:
-        RunConfig.from_mapping(config)
+        parsed = RunConfig.from_mapping(config)
     except ConfigError as exc:
         raise DeployError(f"run config: {exc}") from None
+    # The nodes hold partitions of the pool `up` was given; a run on another dataset (or
+    # another MNIST-1D size, whose examples differ) would train on data its Scientist's
+    # validation set overlaps or does not fit.
+    if parsed.uses_dataset_schema and (parsed.dataset, parsed.dataset_size) != (
+            state.dataset, state.dataset_size):
+        raise DeployError(f"dataset: the nodes' data files come from {state.dataset} "
+                          f"(dataset-size {state.dataset_size}), the run config says "
+                          f"{parsed.dataset} (dataset-size {parsed.dataset_size}): expected "
+                          "the same (poi deploy up --dataset/--dataset-size)")
     work = Path(state.work)
     config_path = work / "run-config.toml"
     config_path.write_text(config_toml(config))

@@ -67,6 +67,9 @@ class DeployState:
     node_poll_seconds: float | None = None  # None: Flower's flower-supernode as it is
     superexec: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
+    # the pool the nodes' data files came from: a run must name the same
+    dataset: str = "digits"
+    dataset_size: int = 0
     superlink: ProcessRecord | None = None
     nodes: list[NodeRecord] = field(default_factory=list)
     extra: list[ProcessRecord] = field(default_factory=list)

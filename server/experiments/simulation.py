@@ -30,6 +30,21 @@ def backend_config(num_cpus: int = CPUS) -> dict[str, Any]:
     }
 
 
+def preflight(config: RunConfig) -> None:
+    """What a simulation refuses before it starts anything (ValueError, naming why): a
+    schema that is not the dataset's, and a federation the partitioner cannot split."""
+    if not config.uses_dataset_schema:
+        raise ValueError(
+            f"num-features / num-classes: a simulation partitions {config.dataset} "
+            f"({config.schema.features} features and {config.schema.classes} classes "
+            "asked): expected the dataset's schema; a task of its own schema runs on "
+            "subscribers' files (poi deploy, node config data-path)")
+    from client.task import check_partitions
+
+    check_partitions(config.num_subscribers, config.partitioner, config.dirichlet_alpha,
+                     config.seed, config.dataset, config.dataset_size)
+
+
 def run_simulation(config: RunConfig, out_dir: Path, *, quiet: bool = True) -> None:
     """Simulate ``config`` with ``num-subscribers`` SuperNodes; the ServerApp writes
     ``out_dir/report.json``."""
@@ -44,6 +59,7 @@ def run_simulation(config: RunConfig, out_dir: Path, *, quiet: bool = True) -> N
 
     if not (PROJECT_DIR / "pyproject.toml").is_file():
         raise FileNotFoundError(f"expected the Flower app's pyproject.toml in {PROJECT_DIR}")
+    preflight(config)
     out_dir = out_dir.resolve()
     override = {**config.to_mapping(), "out-dir": str(out_dir)}
     fused = RunConfig.from_mapping(override).to_mapping()

@@ -28,8 +28,7 @@ from starlette.requests import Request
 
 from crypto import vouchers
 from ledger import LogReader
-from ledger.blobs import BlobStore
-from ledger.entries import sign_entry
+from ledger.blobs import BlobStore, sign_with_bulk
 from ledger.errors import LedgerError
 from ledger.keys import Signer
 from server.inference.accounts import Account, Accounts, LedgerIndex, Reservation
@@ -96,6 +95,7 @@ class InferenceService:
             self.settle_lock = asyncio.Lock()
             self.predictions = 0
             self.model_blob = BlobStore.beside(self.db).get(self.view.model_digest)
+            self._check_model_widths()
             self.pool = WorkerPool(workers, self.model_blob, self.view.activation,
                                    self.store.contexts_dir, MAX_CONTEXT_BYTES)
         except BaseException:
@@ -104,6 +104,23 @@ class InferenceService:
         self.compute: Compute = self.pool.predict  # tests swap in a fake
         self.check_context: Callable[[bytes | str, str], Awaitable[None]] = \
             self.pool.check_context
+
+    def _check_model_widths(self) -> None:
+        """The model the ledger names must have the widths the offer says (and the
+        buyers are told): a single-layout reply packed for other widths would decrypt to
+        noise that buyers pay for."""
+        from crypto.digests import parse_canonical_tensor_bytes
+
+        weights = parse_canonical_tensor_bytes(self.model_blob)
+        shapes = {k: tuple(v.shape) for k, v in weights.items()}
+        features, classes, hidden = self.shape.features, self.shape.classes, \
+            self.shape.hidden_units
+        expected = {"fc1.weight": (hidden, features), "fc1.bias": (hidden,),
+                    "fc2.weight": (classes, hidden), "fc2.bias": (classes,)}
+        if shapes != expected:
+            raise ServiceError(503, f"the ledger's model {self.view.model_digest[:16]} has "
+                                    f"tensors {shapes}, the offer's architecture says "
+                                    f"{expected}: refusing to serve it")
 
     @property
     def view(self) -> Any:
@@ -376,7 +393,8 @@ class InferenceService:
         try:
             signer = Signer.load(self.run_dir / "operator.pem")
             seq = writer.next_seq(signer.key_id)
-            leaves = [sign_entry(signer, kind, seq=seq + i, fields=fields)
+            blobs = BlobStore.beside(self.db)
+            leaves = [sign_with_bulk(signer, kind, seq=seq + i, fields=fields, blobs=blobs)
                       for i, (kind, fields) in enumerate(entries)]
             indexes = writer.append_many(leaves)
         finally:

@@ -246,7 +246,9 @@ OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
                     "RFC 8785 canonical JSON of the voucher", B64_SIGNATURE),
         ],
         "requestBody": {"required": True, "description": (
-            "the encrypted input (PHEQ format); at most 2 MiB (single) or 64 MiB (batch)"),
+            "the encrypted input (PHEQ format); at most 2 MiB (single) or 64 MiB (batch) "
+            "for models of up to 64 features, more for wider ones (GET /v1/model: "
+            "limits.body_bytes)"),
             "content": {"application/octet-stream": {"schema": BINARY_BODY}}},
         "responses": {
             "200": {"description": "the encrypted logits (PHER format), charged",

@@ -31,7 +31,7 @@ from typing import Any
 from crypto import vouchers
 from ledger import AuditReport, LedgerError, LogReader, verify_log
 from ledger.blobs import BlobStore
-from ledger.entries import Entry
+from ledger.entries import BULK_FIELD, Entry
 from server.market.fees import split_fee
 from server.market.replay import (
     MarketRecord,
@@ -99,10 +99,11 @@ BLOB_FIELDS: dict[str, tuple[str, ...]] = {
 
 
 def named_blobs(entries: Sequence[tuple[int, Entry]]) -> list[str]:
-    """Every blob digest the entries name (in :data:`BLOB_FIELDS`), first mention first."""
+    """Every blob digest the entries name (in :data:`BLOB_FIELDS`, and the bulk blob of
+    an entry read as stored), first mention first."""
     found: dict[str, None] = {}
     for _, entry in entries:
-        for name in BLOB_FIELDS.get(entry.kind, ()):
+        for name in (*BLOB_FIELDS.get(entry.kind, ()), BULK_FIELD):
             digest = entry.fields.get(name)
             if isinstance(digest, str):
                 found.setdefault(digest)
@@ -229,8 +230,12 @@ def _audit(run_dir: Path, audit: MarketAudit, *, log_key: str | None,
     if report.failure is not None:
         audit.mismatches.append(f"ledger: {report.failure}")
         return audit
-    with LogReader.open(db) as reader:  # the tree verify_log checked, not what came since
-        entries = list(reader.entries(end=report.size))
+    try:
+        with LogReader.open(db) as reader:  # the tree verify_log checked, not since
+            entries = list(reader.entries(end=report.size))
+    except LedgerError as exc:  # a bulk blob missing or not what its entry signed
+        audit.mismatches.append(f"ledger: {exc}")
+        return audit
     try:
         record = read_market(entries)
     except MarketError as exc:

@@ -24,10 +24,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 
 from client import protocol as P
-from ledger.blobs import BlobStore
+from ledger.blobs import BlobStore, sign_with_bulk
 from ledger.checkpoint import ALG_COSIGNATURE_V1, Checkpoint, NoteVerifier, parse_note
 from ledger.cosignatures import cosignature_fields
-from ledger.entries import Entry, make_key_entry, parse_entry, sign_entry
+from ledger.entries import BULK_FIELD, Entry, make_key_entry, parse_entry
 from ledger.errors import LedgerError
 from ledger.keys import Signer, key_id, parse_public_key
 from ledger.log import Log
@@ -260,10 +260,14 @@ class RoundLedger:
         recorded. A node that does not answer within ``timeout`` seconds is left out
         (and the log then fails verify: not witnessed to the end). Returns how many
         subscribers cosigned."""
-        settlements = [index for index, _ in self.log_.entries(kind="settlement")]
+        settlements = list(self.log_.entries(kind="settlement", bulk=False))
         if not settlements or not self.node_author:
             return 0
-        index, size = settlements[-1], self.log_.size
+        (index, stored), size = settlements[-1], self.log_.size
+        # A settlement of many payout lines keeps them in a bulk blob: it travels with
+        # the leaf, and each subscriber checks it against the signed digest.
+        bulk = stored.fields.get(BULK_FIELD)
+        bulk_bytes = self.blobs.get(bulk) if isinstance(bulk, str) else None
         proof = [base64.b64encode(h).decode() for h in self.log_.inclusion_proof(index, size)]
         messages = []
         for node_id in sorted(self.node_author):
@@ -271,6 +275,8 @@ class RoundLedger:
             config[P.LEDGER_SETTLEMENT] = self.log_.entry(index)
             config[P.LEDGER_SETTLEMENT_INDEX] = index
             config[P.LEDGER_SETTLEMENT_PROOF] = proof
+            if bulk_bytes is not None:
+                config[P.LEDGER_SETTLEMENT_BULK] = bulk_bytes
             messages.append(Message(content=RecordDict({P.CONFIG: config}),
                                     message_type=P.WITNESS_MESSAGE_TYPE,
                                     dst_node_id=int(node_id)))
@@ -313,7 +319,7 @@ class RoundLedger:
         seq = self.log_.next_seq(signer.key_id)
         leaves = [] if seq > 0 else [make_key_entry(signer)]
         seq = max(seq, 1)
-        leaves += [sign_entry(signer, kind, seq=seq + i, fields=dict(fields))
+        leaves += [sign_with_bulk(signer, kind, seq=seq + i, fields=fields, blobs=self.blobs)
                    for i, (kind, fields) in enumerate(entries)]
         return self.log_.append_many(leaves)[-len(entries):] if entries else []
 

@@ -46,7 +46,11 @@ def test_parses_kebab_case_and_coerces() -> None:
         ({"target-delta": 1.5}, r"target-delta: expected 0 < delta < 1"),
         ({"votes-per-candidate": 10, "num-subscribers": 10},
          r"votes-per-candidate: expected at most num-subscribers - 1"),
-        ({"num-subscribers": 129}, r"num-subscribers: expected at most 128 .*got 129"),
+        ({"num-subscribers": 1025, "dataset": "mnist1d", "dataset-size": 20000,
+          "votes-per-candidate": 16}, r"num-subscribers: expected at most 1024, got 1025"),
+        ({"num-subscribers": 513, "dataset": "mnist1d", "dataset-size": 20000},
+         r"votes-per-candidate: 0 \(every voter scores every candidate\) allows at most 512 "
+         r"subscribers .* expected committees \(1\.\.512, e\.g\. 16\) for 513"),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(raw: dict[str, object], match: str) -> None:
@@ -56,11 +60,11 @@ def test_bad_values_name_the_key_and_allowed_values(raw: dict[str, object], matc
 
 def test_a_task_with_more_supernodes_than_the_ledger_holds_refuses_to_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Every connected node gets a round's work, whatever num-subscribers says: more than
-    128 would overflow the selection entry mid-task, so the task refuses at the start."""
+    the most a task is sized for refuses at the start."""
     from server.server_app import run_task
     from tests.conftest import InProcessGrid, make_contexts
 
     run = {"num-subscribers": 2, "out-dir": str(tmp_path)}
-    grid = InProcessGrid(make_contexts(run, 129), {})
-    with pytest.raises(RuntimeError, match="at most 128 subscribers .* 129 SuperNodes"):
+    grid = InProcessGrid(make_contexts(run, 1025), {})
+    with pytest.raises(RuntimeError, match="at most 1024 subscribers, 1025 SuperNodes"):
         run_task(grid, RunConfig.from_mapping(run), tmp_path)

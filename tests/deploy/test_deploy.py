@@ -269,6 +269,15 @@ def test_submit_checks_the_run_config_before_flwr(tmp_path: Path) -> None:
         D.submit(state, app_dir=ROOT, run_config={"no-such-knob": 1}, out_dir=tmp_path)
     with pytest.raises(D.MissingFile, match="pyproject.toml"):
         D.submit(state, app_dir=tmp_path, run_config={}, out_dir=tmp_path)
+    # the nodes' files come from the pool `up` partitioned: a run on another is refused
+    state.dataset, state.dataset_size = "mnist1d", 2000
+    with pytest.raises(D.DeployError, match=r"the nodes' data files come from mnist1d "
+                                            r"\(dataset-size 2000\), the run config says "
+                                            r"digits \(dataset-size 0\)"):
+        D.submit(state, app_dir=ROOT, run_config={}, out_dir=tmp_path)
+    with pytest.raises(D.DeployError, match=r"says mnist1d \(dataset-size 3000\)"):
+        D.submit(state, app_dir=ROOT, run_config={"dataset": "mnist1d", "dataset-size": 3000},
+                 out_dir=tmp_path)
 
 
 def test_follow_trusts_flwr_ls_and_checks_sooner_when_the_probe_changes(

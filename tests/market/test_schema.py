@@ -213,10 +213,10 @@ def test_a_federation_or_schema_that_cannot_work_is_refused_before_anything_star
 def test_the_limit_is_exact_at_the_boundary() -> None:
     pool = split_sizes(1797)[2]
     most = pool // MIN_EXAMPLES_PER_SUBSCRIBER
-    for n in (most, most + 1):
-        if n > 128:  # the selection entry's cap comes first on digits
-            continue
-        RunConfig.from_mapping({"num-subscribers": n})
+    RunConfig.from_mapping({"num-subscribers": most})
+    with pytest.raises(ConfigError, match=rf"digits \(1,797 examples\) leaves {pool:,} .* "
+                                          rf"expected at most {most} subscribers, got"):
+        RunConfig.from_mapping({"num-subscribers": most + 1})
     size = 1462
     assert split_sizes(size)[2] >= MIN_EXAMPLES_PER_SUBSCRIBER * 128 > split_sizes(size - 1)[2]
     RunConfig.from_mapping({"num-subscribers": 128, "dataset": "mnist1d", "dataset-size": size})
@@ -262,3 +262,76 @@ def test_the_round_line_counts_instead_of_listing_at_scale() -> None:
     assert "selected 512 of 1024 (256 attackers)" in big and "rejected 256" in big
     assert "\n" not in big and len(big) < 160
     assert LIST_UP_TO == 8
+
+
+# ------------------------------------------------------------- review: what must hold
+def test_a_poisoned_mnist1d_cache_is_generated_again(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("POI_CACHE_DIR", str(tmp_path))
+    fresh_x, fresh_y = mnist1d_arrays(200)
+    for x, y in ((np.full((200, 40), np.nan, np.float32), fresh_y),
+                 (fresh_x, np.full(200, 99, np.int64)),
+                 (fresh_x * 3, fresh_y),
+                 (fresh_x.astype(np.float64), fresh_y)):
+        np.savez(tmp_path / "mnist1d-200-seed42.npz", x=x, y=y)
+        again_x, again_y = mnist1d_arrays(200)
+        assert np.array_equal(again_x, fresh_x) and np.array_equal(again_y, fresh_y)
+
+
+def test_a_simulation_refuses_what_its_partitioner_or_schema_cannot_do() -> None:
+    from server.experiments.simulation import preflight
+
+    with pytest.raises(DataError, match=r"the dirichlet partitioner cannot give 128 "
+                                        r"subscribers at least 2 of digits's 1,258 pool"):
+        preflight(RunConfig.from_mapping({"num-subscribers": 128, "dirichlet-alpha": 0.1}))
+    with pytest.raises(ValueError, match=r"a simulation partitions digits \(12 features"):
+        preflight(RunConfig.from_mapping({"num-features": 12, "validation-path": "v.npz"}))
+    preflight(RunConfig.from_mapping({"num-subscribers": 20}))  # the usual one passes
+
+
+def test_a_model_too_wide_to_serve_encrypted_is_refused_before_anything_starts() -> None:
+    from client import schema
+    from crypto.he import params
+
+    for name in ("MAX_FEATURES", "MAX_CLASSES", "MAX_HIDDEN", "MAX_OUTPUT_WEIGHTS",
+                 "MAX_INPUT_WEIGHTS"):
+        assert getattr(schema, name) == getattr(params, name), name
+    with pytest.raises(ConfigError, match=r"10 classes x 300 hidden units = 3000 second-"
+                                          r"layer weights, .* at most 204 hidden units"):
+        RunConfig.from_mapping({"hidden-units": 300})
+    RunConfig.from_mapping({"hidden-units": 204})
+    with pytest.raises(ConfigError, match=r"1000 features x 300 hidden units = 300000 first"):
+        RunConfig.from_mapping({"num-features": 1000, "num-classes": 2, "hidden-units": 300,
+                                "validation-path": "v.npz"})
+    from crypto.he import HEError, ModelShape
+
+    with pytest.raises(HEError, match=r"classes x hidden units <= 2048, got 3000"):
+        ModelShape(40, 10, 300).check()
+
+
+def test_the_service_refuses_a_model_whose_widths_are_not_the_offers(mnist1d_run) -> None:
+    from crypto.he import ModelShape
+    from server.inference.engine import InferenceService, ServiceError
+
+    out, _ = mnist1d_run
+    service = InferenceService(out, workers=1)
+    try:
+        service._check_model_widths()  # the ledger's model is what the offer says
+        service.shape = ModelShape(40, 10, 17)
+        with pytest.raises(ServiceError, match=r"the offer's architecture says"):
+            service._check_model_widths()
+    finally:
+        service.store.close()
+
+
+def test_digits_scaling_belongs_to_the_digits_task_not_to_64_features(tmp_path) -> None:
+    x = np.full((2, 64), 8.0, dtype=np.float32)  # raw digits intensities
+    np.savez(tmp_path / "d.npz", x=x, y=np.array([0, 1]))
+    assert load_data_file(tmp_path / "d.npz", schema=Schema(64, 10)).x.max() == 0.5
+    with pytest.raises(DataError, match=r"expected features in \[0, 1\]"):
+        load_data_file(tmp_path / "d.npz", schema=Schema(64, 10), raw_max=0.0)
+    own = RunConfig.from_mapping({"dataset": "mnist1d", "num-features": 64,
+                                  "validation-path": "v.npz"})
+    assert own.raw_max == 0.0 and RunConfig.from_mapping({}).raw_max == 16.0
+    np.savez(tmp_path / "n.npz", x=np.full((2, 64), -1.0), y=np.array([0, 1]))
+    with pytest.raises(DataError, match=r"expected features in \[0, 1\]"):  # even digits
+        load_data_file(tmp_path / "n.npz", schema=Schema(64, 10))
