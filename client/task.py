@@ -246,7 +246,7 @@ def partition_indices(
 ) -> tuple[np.ndarray, ...]:
     """Indexes into the pool for every partition, from ``flwr-datasets`` partitioners."""
     from datasets import Dataset as HFDataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import IidPartitioner
 
     pool = dataset_split(dataset, size).pool
     hf = HFDataset.from_dict({"index": np.arange(len(pool)), "label": pool.y})
@@ -255,14 +255,16 @@ def partition_indices(
         # IidPartitioner takes no seed: shuffle the pool deterministically first.
         hf = hf.shuffle(seed=seed)
     elif partitioner == "dirichlet":
-        part = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=dirichlet_alpha,
-            min_partition_size=max(2, min(10, len(pool) // (4 * num_partitions))),
-            self_balancing=True,
-            seed=seed,
-        )
+        wanted = max(2, min(10, len(pool) // (4 * num_partitions)))
+        try:
+            return _dirichlet(hf, num_partitions, dirichlet_alpha, wanted, seed)
+        except ValueError:
+            if wanted == 2:
+                raise
+            # Many subscribers of few examples each (1,024 of 40): flwr-datasets gives up
+            # after 10 draws that leave some partition under ``wanted``; settle for 2.
+            # Federations it could split keep the partitions they always had.
+            return _dirichlet(hf, num_partitions, dirichlet_alpha, 2, seed)
     else:
         raise ValueError(f"partitioner: expected 'iid' or 'dirichlet', got {partitioner!r}")
     part.dataset = hf
@@ -270,6 +272,22 @@ def partition_indices(
         np.asarray(part.load_partition(pid)["index"], dtype=np.int64)
         for pid in range(num_partitions)
     )
+
+
+def _dirichlet(hf: Any, num_partitions: int, alpha: float, min_size: int, seed: int
+               ) -> tuple[np.ndarray, ...]:
+    import warnings
+
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
+                                alpha=alpha, min_partition_size=min_size,
+                                self_balancing=True, seed=seed)
+    part.dataset = hf
+    with warnings.catch_warnings():  # its retries warn once a draw: we report the failure
+        warnings.simplefilter("ignore", UserWarning)
+        return tuple(np.asarray(part.load_partition(pid)["index"], dtype=np.int64)
+                     for pid in range(num_partitions))
 
 
 def check_partitions(num_partitions: int, partitioner: str, dirichlet_alpha: float,
