@@ -621,8 +621,8 @@ def witness(msg: Message, context: Context) -> Message:
                   if P.LEDGER_SETTLEMENT_BULK in config else None))
     except LedgerRefusal as exc:
         return _error(msg, P.ERROR_LEDGER, str(exc))
-    except (KeyError, TypeError, ValueError) as exc:
-        return _error(msg, P.ERROR_LEDGER, f"ledger: malformed witness request ({exc})")
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        return _error(msg, P.ERROR_LEDGER, f"ledger: malformed witness request ({exc!r})"[:500])
     (notes_dir(subscriber.key_path) / f"{duty.task_id}.payout").write_text(f"{payout}\n")
     return Message(RecordDict({P.LEDGER: _ledger_record(duty, [])}), reply_to=msg)
 

@@ -222,12 +222,14 @@ class RunConfig:
             raise ConfigError(
                 f"num-subscribers: expected at most {MAX_SUBSCRIBERS}, got "
                 f"{self.num_subscribers}")
-        if self.num_subscribers > MAX_FULL_BALLOT and self.votes_per_candidate == 0:
+        if self.num_subscribers > MAX_FULL_BALLOT and not (
+                0 < self.votes_per_candidate < MAX_FULL_BALLOT):
             raise ConfigError(
-                f"votes-per-candidate: 0 (every voter scores every candidate) allows at most "
-                f"{MAX_FULL_BALLOT} subscribers (a ballot is one ledger entry of at most "
-                f"65,535 bytes, ~80 a candidate): expected committees (1.."
-                f"{self.num_subscribers - 1}, e.g. 16) for {self.num_subscribers}")
+                f"votes-per-candidate: {self.votes_per_candidate} (0: every voter scores "
+                f"every candidate) allows at most {MAX_FULL_BALLOT} subscribers (a ballot is "
+                f"one ledger entry of at most 65,535 bytes, ~80 a candidate): expected "
+                f"committees of 1..{MAX_FULL_BALLOT - 1} (e.g. 16) for "
+                f"{self.num_subscribers}")
         self._validate_schema()
         _at_least("top-k", self.top_k, 1)
         _at_least("votes-per-candidate", self.votes_per_candidate, 0)

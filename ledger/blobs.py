@@ -89,11 +89,12 @@ class BlobStore:
 def sign_with_bulk(signer: Any, kind: str, *, seq: int, fields: Mapping[str, Any],
                    blobs: BlobStore) -> bytes:
     """:func:`~ledger.entries.sign_entry`, keeping a large entry's list and object fields
+    (of the kinds that grow with the federation, :data:`~ledger.entries.BULK_KINDS`)
     in a blob of ``blobs`` named by its ``bulk_digest`` (:func:`~ledger.entries.split_bulk`;
     readers merge them back with :func:`~ledger.entries.with_bulk`)."""
-    from ledger.entries import BULK_FIELD, sign_entry, split_bulk
+    from ledger.entries import BULK_FIELD, BULK_KINDS, sign_entry, split_bulk
 
-    inline, bulk = split_bulk(fields)
+    inline, bulk = split_bulk(fields) if kind in BULK_KINDS else (dict(fields), None)
     if bulk is not None:
         inline[BULK_FIELD] = blobs.put(bulk)
     return sign_entry(signer, kind, seq=seq, fields=inline)

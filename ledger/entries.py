@@ -42,6 +42,7 @@ from ledger.keys import Signer, key_id, parse_public_key, verify_signature
 __all__ = [
     "DOMAIN",
     "BULK_FIELD",
+    "BULK_KINDS",
     "ENVELOPE_FIELDS",
     "KEY_KIND",
     "Entry",
@@ -68,6 +69,11 @@ _MAX_JSON_INTEGER = 2**53 - 1  # RFC 8785 section 3.2.2.3 / I-JSON
 # this field (the blob's SHA-256, so the signature covers its bytes).
 BULK_FIELD = "bulk_digest"
 BULK_THRESHOLD = 16 * 1024
+# Only the operator's and the Scientist's entries that grow with the federation may
+# spill; any other kind carrying bulk_digest is malformed (a subscriber cannot make its
+# candidate or ballot unreadable by naming a blob nobody has).
+BULK_KINDS = frozenset({"selection", "validation_marginals", "settlement", "fee_settlement"})
+MAX_BULK_BYTES = 4 * 2**20  # 1,024 subscribers' settlement is about 140 KB
 
 JsonType = type | tuple[type, ...]
 
@@ -84,9 +90,18 @@ class KindSpec:
         """Raise :class:`EntryError` unless every required field is present with its type
         (an entry with ``bulk_digest`` may keep required fields in its bulk blob: they
         are checked when :func:`with_bulk` merges it)."""
+        spilled = BULK_FIELD in fields
+        if spilled:
+            digest = fields[BULK_FIELD]
+            if self.kind not in BULK_KINDS:
+                raise EntryError(f"expected no {BULK_FIELD!r} in a {self.kind!r} entry (only "
+                                 f"{sorted(BULK_KINDS)} may keep fields in a blob), got one")
+            if not isinstance(digest, str) or not _HEX_DIGEST.fullmatch(digest):
+                raise EntryError(f"expected {BULK_FIELD} as 64 lowercase hex digits, got "
+                                 f"{digest!r}")
         for name, expected in self.required.items():
             if name not in fields:
-                if BULK_FIELD in fields:
+                if spilled:
                     continue
                 raise EntryError(f"expected field {name!r} in a {self.kind!r} entry, got none")
             value = fields[name]
@@ -328,23 +343,28 @@ def with_bulk(entry: Entry, get: Callable[[str], bytes]) -> Entry:
     :class:`~ledger.blobs.BlobStore`'s ``get``). Raises :class:`EntryError` when the
     blob is not canonical JSON of an object, names an envelope field, ``bulk_digest``
     or an inline field again, or the merged fields miss a required one."""
-    digest = entry.fields.get(BULK_FIELD)
-    if digest is None:
+    if BULK_FIELD not in entry.fields:
         return entry
+    kind_spec(entry.kind).check(entry.fields)  # a bulk kind and a digest, as parse_entry
+    digest = str(entry.fields[BULK_FIELD])
     where = f"{entry.kind!r} entry's bulk blob"
-    if not isinstance(digest, str) or not _HEX_DIGEST.fullmatch(digest):
-        raise EntryError(f"expected {BULK_FIELD} as 64 lowercase hex digits, got {digest!r}")
     data = get(digest)
+    if len(data) > MAX_BULK_BYTES:
+        raise EntryError(f"{where}: expected at most {MAX_BULK_BYTES} bytes, got {len(data)}")
     if hashlib.sha256(data).hexdigest() != digest:
         raise EntryError(f"{where}: expected bytes hashing to {digest}, got others")
     try:
         decoded = _DECODER.decode(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise EntryError(f"{where}: expected JSON, got: {error}") from error
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise EntryError(f"{where}: expected JSON, got: {error!r}"[:300]) from None
     if not isinstance(decoded, dict) or not decoded:
         raise EntryError(f"{where}: expected a non-empty JSON object, got "
                          f"{type(decoded).__name__}")
-    if not _is_canonical(decoded, data):
+    try:
+        canonical = _is_canonical(decoded, data)
+    except RecursionError:
+        canonical = False
+    if not canonical:
         raise EntryError(f"{where}: expected RFC 8785 canonical JSON, got bytes that "
                          "re-encode differently")
     scalar = sorted(k for k, v in decoded.items() if not isinstance(v, list | dict))
@@ -388,8 +408,8 @@ def parse_entry(leaf: bytes) -> Entry:
     try:
         # json.loads(payload, parse_constant=...) without building a decoder per call.
         decoded = _DECODER.decode(payload.decode(json.detect_encoding(payload), "surrogatepass"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise EntryError(f"expected a JSON payload, got: {error}") from error
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise EntryError(f"expected a JSON payload, got: {error!r}"[:300]) from None
     if not isinstance(decoded, dict):
         raise EntryError(f"expected a JSON object payload, got {type(decoded).__name__}")
     if not _is_canonical(decoded, payload):

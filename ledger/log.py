@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ledger import merkle
-from ledger.blobs import BlobStore
+from ledger.blobs import BLOB_DIR, BlobStore
 from ledger.checkpoint import (
     Checkpoint,
     NoteVerifier,
@@ -296,10 +296,10 @@ class LogReader:
             query, args = query + " AND kind = ?", [*args, kind]
         if author is not None:
             query, args = query + " AND author = ?", [*args, author]
-        blobs = BlobStore.beside(self.path) if bulk else None
+        blobs = BlobStore(self.path.parent / BLOB_DIR)  # read only: nothing created
         for index, leaf in self._db.execute(query + " ORDER BY idx", args):
             entry = parse_entry(bytes(leaf))
-            if blobs is not None and BULK_FIELD in entry.fields:
+            if bulk and BULK_FIELD in entry.fields:
                 try:
                     entry = with_bulk(entry, blobs.get)
                 except LedgerError as exc:

@@ -37,7 +37,8 @@ from typing import Any
 from flwr.common import log
 
 from ledger import LogReader
-from ledger.entries import Entry, parse_entry
+from ledger.blobs import BlobStore
+from ledger.entries import Entry, parse_entry, with_bulk
 from server.inference.requests import ServiceError
 from server.market.replay import balances, read_market
 from server.market.scientist import MarketError
@@ -165,8 +166,10 @@ class LedgerIndex:
             rows = reader.connection.execute(
                 "SELECT idx, CAST(leaf AS BLOB) FROM entries WHERE idx >= ? ORDER BY idx",
                 (self.size,)).fetchall()
+        blobs = BlobStore.beside(self.db)
         for index, leaf in rows:
-            entry = parse_entry(bytes(leaf))
+            # a large fee settlement keeps its voucher and payout lines in a bulk blob
+            entry = with_bulk(parse_entry(bytes(leaf)), blobs.get)
             self.view.apply(entry)
             self.entries.append((int(index), entry))
             self.size = int(index) + 1

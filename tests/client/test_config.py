@@ -49,8 +49,11 @@ def test_parses_kebab_case_and_coerces() -> None:
         ({"num-subscribers": 1025, "dataset": "mnist1d", "dataset-size": 20000,
           "votes-per-candidate": 16}, r"num-subscribers: expected at most 1024, got 1025"),
         ({"num-subscribers": 513, "dataset": "mnist1d", "dataset-size": 20000},
-         r"votes-per-candidate: 0 \(every voter scores every candidate\) allows at most 512 "
-         r"subscribers .* expected committees \(1\.\.512, e\.g\. 16\) for 513"),
+         r"votes-per-candidate: 0 \(0: every voter scores every candidate\) allows at most "
+         r"512 subscribers .* expected committees of 1\.\.511 \(e\.g\. 16\) for 513"),
+        ({"num-subscribers": 1024, "dataset": "mnist1d", "dataset-size": 60000,
+          "votes-per-candidate": 900},  # a ballot of ~900 candidates passes 65,535 bytes
+         r"votes-per-candidate: 900 .* expected committees of 1\.\.511"),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(raw: dict[str, object], match: str) -> None:

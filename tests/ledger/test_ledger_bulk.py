@@ -147,3 +147,59 @@ def test_split_then_merge_is_the_identity(tmp_path_factory, extra, threshold) ->
     leaf = sign_entry(OPERATOR, "selection", seq=1, fields={**inline, BULK_FIELD: digest})
     merged = with_bulk(parse_entry(leaf), lambda d: bulk)
     assert dict(merged.fields) == fields
+
+
+# ------------------------------------------------------------------ attacker review
+def _with_digest(kind: str, fields: dict[str, object], digest: object) -> bytes:
+    """A leaf signed by hand: sign_entry itself refuses what parse_entry refuses, so
+    the payload is built and signed here as a hostile author would."""
+    import base64
+
+    from ledger.entries import DOMAIN
+
+    payload = encode_payload({**fields, BULK_FIELD: digest, "kind": kind, "v": 1,
+                              "author": OPERATOR.key_id, "seq": 1})
+    return payload + b"\n" + base64.b64encode(OPERATOR.sign(DOMAIN + payload))
+
+
+@pytest.mark.parametrize(("kind", "fields", "digest", "match"), [
+    # a subscriber naming a blob nobody has would make every reader of the log fail
+    ("candidate", {"task_id": "t", "round": 1, "update_digest": "0" * 64}, "a" * 64,
+     r"expected no 'bulk_digest' in a 'candidate' entry"),
+    ("ballot", {"task_id": "t", "round": 1}, "a" * 64, r"in a 'ballot' entry"),
+    ("cosignature", {}, "a" * 64, r"in a 'cosignature' entry"),
+    ("key", {}, "a" * 64, r"in a 'key' entry"),
+    # null is not a digest: the required fields may not go missing with it
+    ("settlement", {"task_id": "t"}, None, r"expected bulk_digest as 64 lowercase hex"),
+    ("settlement", {"task_id": "t"}, "A" * 64, r"expected bulk_digest as 64 lowercase hex"),
+])
+def test_bulk_is_only_for_the_kinds_that_grow(kind, fields, digest, match) -> None:
+    with pytest.raises(EntryError, match=match):
+        parse_entry(_with_digest(kind, fields, digest))
+    with pytest.raises(EntryError, match=match):
+        sign_entry(OPERATOR, kind, seq=1, fields={**fields, BULK_FIELD: digest})
+
+
+def test_a_huge_or_deeply_nested_blob_is_refused_not_a_crash() -> None:
+    deep = b'{"payouts":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    entry = parse_entry(_forge(INLINE, deep))
+    with pytest.raises(EntryError, match="expected JSON|canonical"):
+        with_bulk(entry, lambda digest: deep)
+    from ledger.entries import MAX_BULK_BYTES
+
+    huge = encode_payload({"payouts": {f"{i:032x}": i for i in range(120_000)},
+                           "reward_payouts": {}, "fee_payouts": {}, "losses_micro": []})
+    assert len(huge) > MAX_BULK_BYTES
+    entry = parse_entry(_forge(INLINE, huge))
+    with pytest.raises(EntryError, match=rf"expected at most {MAX_BULK_BYTES} bytes"):
+        with_bulk(entry, lambda digest: huge)
+
+
+def test_reading_creates_no_blob_folder(tmp_path: Path) -> None:
+    from ledger import LogReader
+
+    with Log.open(tmp_path / "ledger.db", OPERATOR, ORIGIN) as log:
+        log.append_many([make_key_entry(OPERATOR)])
+    with LogReader.open(tmp_path / "ledger.db") as reader:
+        assert len(list(reader.entries())) == 1
+    assert not (tmp_path / "blobs").exists()

@@ -93,3 +93,32 @@ def test_a_missing_bulk_blob_fails_the_audit(spilled, tmp_path) -> None:
     BlobStore.beside(run / "ledger.db").path(digest).unlink()
     audit = audit_run(run)
     assert not audit.ok and any("found none" in m for m in audit.mismatches)
+
+
+def test_the_inference_index_reads_a_spilled_fee_settlement(spilled, tmp_path) -> None:
+    """400+ contributors make a fee settlement pass 16 KiB: the service's incremental
+    index must see its voucher and payout lines as every other reader does."""
+    from ledger import Log, Signer
+    from ledger.blobs import sign_with_bulk
+    from server.inference.accounts import LedgerIndex
+
+    out, _ = spilled
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    index = LedgerIndex(run / "ledger.db")
+    view = index.view
+    operator = Signer.load(run / "operator.pem")
+    buyer = "b" * 32
+    voucher = {"v": 1, "task_id": view.task_id, "buyer": buyer, "context_id": "c" * 64,
+               "nonce": 3, "count": 1, "cumulative": 10, "body_sha256": "d" * 64}
+    fields = {"task_id": view.task_id, "buyer": buyer, "voucher": voucher,
+              "voucher_signature": "s", "amount": 10, "cumulative": 10,
+              "payouts": {f"{i:032x}": 1 for i in range(600)}}
+    with LogReader.open(run / "ledger.db") as reader:
+        origin = reader.origin
+    with Log.open(run / "ledger.db", operator, origin) as log:
+        leaf = sign_with_bulk(operator, "fee_settlement", seq=log.next_seq(operator.key_id),
+                              fields=fields, blobs=BlobStore.beside(run / "ledger.db"))
+        log.append_many([leaf])
+    assert index.refresh(force=True)
+    assert view.settled[buyer] == 10 and view.settled_voucher[buyer][0] == 3
