@@ -222,7 +222,7 @@ class RunConfig:
             raise ConfigError(
                 f"num-subscribers: expected at most {MAX_SUBSCRIBERS}, got "
                 f"{self.num_subscribers}")
-        if self.num_subscribers > MAX_FULL_BALLOT and not (
+        if self.strategy == "poi" and self.num_subscribers > MAX_FULL_BALLOT and not (
                 0 < self.votes_per_candidate < MAX_FULL_BALLOT):
             raise ConfigError(
                 f"votes-per-candidate: {self.votes_per_candidate} (0: every voter scores "

@@ -71,3 +71,12 @@ def test_a_task_with_more_supernodes_than_the_ledger_holds_refuses_to_start(tmp_
     grid = InProcessGrid(make_contexts(run, 1025), {})
     with pytest.raises(RuntimeError, match="at most 1024 subscribers, 1025 SuperNodes"):
         run_task(grid, RunConfig.from_mapping(run), tmp_path)
+
+
+def test_committees_bound_only_the_vote() -> None:
+    """Ballots are PoI's: a FedAvg baseline of 1,024 subscribers needs no committees."""
+    big = {"num-subscribers": 1024, "dataset": "mnist1d", "dataset-size": 60000}
+    RunConfig.from_mapping({**big, "strategy": "fedavg"})
+    RunConfig.from_mapping({**big, "votes-per-candidate": 16})
+    with pytest.raises(ConfigError, match="votes-per-candidate: 0"):
+        RunConfig.from_mapping(big)
