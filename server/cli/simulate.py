@@ -32,7 +32,7 @@ def _fmt_round(report: dict[str, Any], index: int) -> str:
         selected = "selected [n/a]"
     elif len(sel) > LIST_UP_TO:
         attackers = sum(1 for c in candidates if c["attacker"] and c["selected"])
-        selected = f"selected {len(sel)} of {len(candidates)} ({attackers} attackers)"
+        selected = f"selected {len(sel)}/{len(candidates)} ({attackers} attackers)"
     else:
         selected = f"selected [{', '.join(map(str, sel)) or 'none'}]"
     if len(rejected_list) > LIST_UP_TO:
