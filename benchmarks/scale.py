@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import statistics
@@ -33,7 +32,7 @@ from typing import Any
 from rich.console import Console
 
 from client.config import MAX_SUBSCRIBERS
-from client.schema import split_sizes
+from client.schema import size_for_pool
 
 console = Console()
 
@@ -67,13 +66,6 @@ def _tree_rss_bytes(root: int) -> int:
     return total
 
 
-def _dataset_size(n: int, per_subscriber: int) -> int:
-    size = max(100, math.ceil(per_subscriber * n / 0.7))
-    while split_sizes(size)[2] < per_subscriber * n:
-        size += 1
-    return size
-
-
 def run_one(out: Path, strategy: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     saved = out / "runs" / f"{strategy}-{n}.row.json"
     if args.reuse and saved.is_file():
@@ -86,7 +78,7 @@ def run_one(out: Path, strategy: str, n: int, args: argparse.Namespace) -> dict[
 def _run(out: Path, strategy: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     run_dir = out / "runs" / f"{strategy}-{n}"
     knobs = {"strategy": strategy, "num-subscribers": n, "num-server-rounds": args.rounds,
-             "dataset": "mnist1d", "dataset-size": _dataset_size(n, args.per_subscriber),
+             "dataset": "mnist1d", "dataset-size": max(100, size_for_pool(args.per_subscriber * n)),
              "partitioner": "dirichlet", "dirichlet-alpha": 0.5, "seed": 0}
     if strategy == "poi":
         knobs["votes-per-candidate"] = min(args.committee, n - 1)

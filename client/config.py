@@ -18,6 +18,7 @@ from client.schema import (
     MIN_EXAMPLES_PER_SUBSCRIBER,
     Schema,
     dataset_size,
+    size_for_pool,
     split_sizes,
 )
 
@@ -332,7 +333,7 @@ class RunConfig:
             most = pool // MIN_EXAMPLES_PER_SUBSCRIBER
             grow = ("" if DATASETS[self.dataset].fixed_size is not None else
                     f", or raise dataset-size to at least "
-                    f"{_size_for_pool(MIN_EXAMPLES_PER_SUBSCRIBER * self.num_subscribers):,}")
+                    f"{size_for_pool(MIN_EXAMPLES_PER_SUBSCRIBER * self.num_subscribers):,}")
             raise ConfigError(
                 f"num-subscribers: {self.dataset} ({size:,} examples) leaves {pool:,} for "
                 f"subscribers, at least {MIN_EXAMPLES_PER_SUBSCRIBER} each: expected at most "
@@ -371,14 +372,6 @@ class RunConfig:
 
 
 # ------------------------------------------------------------------------ helpers
-def _size_for_pool(pool: int) -> int:
-    """The smallest dataset size whose pool holds ``pool`` examples."""
-    size = pool
-    while split_sizes(size)[2] < pool:
-        size += 1
-    return size
-
-
 def _parse_attackers(raw: str) -> tuple[int, ...]:
     if not raw.strip():
         return ()

@@ -113,3 +113,12 @@ def dataset_size(name: str, asked: int) -> int:
         raise ValueError(f"dataset-size: expected 0 (the default, {info.default_size:,}) or "
                          f"100..{info.max_size:,} examples of {name}, got {asked}")
     return size
+
+
+def size_for_pool(pool: int) -> int:
+    """The smallest dataset size whose pool (after the test and validation splits)
+    holds ``pool`` examples."""
+    size = pool
+    while split_sizes(size)[2] < pool:
+        size += 1
+    return size

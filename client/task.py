@@ -140,9 +140,6 @@ class DataSplit:
     pool: Dataset
 
 
-DigitsSplit = DataSplit  # the name before the second dataset
-
-
 def _split(x: np.ndarray, y: np.ndarray) -> DataSplit:
     order = np.random.default_rng(DATA_SPLIT_SEED).permutation(len(y))
     n_test, n_val, _ = split_sizes(len(y))

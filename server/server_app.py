@@ -69,12 +69,14 @@ def wait_for_nodes(grid: Grid, wanted: int, *, timeout: float = NODE_WAIT_SECOND
         time.sleep(0.5)
 
 
-def make_central_evaluate(config: RunConfig):  # type: ignore[no-untyped-def]
+def make_central_evaluate(config: RunConfig,  # type: ignore[no-untyped-def]
+                          data: tuple[Dataset, Dataset] | None = None):
     """Accuracy and loss on the held-out test set, and the loss on the Scientist's
     validation set (float64, so a replay reproduces it); and, in every run, what a
     targeted flip (``flip-source`` -> ``flip-target``) would show: the accuracy on the
-    source class and the fraction of it predicted as the target."""
-    test, validation = task_data(config)
+    source class and the fraction of it predicted as the target. ``data``: the task's
+    (test, validation) when the caller has read them already (:func:`task_data`)."""
+    test, validation = data or task_data(config)
     has_source = bool(np.any(test.y == config.flip_source))
     model = make_model(hidden_units=config.hidden_units, activation=config.activation,
                        seed=config.seed, schema=config.schema)
@@ -140,7 +142,8 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
     model = make_model(hidden_units=config.hidden_units, activation=config.activation,
                        seed=config.seed, schema=config.schema)
     initial = ArrayRecord(model.state_dict())
-    central_evaluate = make_central_evaluate(config)
+    data = task_data(config)  # read once: the evaluation's and the Scientist's
+    central_evaluate = make_central_evaluate(config, data)
     initial_metrics = {k: float(v) for k, v in central_evaluate(0, initial).items()}  # type: ignore[arg-type]
     rounds: list[RoundRecord] = []
 
@@ -160,7 +163,7 @@ def run_task(grid: Grid, config: RunConfig, out_dir: Path) -> dict[str, object]:
         ledger = RoundLedger.create(
             out_dir, config=config.to_mapping(),
             initial_model=canonical_tensor_bytes(initial_weights))
-        _, validation = task_data(config)
+        _, validation = data
         market = MarketSession.open(
             ledger, out_dir=out_dir, config=config, validation=validation,
             initial_weights=initial_weights, model_digest=tensors_digest(initial_weights))
